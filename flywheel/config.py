@@ -1,0 +1,104 @@
+"""Typed configuration: one validated dataclass per stage, gathered in `FlywheelConfig`."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flywheel.errors import UserError
+from flywheel.pairing import STRATEGIES
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise UserError(message)
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    prompts_per_round: int = 512
+    n: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 8
+    max_model_len: int = 64
+    dtype: str = "auto"
+    # On CPU, vLLM sizes its KV cache from RAM by this fraction; 0.3 is what works here.
+    gpu_memory_utilization: float = 0.3
+    enforce_eager: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.prompts_per_round >= 1, f"sample.prompts_per_round must be >= 1, got {self.prompts_per_round}")
+        _require(self.n >= 2, f"sample.n must be >= 2 to form pairs, got {self.n}")
+        _require(self.temperature > 0, f"sample.temperature must be > 0, got {self.temperature}")
+        _require(0 < self.top_p <= 1, f"sample.top_p must be in (0, 1], got {self.top_p}")
+        _require(self.max_tokens >= 1, f"sample.max_tokens must be >= 1, got {self.max_tokens}")
+        _require(0 < self.gpu_memory_utilization <= 1,
+                 f"sample.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+
+
+@dataclass(frozen=True)
+class PairConfig:
+    strategy: str = "random"
+
+    def __post_init__(self) -> None:
+        _require(self.strategy in STRATEGIES, f"pair.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    beta: float = 0.1
+    learning_rate: float = 3e-5
+    batch_size: int = 32
+    epochs: int = 1
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(self.beta > 0, f"train.beta must be > 0, got {self.beta}")
+        _require(self.learning_rate > 0, f"train.learning_rate must be > 0, got {self.learning_rate}")
+        _require(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
+        _require(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
+        _require(self.max_grad_norm > 0, f"train.max_grad_norm must be > 0, got {self.max_grad_norm}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    samples_per_prompt: int = 4
+    temperature: float = 1.0
+    # The candidate must beat the incumbent by more than this (accuracy, or win rate - 0.5).
+    promotion_margin: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(self.samples_per_prompt >= 1, f"eval.samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
+        _require(self.temperature > 0, f"eval.temperature must be > 0, got {self.temperature}")
+
+
+@dataclass(frozen=True)
+class FlywheelConfig:
+    """Everything one flywheel needs. Paths are resolved when the config is made."""
+
+    workdir: Path
+    reference_model: Path
+    prompts: Path
+    heldout_prompts: Path
+    seed: int = 0
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    pair: PairConfig = field(default_factory=PairConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("workdir", "reference_model", "prompts", "heldout_prompts"):
+            object.__setattr__(self, name, Path(getattr(self, name)).expanduser().resolve())
+
+    @property
+    def database(self) -> Path:
+        return self.workdir / "flywheel.duckdb"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.workdir / "checkpoints"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}

@@ -1,0 +1,200 @@
+"""The demo task and demo policy: two-number addition, needing nothing from the internet.
+
+The task is verifiable (`addition_score` checks the sum), so a rule judge labels pairs
+exactly and held-out accuracy measures the policy. The policy is a few-layer Llama with a
+character-level tokenizer, trained by supervised fine-tuning on deliberately noisy
+answers: with probability `noise` the target is a near miss (off by 1, 2 or 10). Sampling it at
+temperature 1 is then right only about `1 - noise` of the time, which leaves the
+flywheel room to improve it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from flywheel.errors import UserError
+
+PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
+ALPHABET = "0123456789+= "
+# Bump when the build recipe changes (noise model, tokenizer, training loop), so a policy
+# cached by an older recipe is not reused.
+RECIPE_VERSION = 1
+_PROMPT = re.compile(r"^\s*(\d+)\s*\+\s*(\d+)\s*=\s*$")
+
+
+def addition_prompt(a: int, b: int) -> str:
+    return f"{a}+{b}="
+
+
+def addition_score(prompt: str, completion: str) -> float:
+    """1.0 when the completion is exactly the sum asked for by the prompt, else 0.0."""
+    match = _PROMPT.match(prompt)
+    if match is None:
+        raise ValueError(f"not an addition prompt: {prompt!r}")
+    return 1.0 if completion.strip() == str(int(match[1]) + int(match[2])) else 0.0
+
+
+def build_char_tokenizer(alphabet: str = ALPHABET):
+    """A character-level fast tokenizer that adds <bos> and decodes without spaces."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {PAD: 0, BOS: 1, EOS: 2}
+    for char in alphabet:
+        vocab.setdefault(char, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=PAD))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    core.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", special_tokens=[(BOS, vocab[BOS])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=PAD
+    )
+
+
+@dataclass(frozen=True)
+class DemoPolicyConfig:
+    """How the demo policy is built. Its hash names the cache entry."""
+
+    max_operand: int = 99
+    noise: float = 0.5
+    num_layers: int = 2
+    hidden_size: int = 128
+    num_heads: int = 2
+    sft_steps: int = 1500
+    sft_batch_size: int = 128
+    sft_lr: float = 3e-3
+    heldout_size: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.noise < 1.0:
+            raise UserError(f"noise must be in [0, 1), got {self.noise}")
+        if self.max_operand < 2:
+            raise UserError(f"max_operand must be at least 2, got {self.max_operand}")
+
+    def cache_key(self) -> str:
+        keyed = {**asdict(self), "recipe_version": RECIPE_VERSION}
+        return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def split_operands(config: DemoPolicyConfig) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """All (a, b) operand pairs, split into train and held-out; held-out is never trained on."""
+    everything = [(a, b) for a in range(config.max_operand + 1) for b in range(config.max_operand + 1)]
+    random.Random(config.seed).shuffle(everything)
+    return everything[config.heldout_size :], everything[: config.heldout_size]
+
+
+def noisy_answer(a: int, b: int, noise: float, rng: random.Random) -> str:
+    """The right sum, or with probability `noise` a near miss (off by 1, 2 or 10)."""
+    total = a + b
+    if rng.random() >= noise:
+        return str(total)
+    wrong = total + rng.choice([-10, -2, -1, 1, 2, 10])
+    return str(wrong if wrong >= 0 else total + 1)
+
+
+def build_demo_policy(
+    directory: Path, config: DemoPolicyConfig, log: Callable[[str], None] = print
+) -> Path:
+    """Train (or reuse from the cache) the noisy SFT policy; return its checkpoint directory."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    target = Path(directory) / f"sft-{config.cache_key()}"
+    if (target / "flywheel_demo.json").is_file():
+        return target
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    tokenizer = build_char_tokenizer()
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=config.hidden_size,
+            intermediate_size=4 * config.hidden_size,
+            num_hidden_layers=config.num_layers,
+            num_attention_heads=config.num_heads,
+            num_key_value_heads=config.num_heads,
+            max_position_embeddings=64,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=True,
+        )
+    )
+    vocab = tokenizer.get_vocab()
+    train_operands, _ = split_operands(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.sft_lr, weight_decay=0.0)
+    warmup = max(1, config.sft_steps // 20)
+    started = time.monotonic()
+    model.train()
+    for step in range(config.sft_steps):
+        # Linear warm-up then cosine decay: a fixed recipe that converges in ~1.5k steps here.
+        progress = max(0.0, (step - warmup) / max(1, config.sft_steps - warmup))
+        lr = config.sft_lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * progress))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = rng.sample(train_operands, config.sft_batch_size)
+        prompts = [addition_prompt(a, b) for a, b in batch]
+        answers = [noisy_answer(a, b, config.noise, rng) for a, b in batch]
+        input_ids, labels = _sft_batch(
+            vocab, prompts, answers, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+        )
+        loss = model(input_ids=input_ids, attention_mask=(input_ids != tokenizer.pad_token_id).long(), labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % 250 == 0 or step == config.sft_steps - 1:
+            log(f"  demo policy SFT step {step + 1}/{config.sft_steps}  loss {loss.item():.3f}  "
+                f"({time.monotonic() - started:.0f} s)")
+    scratch = target.with_name(target.name + ".partial")
+    model.save_pretrained(scratch)
+    tokenizer.save_pretrained(scratch)
+    (scratch / "flywheel_demo.json").write_text(json.dumps(asdict(config), indent=2))
+    # Rename last, so an interrupted build never leaves a half-written cache entry behind.
+    scratch.rename(target)
+    return target
+
+
+def _sft_batch(vocab: dict[str, int], prompts: list[str], answers: list[str], bos: int, eos: int, pad: int):
+    """Right-padded ids with loss only on answer tokens and the closing <eos>.
+
+    Char-level, so ids come straight from the vocabulary: calling the tokenizer per
+    example made SFT several times slower on this CPU.
+    """
+    import torch
+
+    rows, label_rows = [], []
+    for prompt, answer in zip(prompts, answers):
+        prompt_ids = [bos] + [vocab[c] for c in prompt]
+        answer_ids = [vocab[c] for c in answer] + [eos]
+        rows.append(prompt_ids + answer_ids)
+        label_rows.append([-100] * len(prompt_ids) + answer_ids)
+    width = max(len(r) for r in rows)
+    input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+    labels = torch.tensor([r + [-100] * (width - len(r)) for r in label_rows])
+    return input_ids, labels
+
+
+def write_demo_prompts(directory: Path, config: DemoPolicyConfig, num_train_prompts: int) -> tuple[Path, Path]:
+    """Write train and held-out prompt files (JSONL, one {"prompt": ...} per line)."""
+    train_operands, heldout_operands = split_operands(config)
+    rng = random.Random(config.seed + 1)
+    chosen = rng.sample(train_operands, min(num_train_prompts, len(train_operands)))
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, operands in (("prompts.jsonl", chosen), ("heldout.jsonl", heldout_operands)):
+        path = directory / name
+        path.write_text("".join(json.dumps({"prompt": addition_prompt(a, b)}) + "\n" for a, b in operands))
+        paths.append(path)
+    return paths[0], paths[1]

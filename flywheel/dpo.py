@@ -1,0 +1,75 @@
+"""The DPO objective, in the shape of the DPO authors' reference `trainers.py`.
+
+Rafailov et al. 2023, eq. 7:
+    L = -log sigmoid( beta * [ (log pi(yw|x) - log ref(yw|x)) - (log pi(yl|x) - log ref(yl|x)) ] )
+and the implicit reward of a completion is r(x, y) = beta * (log pi(y|x) - log ref(y|x)).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from storage.records import PreferenceTriple
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor,
+    reference_rejected_logps: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-example DPO losses and the chosen and rejected implicit rewards, all `(batch,)`."""
+    policy_logratios = policy_chosen_logps - policy_rejected_logps
+    reference_logratios = reference_chosen_logps - reference_rejected_logps
+    losses = -F.logsigmoid(beta * (policy_logratios - reference_logratios))
+    chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps).detach()
+    rejected_rewards = beta * (policy_rejected_logps - reference_rejected_logps).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+    """Sum of log p(token) over completion tokens only, `(batch,)`.
+
+    Logits at position t predict token t+1, so labels are the inputs shifted left; the
+    mask (1 on completion tokens, 0 on prompt and padding) is shifted the same way.
+    """
+    logits = logits[:, :-1, :]
+    labels = input_ids[:, 1:]
+    mask = completion_mask[:, 1:].to(logits.dtype)
+    token_logps = torch.gather(logits.log_softmax(-1), 2, labels.unsqueeze(2)).squeeze(2)
+    return (token_logps * mask).sum(-1)
+
+
+def collate_concatenated(triples: Sequence[PreferenceTriple], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Chosen rows then rejected rows in one right-padded batch of `2 * len(triples)`.
+
+    The completion mask comes from the stored token ids (prompt length is known exactly),
+    never from re-tokenising text, as in TRL's preference collator.
+    """
+    rows, masks = [], []
+    for side in ("chosen_token_ids", "rejected_token_ids"):
+        for triple in triples:
+            completion = getattr(triple, side)
+            rows.append(list(triple.prompt_token_ids) + list(completion))
+            masks.append([0] * len(triple.prompt_token_ids) + [1] * len(completion))
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    completion_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (row, mask) in enumerate(zip(rows, masks)):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        attention_mask[i, : len(row)] = 1
+        completion_mask[i, : len(row)] = torch.tensor(mask)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+
+
+def concatenated_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass over chosen+rejected; returns (chosen_logps, rejected_logps)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logps = sequence_logps(logits.float(), batch["input_ids"], batch["completion_mask"])
+    half = batch["input_ids"].shape[0] // 2
+    return logps[:half], logps[half:]

@@ -1,0 +1,225 @@
+"""One flywheel round as plain functions: sample, pair, label, train, evaluate, promote.
+
+Each step checks the round's recorded state first and returns at once if it already
+finished, and writes its rows and the new state in one transaction. A round killed at
+any point therefore resumes from the step after the last one that finished, with
+nothing lost and nothing duplicated. Nothing here imports Prefect.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Callable
+
+from flywheel.checkpoints import require_checkpoint
+from flywheel.config import FlywheelConfig
+from flywheel.evaluation import heldout_accuracy, promote_if_better, win_rate
+from flywheel.pairing import form_pairs
+from flywheel.prompts import load_prompts
+from flywheel.sampling import VLLMSampler
+from flywheel.training import train_dpo
+from judges import Judge, PairToJudge, judge_batch
+from storage.records import Evaluation, Label, TrainStep
+from storage.store import Store
+
+Log = Callable[[str], None]
+
+
+class Flywheel:
+    """A flywheel on disk (its config and database) plus the live sampler engine."""
+
+    def __init__(
+        self,
+        config: FlywheelConfig,
+        judge: Judge,
+        score: Callable[[str, str], float] | None = None,
+        log: Log = lambda message: None,
+    ) -> None:
+        self.config = config
+        self.judge = judge
+        # A scalar score (a rule task's verifier) gives held-out accuracy besides win rate.
+        self.score = score
+        self.log = log
+        self.store = Store.create(config.database)
+        self.sampler = VLLMSampler(config.sample, seed=config.seed)
+
+    def close(self) -> None:
+        self.sampler.close()
+
+    # -- set-up --------------------------------------------------------------------------
+
+    def initialise(self) -> None:
+        """Register the reference checkpoint and load prompts; safe to call every run."""
+        require_checkpoint(self.config.reference_model)
+        train = load_prompts(self.config.prompts)
+        heldout = load_prompts(self.config.heldout_prompts)
+        with self.store.transaction() as tx:
+            tx.add_prompts(train, "train", source=str(self.config.prompts))
+            tx.add_prompts(heldout, "heldout", source=str(self.config.heldout_prompts))
+            if tx.reference_checkpoint() is None:
+                tx.add_checkpoint(str(self.config.reference_model), role="reference", status="promoted")
+
+    def begin_round(self) -> int:
+        """The unfinished round if a previous run stopped inside one, else a new round."""
+        with self.store.transaction() as tx:
+            unfinished = tx.unfinished_round()
+            if unfinished is not None:
+                self.log(f"resuming round {unfinished.round_id} after step '{unfinished.state}'")
+                return unfinished.round_id
+            policy = tx.current_policy()
+            reference = tx.reference_checkpoint()
+            done = tx.count("rounds")
+            return tx.start_round(
+                policy.checkpoint_id, reference.checkpoint_id,
+                seed=self.config.seed * 1_000_003 + done + 1, config=self.config.to_dict(),
+            )
+
+    # -- the steps -----------------------------------------------------------------------
+
+    def sample(self, round_id: int) -> int:
+        """Fresh completions of this round's prompts from the current policy."""
+        round_ = self.store.get_round(round_id)
+        if round_.has_finished("sampled"):
+            return self.store.count("completions", "round_id = ? AND purpose = 'train'", [round_id])
+        policy = self.store.checkpoint(round_.policy_checkpoint_id)
+        prompts = self.store.prompts("train")
+        count = min(self.config.sample.prompts_per_round, len(prompts))
+        chosen = random.Random(round_.seed).sample(prompts, count)
+        completions = self.sampler.sample(
+            Path(policy.path), policy.checkpoint_id, chosen,
+            n=self.config.sample.n, temperature=self.config.sample.temperature,
+            seed=round_.seed, purpose="train", round_id=round_id,
+        )
+        with self.store.transaction() as tx:
+            tx.add_completions(completions)
+            tx.finish_step(round_id, "sampled")
+        return len(completions)
+
+    def pair(self, round_id: int) -> int:
+        round_ = self.store.get_round(round_id)
+        if round_.has_finished("paired"):
+            return self.store.count("pairs", "round_id = ?", [round_id])
+        completions = self.store.completions(round_id=round_id, purpose="train")
+        pairs = form_pairs(completions, round_id, self.config.pair.strategy, seed=round_.seed)
+        with self.store.transaction() as tx:
+            tx.add_pairs(pairs)
+            tx.finish_step(round_id, "paired")
+        return len(pairs)
+
+    def label(self, round_id: int) -> int:
+        """Label every pair with the judge. A judge that breaks its contract stores nothing."""
+        round_ = self.store.get_round(round_id)
+        if round_.has_finished("labelled"):
+            return self.store.count("preferences", "round_id = ?", [round_id])
+        rows = self.store.pairs_to_judge(round_id)
+        verdicts = judge_batch(self.judge, [PairToJudge(*row) for row in rows])
+        labels = [
+            Label(pair_id=row[0], winner=v.winner, judge_name=self.judge.name,
+                  judge_version=self.judge.version, confidence=v.confidence, rationale=v.rationale)
+            for row, v in zip(rows, verdicts)
+        ]
+        with self.store.transaction() as tx:
+            tx.add_labels(labels)
+            tx.finish_step(round_id, "labelled")
+        return sum(label.winner in ("a", "b") for label in labels)
+
+    def train(self, round_id: int) -> int | None:
+        """DPO on the round's preferences; returns the candidate checkpoint id (None: no data)."""
+        round_ = self.store.get_round(round_id)
+        if round_.has_finished("trained"):
+            return round_.candidate_checkpoint_id
+        triples = self.store.preference_triples(round_id)
+        if not triples:
+            self.log(f"round {round_id}: no preferences to train on; the incumbent stays")
+            with self.store.transaction() as tx:
+                tx.finish_step(round_id, "trained")
+            return None
+        policy = self.store.checkpoint(round_.policy_checkpoint_id)
+        reference = self.store.checkpoint(round_.reference_checkpoint_id)
+        output_dir = self.config.checkpoints_dir / f"round-{round_id:04d}"
+        metrics = train_dpo(
+            Path(policy.path), Path(reference.path), triples, self.config.train, output_dir, seed=round_.seed
+        )
+        with self.store.transaction() as tx:
+            candidate_id = tx.add_checkpoint(
+                str(output_dir), role="candidate", status="candidate",
+                parent_checkpoint_id=policy.checkpoint_id, round_id=round_id,
+            )
+            tx.add_train_steps([TrainStep(round_id, candidate_id, **vars(m)) for m in metrics])
+            tx.finish_step(round_id, "trained", candidate_checkpoint_id=candidate_id)
+        return candidate_id
+
+    def evaluate(self, round_id: int) -> None:
+        """Sample held-out prompts from the candidate (and the incumbent, once) and compare."""
+        round_ = self.store.get_round(round_id)
+        if round_.has_finished("evaluated"):
+            return
+        if round_.candidate_checkpoint_id is None:
+            with self.store.transaction() as tx:
+                tx.finish_step(round_id, "evaluated")
+            return
+        heldout = self.store.prompts("heldout")
+        by_id = {p.prompt_id: p for p in heldout}
+        incumbent = self.store.checkpoint(round_.policy_checkpoint_id)
+        candidate = self.store.checkpoint(round_.candidate_checkpoint_id)
+        # Every checkpoint is evaluated with the same seed (common random numbers), and an
+        # incumbent's held-out samples are reused from when it was itself evaluated.
+        incumbent_samples = self.store.completions(checkpoint_id=incumbent.checkpoint_id, purpose="eval")
+        new_incumbent_samples = [] if incumbent_samples else self._sample_heldout(incumbent, heldout, round_id)
+        incumbent_samples = incumbent_samples or new_incumbent_samples
+        candidate_samples = self._sample_heldout(candidate, heldout, round_id)
+        accuracy = incumbent_accuracy = None
+        if self.score is not None:
+            accuracy = heldout_accuracy(candidate_samples, by_id, self.score)
+            incumbent_accuracy = heldout_accuracy(incumbent_samples, by_id, self.score)
+        evaluation = Evaluation(
+            round_id=round_id,
+            checkpoint_id=candidate.checkpoint_id,
+            incumbent_checkpoint_id=incumbent.checkpoint_id,
+            num_prompts=len(heldout),
+            num_samples=len(candidate_samples),
+            accuracy=accuracy,
+            incumbent_accuracy=incumbent_accuracy,
+            win_rate=win_rate(candidate_samples, incumbent_samples, by_id, self.judge),
+            mean_length=sum(len(c.token_ids) for c in candidate_samples) / len(candidate_samples),
+        )
+        with self.store.transaction() as tx:
+            tx.add_completions(new_incumbent_samples + candidate_samples)
+            tx.add_evaluation(evaluation)
+            tx.finish_step(round_id, "evaluated")
+
+    def _sample_heldout(self, checkpoint, heldout, round_id):
+        return self.sampler.sample(
+            Path(checkpoint.path), checkpoint.checkpoint_id, heldout,
+            n=self.config.eval.samples_per_prompt, temperature=self.config.eval.temperature,
+            seed=self.config.seed, purpose="eval", round_id=round_id,
+        )
+
+    def promote(self, round_id: int) -> bool:
+        """Promote the candidate if it passed the gate; otherwise keep it, marked rejected."""
+        round_ = self.store.get_round(round_id)
+        if round_.has_finished("done") or round_.candidate_checkpoint_id is None:
+            with self.store.transaction() as tx:
+                if not round_.has_finished("done"):
+                    tx.finish_step(round_id, "done")
+                promoted = round_.candidate_checkpoint_id is not None and (
+                    tx.checkpoint(round_.candidate_checkpoint_id).status == "promoted"
+                )
+            return promoted
+        evaluation = self.store.evaluation(round_id, round_.candidate_checkpoint_id)
+        promoted = promote_if_better(
+            evaluation.accuracy, evaluation.incumbent_accuracy, evaluation.win_rate,
+            self.config.eval.promotion_margin,
+        )
+        with self.store.transaction() as tx:
+            tx.set_checkpoint_status(round_.candidate_checkpoint_id, "promoted" if promoted else "rejected")
+            tx.finish_step(round_id, "done")
+        return promoted
+
+    def run_round(self) -> int:
+        """All steps of one round, without an orchestrator; returns the round id."""
+        round_id = self.begin_round()
+        for step in (self.sample, self.pair, self.label, self.train, self.evaluate, self.promote):
+            step(round_id)
+        return round_id

@@ -1,0 +1,97 @@
+"""Sampling with vLLM. One engine lives as long as the sampler; new weights load in place."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from flywheel.config import SampleConfig
+from flywheel.errors import UserError
+from storage.records import Completion, Prompt
+
+
+class VLLMSampler:
+    """n seeded completions per prompt from a checkpoint, as `Completion` records.
+
+    Starting an engine costs tens of seconds on CPU, so the first `sample` starts one and
+    later calls with another checkpoint of the same architecture reload its weights in
+    place (`reload_weights` on the worker), which takes milliseconds.
+    """
+
+    def __init__(self, config: SampleConfig, seed: int = 0) -> None:
+        self.config = config
+        self.seed = seed
+        self._llm = None
+        self._loaded: Path | None = None
+
+    def _load(self, checkpoint_path: Path) -> None:
+        checkpoint_path = Path(checkpoint_path).resolve()
+        if self._loaded == checkpoint_path:
+            return
+        if self._llm is None:
+            try:
+                from vllm import LLM
+            except ImportError as error:
+                raise UserError(
+                    "vLLM is not installed: install flywheel with the 'cpu' or 'gpu' extra"
+                ) from error
+            self._llm = LLM(
+                model=str(checkpoint_path),
+                seed=self.seed,
+                dtype=self.config.dtype,
+                max_model_len=self.config.max_model_len,
+                gpu_memory_utilization=self.config.gpu_memory_utilization,
+                enforce_eager=self.config.enforce_eager,
+            )
+        else:
+            self._llm.collective_rpc("reload_weights", kwargs={"weights_path": str(checkpoint_path)})
+            # Cached prefixes hold keys and values of the old weights.
+            self._llm.reset_prefix_cache()
+        self._loaded = checkpoint_path
+
+    def sample(
+        self,
+        checkpoint_path: Path,
+        checkpoint_id: int,
+        prompts: Sequence[Prompt],
+        *,
+        n: int,
+        temperature: float,
+        seed: int,
+        purpose: str,
+        round_id: int | None,
+    ) -> list[Completion]:
+        from vllm import SamplingParams
+
+        self._load(checkpoint_path)
+        params = dict(
+            n=n, temperature=temperature, top_p=self.config.top_p, max_tokens=self.config.max_tokens
+        )
+        # One seed per prompt, so a prompt's samples do not depend on its batch neighbours.
+        sampling = [SamplingParams(**params, seed=seed + p.prompt_id) for p in prompts]
+        outputs = self._llm.generate([p.text for p in prompts], sampling, use_tqdm=True)
+        records = []
+        for prompt, output in zip(prompts, outputs):
+            for index, sample in enumerate(output.outputs):
+                records.append(
+                    Completion(
+                        prompt_id=prompt.prompt_id,
+                        checkpoint_id=checkpoint_id,
+                        purpose=purpose,
+                        sample_index=index,
+                        text=sample.text,
+                        prompt_token_ids=list(output.prompt_token_ids),
+                        token_ids=list(sample.token_ids),
+                        cumulative_logprob=sample.cumulative_logprob,
+                        finish_reason=sample.finish_reason,
+                        sampling_params={**params, "seed": seed + prompt.prompt_id},
+                        round_id=round_id,
+                    )
+                )
+        return records
+
+    def close(self) -> None:
+        if self._llm is not None:
+            self._llm.llm_engine.engine_core.shutdown()
+            self._llm = None
+            self._loaded = None

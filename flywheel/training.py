@@ -1,0 +1,89 @@
+"""DPO training against a frozen reference, the loop written out top to bottom."""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from flywheel.checkpoints import save_checkpoint
+from flywheel.config import TrainConfig
+from flywheel.dpo import collate_concatenated, concatenated_logps, dpo_loss
+from storage.records import PreferenceTriple
+
+
+@dataclass(frozen=True)
+class StepMetrics:
+    step: int
+    loss: float
+    chosen_reward: float
+    rejected_reward: float
+    reward_margin: float
+    accuracy: float
+    grad_norm: float
+    learning_rate: float
+    num_pairs: int
+
+
+def train_dpo(
+    policy_path: Path,
+    reference_path: Path,
+    triples: Sequence[PreferenceTriple],
+    config: TrainConfig,
+    output_dir: Path,
+    seed: int,
+    on_step: Callable[[StepMetrics], None] | None = None,
+) -> list[StepMetrics]:
+    """Train a copy of the policy on the triples; save it to `output_dir`; return per-step metrics."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(policy_path)
+    policy = AutoModelForCausalLM.from_pretrained(policy_path, torch_dtype=torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(reference_path, torch_dtype=torch.float32)
+    reference.eval().requires_grad_(False)
+    # Dropout would make the policy's log-probs differ from the reference's at step 0.
+    policy.eval()
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.learning_rate, weight_decay=0.0)
+
+    order = list(range(len(triples)))
+    rng = random.Random(seed)
+    metrics: list[StepMetrics] = []
+    step = 0
+    for _ in range(config.epochs):
+        rng.shuffle(order)
+        for start in range(0, len(order), config.batch_size):
+            batch_triples = [triples[i] for i in order[start : start + config.batch_size]]
+            batch = collate_concatenated(batch_triples, tokenizer.pad_token_id)
+            with torch.no_grad():
+                reference_chosen, reference_rejected = concatenated_logps(reference, batch)
+            policy_chosen, policy_rejected = concatenated_logps(policy, batch)
+            losses, chosen_rewards, rejected_rewards = dpo_loss(
+                policy_chosen, policy_rejected, reference_chosen, reference_rejected, config.beta
+            )
+            loss = losses.mean()
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            record = StepMetrics(
+                step=step,
+                loss=loss.item(),
+                chosen_reward=chosen_rewards.mean().item(),
+                rejected_reward=rejected_rewards.mean().item(),
+                reward_margin=(chosen_rewards - rejected_rewards).mean().item(),
+                accuracy=(chosen_rewards > rejected_rewards).float().mean().item(),
+                grad_norm=grad_norm.item(),
+                learning_rate=config.learning_rate,
+                num_pairs=len(batch_triples),
+            )
+            metrics.append(record)
+            if on_step is not None:
+                on_step(record)
+    save_checkpoint(policy, tokenizer, output_dir)
+    return metrics

@@ -1,0 +1,204 @@
+"""Numbered schema migrations, applied in order on open and recorded in a table.
+
+Modelled on simonw/llm's ``migrations.py``: each migration is a function named
+``mNNN_what_it_does``; the table ``_flywheel_migrations`` records which ones ran.
+A database that has run a migration this code does not know was written by a newer
+flywheel and is refused rather than silently misread.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import duckdb
+
+Migration = Callable[[duckdb.DuckDBPyConnection], None]
+MIGRATIONS: list[Migration] = []
+
+MIGRATIONS_TABLE = "_flywheel_migrations"
+
+
+def migration(fn: Migration) -> Migration:
+    MIGRATIONS.append(fn)
+    return fn
+
+
+@migration
+def m001_core_tables(conn: duckdb.DuckDBPyConnection) -> None:
+    conn.execute(
+        """
+        CREATE SEQUENCE prompt_ids START 1;
+        CREATE TABLE prompts (
+            prompt_id   BIGINT PRIMARY KEY DEFAULT nextval('prompt_ids'),
+            text        VARCHAR NOT NULL,
+            split       VARCHAR NOT NULL CHECK (split IN ('train', 'heldout')),
+            source      VARCHAR,
+            created_at  TIMESTAMP NOT NULL DEFAULT current_timestamp,
+            UNIQUE (text, split)
+        );
+
+        CREATE SEQUENCE checkpoint_ids START 1;
+        CREATE TABLE checkpoints (
+            checkpoint_id        BIGINT PRIMARY KEY DEFAULT nextval('checkpoint_ids'),
+            path                 VARCHAR NOT NULL,
+            role                 VARCHAR NOT NULL CHECK (role IN ('reference', 'candidate')),
+            parent_checkpoint_id BIGINT,
+            round_id             BIGINT,
+            status               VARCHAR NOT NULL
+                                 CHECK (status IN ('candidate', 'promoted', 'rejected')),
+            created_at           TIMESTAMP NOT NULL DEFAULT current_timestamp,
+            promoted_at          TIMESTAMP
+        );
+
+        CREATE SEQUENCE round_ids START 1;
+        CREATE TABLE rounds (
+            round_id                BIGINT PRIMARY KEY DEFAULT nextval('round_ids'),
+            state                   VARCHAR NOT NULL,
+            policy_checkpoint_id    BIGINT NOT NULL,
+            reference_checkpoint_id BIGINT NOT NULL,
+            candidate_checkpoint_id BIGINT,
+            seed                    BIGINT NOT NULL,
+            config                  JSON,
+            started_at              TIMESTAMP NOT NULL DEFAULT current_timestamp,
+            updated_at              TIMESTAMP NOT NULL DEFAULT current_timestamp,
+            finished_at             TIMESTAMP
+        );
+
+        CREATE SEQUENCE completion_ids START 1;
+        CREATE TABLE completions (
+            completion_id      BIGINT PRIMARY KEY DEFAULT nextval('completion_ids'),
+            round_id           BIGINT,
+            prompt_id          BIGINT NOT NULL,
+            checkpoint_id      BIGINT NOT NULL,
+            purpose            VARCHAR NOT NULL CHECK (purpose IN ('train', 'eval')),
+            sample_index       INTEGER NOT NULL,
+            text               VARCHAR NOT NULL,
+            prompt_token_ids   INTEGER[] NOT NULL,
+            token_ids          INTEGER[] NOT NULL,
+            num_tokens         INTEGER NOT NULL,
+            cumulative_logprob DOUBLE,
+            finish_reason      VARCHAR,
+            sampling_params    JSON NOT NULL,
+            created_at         TIMESTAMP NOT NULL DEFAULT current_timestamp
+        );
+
+        CREATE SEQUENCE pair_ids START 1;
+        CREATE TABLE pairs (
+            pair_id         BIGINT PRIMARY KEY DEFAULT nextval('pair_ids'),
+            round_id        BIGINT NOT NULL,
+            prompt_id       BIGINT NOT NULL,
+            completion_a_id BIGINT NOT NULL,
+            completion_b_id BIGINT NOT NULL,
+            strategy        VARCHAR NOT NULL,
+            created_at      TIMESTAMP NOT NULL DEFAULT current_timestamp
+        );
+
+        CREATE SEQUENCE label_ids START 1;
+        CREATE TABLE labels (
+            label_id      BIGINT PRIMARY KEY DEFAULT nextval('label_ids'),
+            pair_id       BIGINT NOT NULL,
+            winner        VARCHAR NOT NULL CHECK (winner IN ('a', 'b', 'tie', 'both_bad')),
+            judge_name    VARCHAR NOT NULL,
+            judge_version VARCHAR NOT NULL,
+            annotator     VARCHAR,
+            confidence    DOUBLE,
+            rationale     VARCHAR,
+            created_at    TIMESTAMP NOT NULL DEFAULT current_timestamp
+        );
+
+        CREATE TABLE train_steps (
+            round_id        BIGINT NOT NULL,
+            checkpoint_id   BIGINT NOT NULL,
+            step            INTEGER NOT NULL,
+            loss            DOUBLE NOT NULL,
+            chosen_reward   DOUBLE NOT NULL,
+            rejected_reward DOUBLE NOT NULL,
+            reward_margin   DOUBLE NOT NULL,
+            accuracy        DOUBLE NOT NULL,
+            grad_norm       DOUBLE NOT NULL,
+            learning_rate   DOUBLE NOT NULL,
+            num_pairs       INTEGER NOT NULL,
+            created_at      TIMESTAMP NOT NULL DEFAULT current_timestamp,
+            PRIMARY KEY (checkpoint_id, step)
+        );
+
+        CREATE SEQUENCE eval_ids START 1;
+        CREATE TABLE evals (
+            eval_id                  BIGINT PRIMARY KEY DEFAULT nextval('eval_ids'),
+            round_id                 BIGINT NOT NULL,
+            checkpoint_id            BIGINT NOT NULL,
+            incumbent_checkpoint_id  BIGINT NOT NULL,
+            num_prompts              INTEGER NOT NULL,
+            num_samples              INTEGER NOT NULL,
+            accuracy                 DOUBLE,
+            incumbent_accuracy       DOUBLE,
+            win_rate                 DOUBLE NOT NULL,
+            mean_length              DOUBLE NOT NULL,
+            created_at               TIMESTAMP NOT NULL DEFAULT current_timestamp
+        );
+        """
+    )
+
+
+@migration
+def m002_views(conn: duckdb.DuckDBPyConnection) -> None:
+    conn.execute(
+        """
+        -- One row per labelled pair with a winner: the triples other DPO tools eat.
+        CREATE VIEW preferences AS
+        SELECT
+            l.label_id,
+            p.pair_id,
+            p.round_id,
+            pr.prompt_id,
+            pr.text AS prompt,
+            CASE WHEN l.winner = 'a' THEN ca.text ELSE cb.text END AS chosen,
+            CASE WHEN l.winner = 'a' THEN cb.text ELSE ca.text END AS rejected,
+            CASE WHEN l.winner = 'a' THEN ca.completion_id ELSE cb.completion_id END
+                AS chosen_completion_id,
+            CASE WHEN l.winner = 'a' THEN cb.completion_id ELSE ca.completion_id END
+                AS rejected_completion_id,
+            l.judge_name AS judge,
+            l.judge_version,
+            l.annotator,
+            l.confidence
+        FROM labels l
+        JOIN pairs p ON p.pair_id = l.pair_id
+        JOIN completions ca ON ca.completion_id = p.completion_a_id
+        JOIN completions cb ON cb.completion_id = p.completion_b_id
+        JOIN prompts pr ON pr.prompt_id = p.prompt_id
+        WHERE l.winner IN ('a', 'b');
+
+        -- One row per round: what went in, what came out, and whether it was promoted.
+        CREATE VIEW round_summary AS
+        SELECT
+            r.round_id,
+            r.state,
+            r.policy_checkpoint_id,
+            r.candidate_checkpoint_id,
+            (SELECT count(*) FROM completions c
+              WHERE c.round_id = r.round_id AND c.purpose = 'train') AS completions,
+            (SELECT count(*) FROM pairs p WHERE p.round_id = r.round_id) AS pairs,
+            (SELECT count(*) FROM labels l JOIN pairs p USING (pair_id)
+              WHERE p.round_id = r.round_id) AS labels,
+            (SELECT count(*) FROM labels l JOIN pairs p USING (pair_id)
+              WHERE p.round_id = r.round_id AND l.winner IN ('a', 'b')) AS preferences,
+            (SELECT count(*) FROM train_steps t WHERE t.round_id = r.round_id) AS train_steps,
+            (SELECT avg(t.loss) FROM train_steps t WHERE t.round_id = r.round_id)
+                AS mean_train_loss,
+            (SELECT arg_max(t.loss, t.step) FROM train_steps t WHERE t.round_id = r.round_id)
+                AS final_train_loss,
+            e.incumbent_accuracy,
+            e.accuracy AS candidate_accuracy,
+            e.win_rate,
+            e.mean_length,
+            coalesce(ck.status = 'promoted', false) AS promoted,
+            r.started_at,
+            r.finished_at
+        FROM rounds r
+        LEFT JOIN evals e
+               ON e.round_id = r.round_id AND e.checkpoint_id = r.candidate_checkpoint_id
+        LEFT JOIN checkpoints ck ON ck.checkpoint_id = r.candidate_checkpoint_id
+        ORDER BY r.round_id;
+        """
+    )

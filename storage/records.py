@@ -1,0 +1,118 @@
+"""Plain records that cross the store boundary. No behaviour, no imports of ours."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+# The steps of a round in the order they finish. `rounds.state` holds the last finished
+# step, so a round that was killed resumes from the step after it.
+ROUND_STATES = ("started", "sampled", "paired", "labelled", "trained", "evaluated", "done")
+
+WINNERS = ("a", "b", "tie", "both_bad")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    prompt_id: int
+    text: str
+    split: str
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    checkpoint_id: int
+    path: str
+    role: str
+    status: str
+    parent_checkpoint_id: int | None
+    round_id: int | None
+
+
+@dataclass(frozen=True)
+class Round:
+    round_id: int
+    state: str
+    policy_checkpoint_id: int
+    reference_checkpoint_id: int
+    candidate_checkpoint_id: int | None
+    seed: int
+    config: dict[str, Any]
+
+    def has_finished(self, state: str) -> bool:
+        return ROUND_STATES.index(self.state) >= ROUND_STATES.index(state)
+
+
+@dataclass(frozen=True)
+class Completion:
+    prompt_id: int
+    checkpoint_id: int
+    purpose: str
+    sample_index: int
+    text: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    cumulative_logprob: float | None
+    finish_reason: str | None
+    sampling_params: dict[str, Any]
+    round_id: int | None = None
+    completion_id: int | None = None
+
+
+@dataclass(frozen=True)
+class Pair:
+    round_id: int
+    prompt_id: int
+    completion_a_id: int
+    completion_b_id: int
+    strategy: str
+    pair_id: int | None = None
+
+
+@dataclass(frozen=True)
+class Label:
+    pair_id: int
+    winner: str
+    judge_name: str
+    judge_version: str
+    annotator: str | None = None
+    confidence: float | None = None
+    rationale: str | None = None
+
+
+@dataclass(frozen=True)
+class PreferenceTriple:
+    """A labelled pair resolved to token ids, ready for the DPO collator."""
+
+    pair_id: int
+    prompt_token_ids: list[int]
+    chosen_token_ids: list[int]
+    rejected_token_ids: list[int]
+
+
+@dataclass(frozen=True)
+class TrainStep:
+    round_id: int
+    checkpoint_id: int
+    step: int
+    loss: float
+    chosen_reward: float
+    rejected_reward: float
+    reward_margin: float
+    accuracy: float
+    grad_norm: float
+    learning_rate: float
+    num_pairs: int
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    round_id: int
+    checkpoint_id: int
+    incumbent_checkpoint_id: int
+    num_prompts: int
+    num_samples: int
+    accuracy: float | None
+    incumbent_accuracy: float | None
+    win_rate: float
+    mean_length: float

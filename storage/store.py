@@ -1,0 +1,508 @@
+"""The DuckDB store: one file per flywheel, short-lived connections.
+
+DuckDB lets one process hold a file open for writing, so nothing here keeps a connection
+across long work: every call opens the file, runs one transaction and closes it. A lock
+held by another process is retried with back-off and then reported in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import duckdb
+import pyarrow as pa
+
+from storage.migrations import MIGRATIONS, MIGRATIONS_TABLE
+from storage.records import (
+    ROUND_STATES,
+    WINNERS,
+    Checkpoint,
+    Completion,
+    Evaluation,
+    Label,
+    Pair,
+    PreferenceTriple,
+    Prompt,
+    Round,
+    TrainStep,
+)
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class StoreError(Exception):
+    """A problem with the database that the user can act on; the CLI prints it in one line."""
+
+
+class NotAFlywheelDatabase(StoreError):
+    pass
+
+
+class NewerSchemaError(StoreError):
+    pass
+
+
+class StoreLockedError(StoreError):
+    pass
+
+
+class ReadOnlyQueryError(StoreError):
+    pass
+
+
+def _is_lock_conflict(error: duckdb.Error) -> bool:
+    return "lock" in str(error).lower() and "conflicting" in str(error).lower() or (
+        "Could not set lock" in str(error)
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+class Store:
+    """The flywheel's database. Open with `Store.create` (new or existing) or `Store.open`."""
+
+    def __init__(self, path: str | os.PathLike, *, lock_timeout_s: float = 60.0) -> None:
+        self.path = Path(path)
+        self.lock_timeout_s = lock_timeout_s
+
+    # -- opening -----------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, **kwargs: Any) -> "Store":
+        """Open the database at `path`, creating it and applying migrations as needed."""
+        store = cls(path, **kwargs)
+        store.path.parent.mkdir(parents=True, exist_ok=True)
+        with store._connection() as conn:
+            store._migrate(conn)
+        return store
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, **kwargs: Any) -> "Store":
+        """Open an existing flywheel database; refuse anything else."""
+        store = cls(path, **kwargs)
+        if not store.path.is_file():
+            raise NotAFlywheelDatabase(f"no flywheel database at {store.path}")
+        with store._connection() as conn:
+            store._migrate(conn)
+        return store
+
+    @contextmanager
+    def _connection(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        deadline = time.monotonic() + self.lock_timeout_s
+        delay = 0.02
+        while True:
+            try:
+                conn = duckdb.connect(str(self.path), read_only=read_only)
+                break
+            except duckdb.Error as error:
+                if not _is_lock_conflict(error):
+                    raise NotAFlywheelDatabase(
+                        f"{self.path} is not a readable DuckDB database: {_first_line(error)}"
+                    ) from error
+                if time.monotonic() >= deadline:
+                    raise StoreLockedError(
+                        f"{self.path} is locked by another process for more than "
+                        f"{self.lock_timeout_s:.0f} s: {_first_line(error)}"
+                    ) from error
+                # Jitter so that several waiting processes do not retry in lock-step.
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 1.0)
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+    def _migrate(self, conn: duckdb.DuckDBPyConnection) -> None:
+        tables = {row[0] for row in conn.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+        if MIGRATIONS_TABLE not in tables:
+            if tables:
+                raise NotAFlywheelDatabase(
+                    f"{self.path} is a DuckDB file but not a flywheel database "
+                    f"(it has tables {sorted(tables)[:5]} and no {MIGRATIONS_TABLE})"
+                )
+            conn.execute(
+                f"CREATE TABLE {MIGRATIONS_TABLE} (id INTEGER PRIMARY KEY, name VARCHAR NOT NULL,"
+                " applied_at TIMESTAMP NOT NULL DEFAULT current_timestamp)"
+            )
+        applied = {row[0] for row in conn.execute(f"SELECT id FROM {MIGRATIONS_TABLE}").fetchall()}
+        newest = max(applied, default=0)
+        if newest > SCHEMA_VERSION:
+            raise NewerSchemaError(
+                f"{self.path} has schema version {newest}, newer than this flywheel's "
+                f"{SCHEMA_VERSION}: upgrade flywheel to open it"
+            )
+        for number, fn in enumerate(MIGRATIONS, start=1):
+            if number in applied:
+                continue
+            conn.execute("BEGIN")
+            try:
+                fn(conn)
+                conn.execute(
+                    f"INSERT INTO {MIGRATIONS_TABLE} (id, name) VALUES (?, ?)", [number, fn.__name__]
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    def schema_version(self) -> int:
+        with self._connection(read_only=True) as conn:
+            return conn.execute(f"SELECT max(id) FROM {MIGRATIONS_TABLE}").fetchone()[0]
+
+    # -- transactions --------------------------------------------------------------------
+
+    @contextmanager
+    def transaction(self) -> Iterator["StoreSession"]:
+        """One transaction on a fresh connection: all of it lands, or none of it."""
+        with self._connection() as conn:
+            conn.execute("BEGIN")
+            try:
+                yield StoreSession(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    def query(self, sql: str, params: Sequence[Any] | None = None) -> tuple[list[str], list[tuple]]:
+        """Run a read-only statement for a user: columns and rows. Writes are refused."""
+        try:
+            statements = duckdb.extract_statements(sql)
+        except duckdb.Error as error:
+            raise ReadOnlyQueryError(f"SQL does not parse: {_first_line(error)}") from error
+        if len(statements) != 1:
+            raise ReadOnlyQueryError(f"give exactly one SQL statement, got {len(statements)}")
+        kind = statements[0].type
+        if kind not in (duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN):
+            raise ReadOnlyQueryError(
+                f"flywheel sql is read-only: {kind.name} statements are refused"
+            )
+        # A read-only connection is the guarantee; the check above gives the clear message.
+        with self._connection(read_only=True) as conn:
+            try:
+                cursor = conn.execute(sql, params or [])
+            except duckdb.Error as error:
+                raise ReadOnlyQueryError(_first_line(error)) from error
+            columns = [d[0] for d in cursor.description]
+            return columns, cursor.fetchall()
+
+    # -- convenience reads (each one short transaction) -----------------------------------
+
+    def __getattr__(self, name: str) -> Any:
+        # `store.current_policy()` is shorthand for one read transaction calling the
+        # session method of the same name; only readers are exposed this way.
+        if name in StoreSession.READERS:
+            def read(*args: Any, **kwargs: Any) -> Any:
+                with self.transaction() as session:
+                    return getattr(session, name)(*args, **kwargs)
+
+            return read
+        raise AttributeError(name)
+
+
+class StoreSession:
+    """Reads and writes inside one open transaction. Get one from `Store.transaction()`."""
+
+    READERS = frozenset(
+        {
+            "prompts",
+            "checkpoint",
+            "current_policy",
+            "reference_checkpoint",
+            "get_round",
+            "unfinished_round",
+            "completions",
+            "pairs_to_judge",
+            "preference_triples",
+            "evaluation",
+            "count",
+        }
+    )
+
+    def __init__(self, conn: duckdb.DuckDBPyConnection) -> None:
+        self.conn = conn
+
+    def _next_ids(self, sequence: str, n: int) -> list[int]:
+        if n == 0:
+            return []
+        rows = self.conn.execute(f"SELECT nextval('{sequence}') FROM range(?)", [n]).fetchall()
+        return sorted(row[0] for row in rows)
+
+    def _insert_arrow(self, table: str, columns: dict[str, pa.Array]) -> None:
+        arrow_table = pa.table(columns)
+        self.conn.register("_flywheel_rows", arrow_table)
+        try:
+            names = ", ".join(columns)
+            self.conn.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM _flywheel_rows")
+        finally:
+            self.conn.unregister("_flywheel_rows")
+
+    def count(self, table: str, where: str = "true", params: Sequence[Any] = ()) -> int:
+        return self.conn.execute(f"SELECT count(*) FROM {table} WHERE {where}", list(params)).fetchone()[0]
+
+    # -- prompts -------------------------------------------------------------------------
+
+    def add_prompts(self, texts: Sequence[str], split: str, source: str | None = None) -> list[int]:
+        """Insert prompts not already present for `split`; return ids of all `texts`, in order."""
+        self.conn.execute(
+            "INSERT INTO prompts (text, split, source) "
+            "SELECT DISTINCT t, ?, ? FROM unnest(?::VARCHAR[]) AS u(t) "
+            "WHERE t NOT IN (SELECT text FROM prompts WHERE split = ?)",
+            [split, source, list(texts), split],
+        )
+        ids = dict(
+            self.conn.execute(
+                "SELECT text, prompt_id FROM prompts WHERE split = ? AND text IN (SELECT unnest(?::VARCHAR[]))",
+                [split, list(texts)],
+            ).fetchall()
+        )
+        return [ids[t] for t in texts]
+
+    def prompts(self, split: str) -> list[Prompt]:
+        rows = self.conn.execute(
+            "SELECT prompt_id, text, split FROM prompts WHERE split = ? ORDER BY prompt_id", [split]
+        ).fetchall()
+        return [Prompt(*row) for row in rows]
+
+    # -- checkpoints ---------------------------------------------------------------------
+
+    def add_checkpoint(
+        self,
+        path: str,
+        role: str,
+        status: str,
+        parent_checkpoint_id: int | None = None,
+        round_id: int | None = None,
+    ) -> int:
+        return self.conn.execute(
+            "INSERT INTO checkpoints (path, role, status, parent_checkpoint_id, round_id, promoted_at) "
+            "VALUES (?, ?, ?, ?, ?, CASE WHEN ? = 'promoted' THEN current_timestamp END) "
+            "RETURNING checkpoint_id",
+            [str(path), role, status, parent_checkpoint_id, round_id, status],
+        ).fetchone()[0]
+
+    def checkpoint(self, checkpoint_id: int) -> Checkpoint:
+        row = self.conn.execute(
+            "SELECT checkpoint_id, path, role, status, parent_checkpoint_id, round_id "
+            "FROM checkpoints WHERE checkpoint_id = ?",
+            [checkpoint_id],
+        ).fetchone()
+        if row is None:
+            raise StoreError(f"no checkpoint with id {checkpoint_id}")
+        return Checkpoint(*row)
+
+    def current_policy(self) -> Checkpoint | None:
+        """The incumbent: the most recently promoted checkpoint."""
+        row = self.conn.execute(
+            "SELECT checkpoint_id FROM checkpoints WHERE status = 'promoted' "
+            "ORDER BY promoted_at DESC, checkpoint_id DESC LIMIT 1"
+        ).fetchone()
+        return self.checkpoint(row[0]) if row else None
+
+    def reference_checkpoint(self) -> Checkpoint | None:
+        row = self.conn.execute(
+            "SELECT checkpoint_id FROM checkpoints WHERE role = 'reference' ORDER BY checkpoint_id LIMIT 1"
+        ).fetchone()
+        return self.checkpoint(row[0]) if row else None
+
+    def set_checkpoint_status(self, checkpoint_id: int, status: str) -> None:
+        self.conn.execute(
+            "UPDATE checkpoints SET status = ?, "
+            "promoted_at = CASE WHEN ? = 'promoted' THEN current_timestamp ELSE promoted_at END "
+            "WHERE checkpoint_id = ?",
+            [status, status, checkpoint_id],
+        )
+
+    # -- rounds --------------------------------------------------------------------------
+
+    def start_round(
+        self, policy_checkpoint_id: int, reference_checkpoint_id: int, seed: int, config: dict[str, Any]
+    ) -> int:
+        return self.conn.execute(
+            "INSERT INTO rounds (state, policy_checkpoint_id, reference_checkpoint_id, seed, config) "
+            "VALUES ('started', ?, ?, ?, ?) RETURNING round_id",
+            [policy_checkpoint_id, reference_checkpoint_id, seed, json.dumps(config)],
+        ).fetchone()[0]
+
+    def get_round(self, round_id: int) -> Round:
+        row = self.conn.execute(
+            "SELECT round_id, state, policy_checkpoint_id, reference_checkpoint_id, "
+            "candidate_checkpoint_id, seed, config FROM rounds WHERE round_id = ?",
+            [round_id],
+        ).fetchone()
+        if row is None:
+            raise StoreError(f"no round with id {round_id}")
+        *head, config = row
+        return Round(*head, config=json.loads(config) if config else {})
+
+    def unfinished_round(self) -> Round | None:
+        row = self.conn.execute(
+            "SELECT round_id FROM rounds WHERE state <> 'done' ORDER BY round_id LIMIT 1"
+        ).fetchone()
+        return self.get_round(row[0]) if row else None
+
+    def finish_step(self, round_id: int, state: str, candidate_checkpoint_id: int | None = None) -> None:
+        """Record that a round finished `state`; call it in the transaction that wrote the rows."""
+        if state not in ROUND_STATES:
+            raise ValueError(f"unknown round state {state!r}")
+        self.conn.execute(
+            "UPDATE rounds SET state = ?, updated_at = current_timestamp, "
+            "candidate_checkpoint_id = coalesce(?, candidate_checkpoint_id), "
+            "finished_at = CASE WHEN ? = 'done' THEN current_timestamp END "
+            "WHERE round_id = ?",
+            [state, candidate_checkpoint_id, state, round_id],
+        )
+
+    # -- completions ---------------------------------------------------------------------
+
+    def add_completions(self, completions: Sequence[Completion]) -> list[int]:
+        ids = self._next_ids("completion_ids", len(completions))
+        if not ids:
+            return []
+        self._insert_arrow(
+            "completions",
+            {
+                "completion_id": pa.array(ids, pa.int64()),
+                "round_id": pa.array([c.round_id for c in completions], pa.int64()),
+                "prompt_id": pa.array([c.prompt_id for c in completions], pa.int64()),
+                "checkpoint_id": pa.array([c.checkpoint_id for c in completions], pa.int64()),
+                "purpose": pa.array([c.purpose for c in completions], pa.string()),
+                "sample_index": pa.array([c.sample_index for c in completions], pa.int32()),
+                "text": pa.array([c.text for c in completions], pa.string()),
+                "prompt_token_ids": pa.array(
+                    [c.prompt_token_ids for c in completions], pa.list_(pa.int32())
+                ),
+                "token_ids": pa.array([c.token_ids for c in completions], pa.list_(pa.int32())),
+                "num_tokens": pa.array([len(c.token_ids) for c in completions], pa.int32()),
+                "cumulative_logprob": pa.array(
+                    [c.cumulative_logprob for c in completions], pa.float64()
+                ),
+                "finish_reason": pa.array([c.finish_reason for c in completions], pa.string()),
+                "sampling_params": pa.array(
+                    [json.dumps(c.sampling_params, sort_keys=True) for c in completions], pa.string()
+                ),
+            },
+        )
+        return ids
+
+    def completions(
+        self,
+        *,
+        round_id: int | None = None,
+        checkpoint_id: int | None = None,
+        purpose: str | None = None,
+    ) -> list[Completion]:
+        clauses, params = [], []
+        for column, value in (("round_id", round_id), ("checkpoint_id", checkpoint_id), ("purpose", purpose)):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        where = " AND ".join(clauses) or "true"
+        rows = self.conn.execute(
+            "SELECT prompt_id, checkpoint_id, purpose, sample_index, text, prompt_token_ids, "
+            "token_ids, cumulative_logprob, finish_reason, sampling_params, round_id, completion_id "
+            f"FROM completions WHERE {where} ORDER BY completion_id",
+            params,
+        ).fetchall()
+        return [
+            Completion(*row[:9], sampling_params=json.loads(row[9]), round_id=row[10], completion_id=row[11])
+            for row in rows
+        ]
+
+    # -- pairs and labels ----------------------------------------------------------------
+
+    def add_pairs(self, pairs: Sequence[Pair]) -> list[int]:
+        ids = self._next_ids("pair_ids", len(pairs))
+        if not ids:
+            return []
+        self._insert_arrow(
+            "pairs",
+            {
+                "pair_id": pa.array(ids, pa.int64()),
+                "round_id": pa.array([p.round_id for p in pairs], pa.int64()),
+                "prompt_id": pa.array([p.prompt_id for p in pairs], pa.int64()),
+                "completion_a_id": pa.array([p.completion_a_id for p in pairs], pa.int64()),
+                "completion_b_id": pa.array([p.completion_b_id for p in pairs], pa.int64()),
+                "strategy": pa.array([p.strategy for p in pairs], pa.string()),
+            },
+        )
+        return ids
+
+    def pairs_to_judge(self, round_id: int) -> list[tuple[int, str, str, str]]:
+        """(pair_id, prompt, completion a, completion b) for every pair of the round."""
+        return self.conn.execute(
+            "SELECT p.pair_id, pr.text, ca.text, cb.text FROM pairs p "
+            "JOIN prompts pr USING (prompt_id) "
+            "JOIN completions ca ON ca.completion_id = p.completion_a_id "
+            "JOIN completions cb ON cb.completion_id = p.completion_b_id "
+            "WHERE p.round_id = ? ORDER BY p.pair_id",
+            [round_id],
+        ).fetchall()
+
+    def add_labels(self, labels: Sequence[Label]) -> list[int]:
+        bad = sorted({l.winner for l in labels} - set(WINNERS))
+        if bad:
+            raise StoreError(f"label winner must be one of {WINNERS}, got {bad}")
+        ids = self._next_ids("label_ids", len(labels))
+        if not ids:
+            return []
+        self._insert_arrow(
+            "labels",
+            {
+                "label_id": pa.array(ids, pa.int64()),
+                "pair_id": pa.array([l.pair_id for l in labels], pa.int64()),
+                "winner": pa.array([l.winner for l in labels], pa.string()),
+                "judge_name": pa.array([l.judge_name for l in labels], pa.string()),
+                "judge_version": pa.array([l.judge_version for l in labels], pa.string()),
+                "annotator": pa.array([l.annotator for l in labels], pa.string()),
+                "confidence": pa.array([l.confidence for l in labels], pa.float64()),
+                "rationale": pa.array([l.rationale for l in labels], pa.string()),
+            },
+        )
+        return ids
+
+    def preference_triples(self, round_id: int) -> list[PreferenceTriple]:
+        """The round's labelled pairs with a winner, as token ids (what vLLM produced)."""
+        rows = self.conn.execute(
+            "SELECT pf.pair_id, c.prompt_token_ids, c.token_ids, r.token_ids "
+            "FROM preferences pf "
+            "JOIN completions c ON c.completion_id = pf.chosen_completion_id "
+            "JOIN completions r ON r.completion_id = pf.rejected_completion_id "
+            "WHERE pf.round_id = ? ORDER BY pf.label_id",
+            [round_id],
+        ).fetchall()
+        return [PreferenceTriple(*row) for row in rows]
+
+    # -- training and evaluation ---------------------------------------------------------
+
+    def add_train_steps(self, steps: Sequence[TrainStep]) -> None:
+        if not steps:
+            return
+        fields = list(TrainStep.__dataclass_fields__)
+        self._insert_arrow("train_steps", {f: pa.array([getattr(s, f) for s in steps]) for f in fields})
+
+    def add_evaluation(self, evaluation: Evaluation) -> int:
+        fields = list(Evaluation.__dataclass_fields__)
+        return self.conn.execute(
+            f"INSERT INTO evals ({', '.join(fields)}) VALUES ({', '.join('?' for _ in fields)}) "
+            "RETURNING eval_id",
+            [getattr(evaluation, f) for f in fields],
+        ).fetchone()[0]
+
+    def evaluation(self, round_id: int, checkpoint_id: int) -> Evaluation:
+        fields = list(Evaluation.__dataclass_fields__)
+        row = self.conn.execute(
+            f"SELECT {', '.join(fields)} FROM evals WHERE round_id = ? AND checkpoint_id = ? "
+            "ORDER BY eval_id DESC LIMIT 1",
+            [round_id, checkpoint_id],
+        ).fetchone()
+        if row is None:
+            raise StoreError(f"round {round_id} has no evaluation of checkpoint {checkpoint_id}")
+        return Evaluation(*row)

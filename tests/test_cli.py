@@ -1,0 +1,73 @@
+"""The command line as a user runs it: help everywhere, one-line errors with exit code 2."""
+
+import json
+import subprocess
+import sys
+
+import duckdb
+import pytest
+
+from storage.store import Store
+
+
+def flywheel(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "flywheel.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def assert_one_line_error(result, fragment):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("command", [[], ["demo"], ["run"], ["sql"]])
+def test_every_command_has_help(command):
+    result = flywheel(*command, "--help")
+    assert result.returncode == 0 and "usage: flywheel" in result.stdout
+
+
+def test_missing_model_path(tmp_path):
+    result = flywheel("run", "--model", str(tmp_path / "nope"), "--prompts", "p.jsonl", "--heldout", "h.jsonl",
+                      "--score", "flywheel.demo_task:addition_score", "--workdir", str(tmp_path / "w"))
+    assert_one_line_error(result, "does not exist")
+
+
+@pytest.mark.parametrize("prompts_text, fragment", [(None, "does not exist"), ('{"question": "1+1="}\n', "no 'prompt' column")])
+def test_bad_prompts_file(tiny_policy, tmp_path, prompts_text, fragment):
+    prompts = tmp_path / "prompts.jsonl"
+    if prompts_text is not None:
+        prompts.write_text(prompts_text)
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text(json.dumps({"prompt": "1+1="}) + "\n")
+    result = flywheel("run", "--model", str(tiny_policy), "--prompts", str(prompts), "--heldout", str(heldout),
+                      "--score", "flywheel.demo_task:addition_score", "--workdir", str(tmp_path / "w"))
+    assert_one_line_error(result, fragment)
+
+
+def test_score_function_that_does_not_import(tiny_policy, tmp_path):
+    result = flywheel("run", "--model", str(tiny_policy), "--prompts", "p.jsonl", "--heldout", "h.jsonl",
+                      "--score", "nosuchpackage.judges:score", "--workdir", str(tmp_path / "w"))
+    assert_one_line_error(result, "does not import")
+
+
+def test_sql_reads_and_refuses_writes(tmp_path):
+    db = tmp_path / "fw.duckdb"
+    with Store.create(db).transaction() as tx:
+        tx.add_prompts(["1+1="], "train")
+    result = flywheel("sql", "--db", str(db), "SELECT text, split FROM prompts")
+    assert result.returncode == 0 and "1+1=" in result.stdout and "train" in result.stdout
+    result = flywheel("sql", "--db", str(db), "DELETE FROM prompts")
+    assert_one_line_error(result, "read-only")
+    assert Store.open(db).count("prompts") == 1
+
+
+def test_sql_on_files_that_are_not_flywheel_databases(tmp_path):
+    other = tmp_path / "other.duckdb"
+    with duckdb.connect(str(other)) as conn:
+        conn.execute("CREATE TABLE t (x INT)")
+    assert_one_line_error(flywheel("sql", "--db", str(other), "SELECT 1"), "not a flywheel database")
+    text = tmp_path / "notes.txt"
+    text.write_text("hello\n" * 1000)
+    assert_one_line_error(flywheel("sql", "--db", str(text), "SELECT 1"), "not a readable DuckDB database")
+    assert_one_line_error(flywheel("sql", "--db", str(tmp_path / "none.duckdb"), "SELECT 1"), "no flywheel database")

@@ -1,0 +1,111 @@
+"""Pairing, the rule judge's contract, prompt files and config validation."""
+
+import pytest
+
+from flywheel.config import SampleConfig, TrainConfig
+from flywheel.demo_task import addition_score, build_char_tokenizer, noisy_answer
+from flywheel.errors import UserError
+from flywheel.evaluation import promote_if_better
+from flywheel.pairing import form_pairs
+from flywheel.prompts import load_prompts
+from judges import JudgeError, PairToJudge, RuleJudge, Verdict, judge_batch
+from storage.records import Completion
+
+
+def _c(cid, prompt_id, index, text):
+    return Completion(prompt_id, 1, "train", index, text, [1], [2], None, "stop", {}, round_id=1, completion_id=cid)
+
+
+def test_pairs_come_from_one_prompt_and_never_pair_identical_text():
+    completions = [_c(1, 10, 0, "5"), _c(2, 10, 1, "5"), _c(3, 10, 2, "6"), _c(4, 10, 3, "7"),
+                   _c(5, 11, 0, "9"), _c(6, 11, 1, "9")]
+    for strategy in ("random", "all"):
+        pairs = form_pairs(completions, 1, strategy, seed=0)
+        by_id = {c.completion_id: c for c in completions}
+        for p in pairs:
+            a, b = by_id[p.completion_a_id], by_id[p.completion_b_id]
+            assert a.prompt_id == b.prompt_id == p.prompt_id
+            assert a.text != b.text
+        assert all(p.prompt_id == 10 for p in pairs)  # prompt 11 has one distinct answer
+    assert len(form_pairs(completions, 1, "all", seed=0)) == 5  # 6 combinations less the 5/5 one
+    assert len(form_pairs(completions, 1, "random", seed=0)) == 1  # 3 distinct texts -> 1 disjoint pair
+
+
+def test_rule_judge_prefers_higher_score_and_ties_equal():
+    judge = RuleJudge(addition_score, name="adder")
+    verdicts = judge.judge([PairToJudge(1, "2+3=", "5", "6"), PairToJudge(2, "2+3=", "4", "5"),
+                            PairToJudge(3, "2+3=", "4", "6")])
+    assert [v.winner for v in verdicts] == ["a", "b", "tie"]
+
+
+def test_judge_contract_violations_are_errors():
+    class Short:
+        name, version = "short", "1"
+
+        def judge(self, pairs):
+            return [Verdict("a")]
+
+    class Broken:
+        name, version = "broken", "1"
+
+        def judge(self, pairs):
+            raise RuntimeError("model server down")
+
+    pairs = [PairToJudge(1, "p", "a", "b"), PairToJudge(2, "p", "a", "b")]
+    with pytest.raises(JudgeError, match="returned 1 labels for 2 pairs"):
+        judge_batch(Short(), pairs)
+    with pytest.raises(JudgeError, match="model server down"):
+        judge_batch(Broken(), pairs)
+
+
+def test_addition_task_scores_and_noise():
+    import random
+
+    assert addition_score("12+30=", "42") == 1.0 and addition_score("12+30=", " 42 ") == 1.0
+    assert addition_score("12+30=", "43") == 0.0
+    rng = random.Random(0)
+    answers = [noisy_answer(27, 15, 0.5, rng) for _ in range(2000)]
+    right = answers.count("42") / len(answers)
+    assert 0.45 < right < 0.55
+    assert {int(a) - 42 for a in answers if a != "42"} == {-10, -2, -1, 1, 2, 10}
+
+
+def test_char_tokenizer_round_trips_and_adds_bos():
+    tok = build_char_tokenizer()
+    ids = tok("12+7=")["input_ids"]
+    assert ids[0] == tok.bos_token_id and len(ids) == 6
+    assert tok.decode(ids, skip_special_tokens=True) == "12+7="
+
+
+def test_prompt_files(tmp_path):
+    good = tmp_path / "p.jsonl"
+    good.write_text('{"prompt": "1+1="}\n{"prompt": ""}\n{"prompt": "2+2="}\n')
+    assert load_prompts(good) == ["1+1=", "2+2="]
+    csv = tmp_path / "p.csv"
+    csv.write_text("prompt,other\n3+3=,x\n")
+    assert load_prompts(csv) == ["3+3="]
+    with pytest.raises(UserError, match="does not exist"):
+        load_prompts(tmp_path / "nope.jsonl")
+    wrong = tmp_path / "q.jsonl"
+    wrong.write_text('{"question": "1+1="}\n')
+    with pytest.raises(UserError, match="no 'prompt' column"):
+        load_prompts(wrong)
+    empty = tmp_path / "e.jsonl"
+    empty.write_text("")
+    with pytest.raises(UserError, match="empty"):
+        load_prompts(empty)
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(UserError, match="train.beta"):
+        TrainConfig(beta=-0.1)
+    with pytest.raises(UserError, match="sample.n"):
+        SampleConfig(n=1)
+
+
+def test_promotion_gate():
+    assert promote_if_better(0.60, 0.55, 0.4, margin=0.0)
+    assert not promote_if_better(0.55, 0.55, 0.9, margin=0.0)  # accuracy decides when present
+    assert not promote_if_better(0.60, 0.55, 0.9, margin=0.1)
+    assert promote_if_better(None, None, 0.6, margin=0.05)
+    assert not promote_if_better(None, None, 0.5, margin=0.0)

@@ -1,0 +1,121 @@
+"""Whole rounds with the real vLLM engine, the real Prefect flow and a real DuckDB file."""
+
+import pytest
+
+from flywheel.config import EvalConfig, FlywheelConfig, SampleConfig, TrainConfig
+from flywheel.demo_task import addition_score
+from flywheel.rounds import Flywheel
+from judges import RuleJudge
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def flywheel(tiny_policy, demo_prompts, tmp_path_factory):
+    prompts, heldout = demo_prompts
+    config = FlywheelConfig(
+        workdir=tmp_path_factory.mktemp("flywheel"), reference_model=tiny_policy,
+        prompts=prompts, heldout_prompts=heldout, seed=3,
+        sample=SampleConfig(prompts_per_round=64, n=4, max_tokens=6, dtype="float32", enforce_eager=True),
+        train=TrainConfig(learning_rate=1e-4, batch_size=16),
+        eval=EvalConfig(samples_per_prompt=2),
+    )
+    wheel = Flywheel(config, RuleJudge(addition_score, name="adder"), score=addition_score)
+    wheel.initialise()
+    yield wheel
+    wheel.close()
+
+
+def test_sampler_is_seeded_and_keeps_vllm_token_ids(flywheel):
+    policy = flywheel.store.current_policy()
+    prompts = flywheel.store.prompts("heldout")[:8]
+    kwargs = dict(n=3, temperature=1.0, seed=11, purpose="eval", round_id=None)
+    first = flywheel.sampler.sample(policy.path, policy.checkpoint_id, prompts, **kwargs)
+    again = flywheel.sampler.sample(policy.path, policy.checkpoint_id, prompts, **kwargs)
+    assert [c.text for c in first] == [c.text for c in again]
+    tokenizer_eos = 2
+    for c in first:
+        assert c.prompt_token_ids[0] == 1  # <bos>
+        assert c.finish_reason in ("stop", "length")
+        if c.finish_reason == "stop":
+            assert c.token_ids[-1] == tokenizer_eos  # the EOS is part of what DPO trains on
+        assert c.sampling_params["seed"] == 11 + c.prompt_id
+
+
+def test_flow_runs_rounds_and_records_everything(flywheel, prefect_harness):
+    from flows.rounds import run_rounds
+
+    round_ids = run_rounds(flywheel, rounds=2)
+    store = flywheel.store
+    assert len(round_ids) == 2
+    columns, rows = store.query("SELECT * FROM round_summary ORDER BY round_id")
+    summary = [dict(zip(columns, row)) for row in rows]
+    assert [s["state"] for s in summary] == ["done", "done"]
+    for s in summary:
+        assert s["completions"] == 64 * 4
+        assert s["labels"] == s["pairs"] > 0
+        assert s["train_steps"] >= 1
+        assert s["candidate_accuracy"] is not None and 0.0 <= s["win_rate"] <= 1.0
+        assert s["promoted"] == (s["candidate_accuracy"] > s["incumbent_accuracy"])
+    # Round 2 samples from whatever was promoted after round 1.
+    _, policies = store.query("SELECT policy_checkpoint_id FROM rounds ORDER BY round_id")
+    expected = summary[0]["candidate_checkpoint_id"] if summary[0]["promoted"] else policies[0][0]
+    assert policies[1][0] == expected
+    # Every completion says which checkpoint made it and how.
+    _, bad = store.query("SELECT count(*) FROM completions WHERE checkpoint_id IS NULL OR sampling_params IS NULL")
+    assert bad == [(0,)]
+    # Labels carry the judge's name and version; pairs join completions of one prompt.
+    _, judges = store.query("SELECT DISTINCT judge_name, judge_version FROM labels")
+    assert judges == [("adder", "1")]
+    _, mismatched = store.query(
+        "SELECT count(*) FROM pairs p JOIN completions a ON a.completion_id = p.completion_a_id "
+        "JOIN completions b ON b.completion_id = p.completion_b_id "
+        "WHERE a.prompt_id <> p.prompt_id OR b.prompt_id <> p.prompt_id")
+    assert mismatched == [(0,)]
+    # The candidate is a save_pretrained checkpoint with a tokenizer, reloadable as is.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = store.checkpoint(summary[0]["candidate_checkpoint_id"]).path
+    AutoModelForCausalLM.from_pretrained(path)
+    assert AutoTokenizer.from_pretrained(path).eos_token == "<eos>"
+
+
+def test_round_resumes_after_stopping_between_steps(flywheel):
+    store = flywheel.store
+    round_id = flywheel.begin_round()
+    flywheel.sample(round_id)
+    flywheel.pair(round_id)
+    completions_before = store.count("completions", "round_id = ?", [round_id])
+    pairs_before = store.count("pairs", "round_id = ?", [round_id])
+    # A new process would find the unfinished round and carry on from 'paired'.
+    assert flywheel.begin_round() == round_id
+    flywheel.run_round()
+    assert store.get_round(round_id).state == "done"
+    assert store.count("completions", "round_id = ? AND purpose = 'train'", [round_id]) == completions_before
+    assert store.count("pairs", "round_id = ?", [round_id]) == pairs_before
+    assert store.count("labels l JOIN pairs p USING (pair_id)", "p.round_id = ?", [round_id]) == pairs_before
+
+
+def test_a_failing_judge_stops_the_round_and_stores_no_labels(flywheel):
+    from judges import JudgeError
+
+    class Flaky:
+        name, version = "flaky", "0"
+
+        def judge(self, pairs):
+            return []
+
+    store = flywheel.store
+    round_id = flywheel.begin_round()
+    flywheel.sample(round_id)
+    flywheel.pair(round_id)
+    real_judge, flywheel.judge = flywheel.judge, Flaky()
+    try:
+        with pytest.raises(JudgeError, match="returned 0 labels"):
+            flywheel.label(round_id)
+    finally:
+        flywheel.judge = real_judge
+    assert store.get_round(round_id).state == "paired"
+    assert store.count("labels l JOIN pairs p USING (pair_id)", "p.round_id = ?", [round_id]) == 0
+    flywheel.run_round()  # the same round finishes with a working judge
+    assert store.get_round(round_id).state == "done"
