@@ -19,8 +19,12 @@ EXIT_USER_ERROR = 2
 def _quiet_libraries(verbose: bool) -> None:
     # vLLM and Prefect log every engine start and task run at INFO; the table is the output.
     if not verbose:
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        # ERROR, not WARNING: each in-place weight reload warns that the (tied, unsaved)
+        # lm_head and rotary buffers "failed to load", which is expected and harmless.
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    # The temporary Prefect server tries to send telemetry; this machine may have no network.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -79,7 +83,8 @@ def command_demo(args: argparse.Namespace) -> None:
         seed=args.seed,
         # A model this small gains nothing from torch.compile, which costs ~30 s per start.
         sample=SampleConfig(prompts_per_round=512, n=4, max_tokens=8, dtype="float32", enforce_eager=True),
-        train=TrainConfig(beta=args.beta, learning_rate=args.lr, batch_size=32),
+        train=TrainConfig(beta=args.beta, learning_rate=args.lr, batch_size=32, epochs=2,
+                          nll_weight=args.nll_weight),
         eval=EvalConfig(samples_per_prompt=4),
     )
     _log(f"running {args.rounds} rounds in {workdir}")
@@ -109,7 +114,7 @@ def command_run(args: argparse.Namespace) -> None:
         heldout_prompts=args.heldout,
         seed=args.seed,
         sample=SampleConfig(prompts_per_round=args.prompts_per_round, n=args.n, max_tokens=args.max_tokens),
-        train=TrainConfig(beta=args.beta, learning_rate=args.lr),
+        train=TrainConfig(beta=args.beta, learning_rate=args.lr, nll_weight=args.nll_weight),
     )
     _run_flywheel(config, score, f"rule:{args.score}", args.rounds)
     _print_round_table(config.database)
@@ -162,10 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
         "flywheel rounds on it; prints a per-round table.",
     )
     demo.add_argument("--dir", type=Path, default=DEFAULT_DEMO_DIR, help="working directory (default: %(default)s)")
-    demo.add_argument("--rounds", type=int, default=6, help="rounds to run (default: %(default)s)")
+    demo.add_argument("--rounds", type=int, default=8, help="rounds to run (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     demo.add_argument("--beta", type=float, default=0.1, help="DPO beta (default: %(default)s)")
-    demo.add_argument("--lr", type=float, default=1e-4, help="DPO learning rate (default: %(default)s)")
+    demo.add_argument("--lr", type=float, default=3e-4, help="DPO learning rate (default: %(default)s)")
+    demo.add_argument("--nll-weight", type=float, default=1.0,
+                      help="weight of the chosen-answer NLL term added to DPO (default: %(default)s; 0 = pure DPO)")
     demo.set_defaults(handler=command_demo)
 
     run = commands.add_parser(
@@ -184,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-tokens", type=int, default=64, help="completion length limit (default: %(default)s)")
     run.add_argument("--beta", type=float, default=0.1, help="DPO beta (default: %(default)s)")
     run.add_argument("--lr", type=float, default=3e-5, help="DPO learning rate (default: %(default)s)")
+    run.add_argument("--nll-weight", type=float, default=0.0,
+                     help="weight of the chosen-answer NLL term added to DPO (default: %(default)s = pure DPO)")
     run.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     run.set_defaults(handler=command_run)
 

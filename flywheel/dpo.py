@@ -67,6 +67,13 @@ def collate_concatenated(triples: Sequence[PreferenceTriple], pad_token_id: int)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
 
 
+def chosen_nll(chosen_logps: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-token negative log-likelihood of each chosen completion, `(batch,)`."""
+    half = batch["input_ids"].shape[0] // 2
+    chosen_tokens = batch["completion_mask"][:half, 1:].sum(-1).clamp(min=1)
+    return -chosen_logps / chosen_tokens
+
+
 def concatenated_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward pass over chosen+rejected; returns (chosen_logps, rejected_logps)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

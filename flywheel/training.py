@@ -12,7 +12,7 @@ import torch
 
 from flywheel.checkpoints import save_checkpoint
 from flywheel.config import TrainConfig
-from flywheel.dpo import collate_concatenated, concatenated_logps, dpo_loss
+from flywheel.dpo import chosen_nll, collate_concatenated, concatenated_logps, dpo_loss
 from storage.records import PreferenceTriple
 
 
@@ -43,8 +43,8 @@ def train_dpo(
 
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(policy_path)
-    policy = AutoModelForCausalLM.from_pretrained(policy_path, torch_dtype=torch.float32)
-    reference = AutoModelForCausalLM.from_pretrained(reference_path, torch_dtype=torch.float32)
+    policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(reference_path, dtype=torch.float32)
     reference.eval().requires_grad_(False)
     # Dropout would make the policy's log-probs differ from the reference's at step 0.
     policy.eval()
@@ -66,14 +66,17 @@ def train_dpo(
                 policy_chosen, policy_rejected, reference_chosen, reference_rejected, config.beta
             )
             loss = losses.mean()
-            loss.backward()
+            objective = loss
+            if config.nll_weight > 0:
+                objective = loss + config.nll_weight * chosen_nll(policy_chosen, batch).mean()
+            objective.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             record = StepMetrics(
                 step=step,
-                loss=loss.item(),
+                loss=loss.item(),  # the DPO part, comparable with log 2 at step 1
                 chosen_reward=chosen_rewards.mean().item(),
                 rejected_reward=rejected_rewards.mean().item(),
                 reward_margin=(chosen_rewards - rejected_rewards).mean().item(),

@@ -46,7 +46,9 @@ def test_bad_prompts_file(tiny_policy, tmp_path, prompts_text, fragment):
 
 
 def test_score_function_that_does_not_import(tiny_policy, tmp_path):
-    result = flywheel("run", "--model", str(tiny_policy), "--prompts", "p.jsonl", "--heldout", "h.jsonl",
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "1+1="}) + "\n")
+    result = flywheel("run", "--model", str(tiny_policy), "--prompts", str(prompts), "--heldout", str(prompts),
                       "--score", "nosuchpackage.judges:score", "--workdir", str(tmp_path / "w"))
     assert_one_line_error(result, "does not import")
 

@@ -90,3 +90,14 @@ def test_concatenated_forward_equals_separate_forwards(tiny_policy):
                 mask = torch.tensor([[0] * len(triple.prompt_token_ids) + [1] * len(getattr(triple, side))])
                 alone = sequence_logps(model(input_ids=ids).logits, ids, mask)
                 assert got.item() == pytest.approx(alone.item(), abs=1e-4)
+
+
+def test_chosen_nll_is_per_token_over_chosen_rows_only():
+    from flywheel.dpo import chosen_nll
+
+    # Two triples: chosen completions of 2 and 4 tokens; rejected rows must not count.
+    triples = [PreferenceTriple(1, [1, 5], [7, 2], [8, 2]), PreferenceTriple(2, [1], [7, 7, 7, 2], [2])]
+    batch = collate_concatenated(triples, pad_token_id=0)
+    chosen_logps = torch.tensor([-3.0, -2.0])
+    # -(-3)/2 = 1.5 and -(-2)/4 = 0.5
+    assert chosen_nll(chosen_logps, batch).tolist() == pytest.approx([1.5, 0.5])
