@@ -94,6 +94,7 @@ class Flywheel:
         with self.store.transaction() as tx:
             tx.add_completions(completions)
             tx.finish_step(round_id, "sampled")
+        self.log(f"round {round_id}: sampled {len(completions)} completions of {count} prompts")
         return len(completions)
 
     def pair(self, round_id: int) -> int:
@@ -105,6 +106,7 @@ class Flywheel:
         with self.store.transaction() as tx:
             tx.add_pairs(pairs)
             tx.finish_step(round_id, "paired")
+        self.log(f"round {round_id}: formed {len(pairs)} pairs ({self.config.pair.strategy})")
         return len(pairs)
 
     def label(self, round_id: int) -> int:
@@ -122,7 +124,9 @@ class Flywheel:
         with self.store.transaction() as tx:
             tx.add_labels(labels)
             tx.finish_step(round_id, "labelled")
-        return sum(label.winner in ("a", "b") for label in labels)
+        preferences = sum(label.winner in ("a", "b") for label in labels)
+        self.log(f"round {round_id}: {self.judge.name} labelled {len(labels)} pairs, {preferences} with a winner")
+        return preferences
 
     def train(self, round_id: int) -> int | None:
         """DPO on the round's preferences; returns the candidate checkpoint id (None: no data)."""
@@ -146,8 +150,9 @@ class Flywheel:
                 str(output_dir), role="candidate", status="candidate",
                 parent_checkpoint_id=policy.checkpoint_id, round_id=round_id,
             )
-            tx.add_train_steps([TrainStep(round_id, candidate_id, **vars(m)) for m in metrics])
+            tx.add_train_steps([TrainStep(round_id, candidate_id, m) for m in metrics])
             tx.finish_step(round_id, "trained", candidate_checkpoint_id=candidate_id)
+        self.log(f"round {round_id}: trained {len(metrics)} DPO steps, final loss {metrics[-1].loss:.4f}")
         return candidate_id
 
     def evaluate(self, round_id: int) -> None:
@@ -188,6 +193,9 @@ class Flywheel:
             tx.add_completions(new_incumbent_samples + candidate_samples)
             tx.add_evaluation(evaluation)
             tx.finish_step(round_id, "evaluated")
+        if accuracy is not None:
+            self.log(f"round {round_id}: held-out accuracy {accuracy:.3f} vs incumbent {incumbent_accuracy:.3f}")
+        self.log(f"round {round_id}: win rate against the incumbent {evaluation.win_rate:.3f}")
 
     def _sample_heldout(self, checkpoint, heldout, round_id):
         return self.sampler.sample(
@@ -215,6 +223,7 @@ class Flywheel:
         with self.store.transaction() as tx:
             tx.set_checkpoint_status(round_.candidate_checkpoint_id, "promoted" if promoted else "rejected")
             tx.finish_step(round_id, "done")
+        self.log(f"round {round_id}: candidate {'promoted' if promoted else 'kept, not promoted'}")
         return promoted
 
     def run_round(self) -> int:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import random
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -13,20 +11,7 @@ import torch
 from flywheel.checkpoints import save_checkpoint
 from flywheel.config import TrainConfig
 from flywheel.dpo import chosen_nll, collate_concatenated, concatenated_logps, dpo_loss
-from storage.records import PreferenceTriple
-
-
-@dataclass(frozen=True)
-class StepMetrics:
-    step: int
-    loss: float
-    chosen_reward: float
-    rejected_reward: float
-    reward_margin: float
-    accuracy: float
-    grad_norm: float
-    learning_rate: float
-    num_pairs: int
+from storage.records import PreferenceTriple, StepMetrics
 
 
 def train_dpo(

@@ -91,9 +91,9 @@ class PreferenceTriple:
 
 
 @dataclass(frozen=True)
-class TrainStep:
-    round_id: int
-    checkpoint_id: int
+class StepMetrics:
+    """What one DPO optimiser step measured."""
+
     step: int
     loss: float
     chosen_reward: float
@@ -103,6 +103,13 @@ class TrainStep:
     grad_norm: float
     learning_rate: float
     num_pairs: int
+
+
+@dataclass(frozen=True)
+class TrainStep:
+    round_id: int
+    checkpoint_id: int
+    metrics: StepMetrics
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from storage.records import (
     Pair,
     PreferenceTriple,
     Prompt,
+    StepMetrics,
     Round,
     TrainStep,
 )
@@ -485,8 +486,13 @@ class StoreSession:
     def add_train_steps(self, steps: Sequence[TrainStep]) -> None:
         if not steps:
             return
-        fields = list(TrainStep.__dataclass_fields__)
-        self._insert_arrow("train_steps", {f: pa.array([getattr(s, f) for s in steps]) for f in fields})
+        columns = {
+            "round_id": pa.array([s.round_id for s in steps], pa.int64()),
+            "checkpoint_id": pa.array([s.checkpoint_id for s in steps], pa.int64()),
+        }
+        for name in StepMetrics.__dataclass_fields__:
+            columns[name] = pa.array([getattr(s.metrics, name) for s in steps])
+        self._insert_arrow("train_steps", columns)
 
     def add_evaluation(self, evaluation: Evaluation) -> int:
         fields = list(Evaluation.__dataclass_fields__)
