@@ -153,6 +153,13 @@ def _print_table(columns: Sequence[str], rows: Sequence[tuple], title: str | Non
 # -- parsing ------------------------------------------------------------------------------
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flywheel",
@@ -167,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
         "flywheel rounds on it; prints a per-round table.",
     )
     demo.add_argument("--dir", type=Path, default=DEFAULT_DEMO_DIR, help="working directory (default: %(default)s)")
-    demo.add_argument("--rounds", type=int, default=8, help="rounds to run (default: %(default)s)")
+    demo.add_argument("--rounds", type=positive_int, default=8, help="rounds to run (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     demo.add_argument("--beta", type=float, default=0.1, help="DPO beta (default: %(default)s)")
     demo.add_argument("--lr", type=float, default=3e-4, help="DPO learning rate (default: %(default)s)")
@@ -185,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--heldout", type=Path, required=True, help="held-out prompts, same format")
     run.add_argument("--score", required=True, help="scoring function as 'package.module:function'")
     run.add_argument("--workdir", type=Path, required=True, help="where the database and checkpoints go")
-    run.add_argument("--rounds", type=int, default=1, help="rounds to run (default: %(default)s)")
+    run.add_argument("--rounds", type=positive_int, default=1, help="rounds to run (default: %(default)s)")
     run.add_argument("--prompts-per-round", type=int, default=512, help="prompts sampled per round (default: %(default)s)")
     run.add_argument("--n", type=int, default=4, help="completions per prompt (default: %(default)s)")
     run.add_argument("--max-tokens", type=int, default=64, help="completion length limit (default: %(default)s)")
@@ -215,9 +222,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from judges import JudgeError
     from storage.store import StoreError
 
-    if getattr(args, "rounds", 1) < 1:
-        print("flywheel: error: --rounds must be at least 1", file=sys.stderr)
-        return EXIT_USER_ERROR
     try:
         args.handler(args)
     except (UserError, StoreError, JudgeError) as error:

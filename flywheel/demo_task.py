@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from flywheel.checkpoints import save_checkpoint
 from flywheel.errors import UserError
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
@@ -157,12 +158,9 @@ def build_demo_policy(
         if step % 250 == 0 or step == config.sft_steps - 1:
             log(f"  demo policy SFT step {step + 1}/{config.sft_steps}  loss {loss.item():.3f}  "
                 f"({time.monotonic() - started:.0f} s)")
-    scratch = target.with_name(target.name + ".partial")
-    model.save_pretrained(scratch)
-    tokenizer.save_pretrained(scratch)
-    (scratch / "flywheel_demo.json").write_text(json.dumps(asdict(config), indent=2))
-    # Rename last, so an interrupted build never leaves a half-written cache entry behind.
-    scratch.rename(target)
+    save_checkpoint(model, tokenizer, target)
+    # The marker goes last: a directory without it is an interrupted build and is redone.
+    (target / "flywheel_demo.json").write_text(json.dumps(asdict(config), indent=2))
     return target
 
 

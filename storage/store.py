@@ -29,8 +29,8 @@ from storage.records import (
     Pair,
     PreferenceTriple,
     Prompt,
-    StepMetrics,
     Round,
+    StepMetrics,
     TrainStep,
 )
 
@@ -58,9 +58,8 @@ class ReadOnlyQueryError(StoreError):
 
 
 def _is_lock_conflict(error: duckdb.Error) -> bool:
-    return "lock" in str(error).lower() and "conflicting" in str(error).lower() or (
-        "Could not set lock" in str(error)
-    )
+    # DuckDB's words when another process holds the file.
+    return "Could not set lock" in str(error)
 
 
 def _first_line(error: BaseException) -> str:

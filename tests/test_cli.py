@@ -27,6 +27,12 @@ def test_every_command_has_help(command):
     assert result.returncode == 0 and "usage: flywheel" in result.stdout
 
 
+def test_rounds_must_be_positive():
+    result = flywheel("demo", "--rounds", "0")
+    assert result.returncode == 2
+    assert "must be at least 1, got 0" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_missing_model_path(tmp_path):
     result = flywheel("run", "--model", str(tmp_path / "nope"), "--prompts", "p.jsonl", "--heldout", "h.jsonl",
                       "--score", "flywheel.demo_task:addition_score", "--workdir", str(tmp_path / "w"))

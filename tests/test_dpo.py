@@ -101,3 +101,20 @@ def test_chosen_nll_is_per_token_over_chosen_rows_only():
     chosen_logps = torch.tensor([-3.0, -2.0])
     # -(-3)/2 = 1.5 and -(-2)/4 = 0.5
     assert chosen_nll(chosen_logps, batch).tolist() == pytest.approx([1.5, 0.5])
+
+
+def test_training_pairs_each_triple_with_its_own_reference_logps(tiny_policy, tmp_path):
+    # Policy = reference, so every step-1 example has loss log 2 and zero rewards, but only
+    # if each shuffled triple meets the reference log-probs computed for that same triple.
+    from flywheel.config import TrainConfig
+    from flywheel.training import train_dpo
+
+    triples = [PreferenceTriple(i, [1, 4 + i % 10, 14, 5, 15], [6 + i % 5, 2], [7 + i % 3, 4, 2]) for i in range(7)]
+    metrics = train_dpo(tiny_policy, tiny_policy, triples, TrainConfig(batch_size=3, epochs=2, learning_rate=1e-4),
+                        tmp_path / "candidate", seed=0)
+    assert len(metrics) == 6  # ceil(7 / 3) steps per epoch, two epochs
+    assert metrics[0].loss == pytest.approx(math.log(2), abs=1e-5)
+    assert metrics[0].chosen_reward == pytest.approx(0.0, abs=1e-6)
+    assert metrics[0].rejected_reward == pytest.approx(0.0, abs=1e-6)
+    assert metrics[-1].reward_margin > 0  # later steps move the policy away from the reference
+    assert (tmp_path / "candidate" / "model.safetensors").is_file()
