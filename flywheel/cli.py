@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from flywheel.errors import UserError
 
@@ -32,31 +31,14 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def load_object(spec: str, what: str) -> Any:
-    """`package.module:attribute` -> the attribute, or a one-line UserError."""
-    module_name, _, attribute = spec.partition(":")
-    if not module_name or not attribute:
-        raise UserError(f"{what} {spec!r} must look like 'package.module:name'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise UserError(f"{what} {spec!r} does not import: {error}") from error
-    try:
-        return getattr(module, attribute)
-    except AttributeError as error:
-        raise UserError(f"{what} {spec!r}: module {module_name} has no {attribute!r}") from error
-
-
 # -- commands -----------------------------------------------------------------------------
 
 
-def _run_flywheel(config, score: Callable[[str, str], float], judge_name: str, rounds: int) -> None:
+def _run_flywheel(config, rounds: int) -> None:
     from flows.rounds import run_rounds
     from flywheel.rounds import Flywheel
-    from judges import RuleJudge
 
-    judge = RuleJudge(score, name=judge_name)
-    flywheel = Flywheel(config, judge, score=score, log=_log)
+    flywheel = Flywheel(config, log=_log)
     try:
         flywheel.initialise()
         run_rounds(flywheel, rounds)
@@ -65,8 +47,8 @@ def _run_flywheel(config, score: Callable[[str, str], float], judge_name: str, r
 
 
 def command_demo(args: argparse.Namespace) -> None:
-    from flywheel.config import EvalConfig, FlywheelConfig, SampleConfig, TrainConfig
-    from flywheel.demo_task import DemoPolicyConfig, addition_score, build_demo_policy, write_demo_prompts
+    from flywheel.config import EvalConfig, FlywheelConfig, JudgeConfig, PairConfig, SampleConfig, TrainConfig
+    from flywheel.demo_task import DemoPolicyConfig, build_demo_policy, write_demo_prompts
 
     started = time.monotonic()
     workdir = args.dir.resolve()
@@ -80,15 +62,17 @@ def command_demo(args: argparse.Namespace) -> None:
         reference_model=reference,
         prompts=prompts,
         heldout_prompts=heldout,
+        judge=JudgeConfig("rule:flywheel.demo_task:addition_score", {"name": "addition-verifier"}),
         seed=args.seed,
         # A model this small gains nothing from torch.compile, which costs ~30 s per start.
         sample=SampleConfig(prompts_per_round=512, n=4, max_tokens=8, dtype="float32", enforce_eager=True),
         train=TrainConfig(beta=args.beta, learning_rate=args.lr, batch_size=32, epochs=2,
                           nll_weight=args.nll_weight),
-        eval=EvalConfig(samples_per_prompt=4),
+        pair=PairConfig(strategy=args.pairing),
+        eval=EvalConfig(samples_per_prompt=4, accuracy_score="flywheel.demo_task:addition_score"),
     )
     _log(f"running {args.rounds} rounds in {workdir}")
-    _run_flywheel(config, addition_score, "addition-verifier", args.rounds)
+    _run_flywheel(config, args.rounds)
     _print_round_table(config.database)
     _log(f"done in {time.monotonic() - started:.0f} s. Query it: flywheel sql --db {config.database} "
          "\"SELECT * FROM round_summary\"")
@@ -96,27 +80,75 @@ def command_demo(args: argparse.Namespace) -> None:
 
 def command_run(args: argparse.Namespace) -> None:
     from flywheel.checkpoints import require_checkpoint
-    from flywheel.config import FlywheelConfig, SampleConfig, TrainConfig
-
+    from flywheel.config import EvalConfig, FlywheelConfig, JudgeConfig, PairConfig, SampleConfig, TrainConfig
     from flywheel.prompts import load_prompts
+    from judges import import_object, load_judge
 
+    if args.judge is None and args.score is None:
+        raise UserError("give --judge SPEC, or --score for a rule judge (or both)")
     # Check every input before anything slow starts (engine, Prefect API).
     require_checkpoint(args.model)
     load_prompts(args.prompts)
     load_prompts(args.heldout)
-    score = load_object(args.score, "score function")
-    if not callable(score):
+    if args.score is not None and not callable(import_object(args.score, "score function")):
         raise UserError(f"score function {args.score!r} is not callable")
+    judge = JudgeConfig(args.judge or f"rule:{args.score}", _judge_options(args.judge_option))
+    load_judge(judge.spec, judge.options)  # fails now, in one line, if it cannot be built
     config = FlywheelConfig(
         workdir=args.workdir,
         reference_model=args.model,
         prompts=args.prompts,
         heldout_prompts=args.heldout,
+        judge=judge,
         seed=args.seed,
         sample=SampleConfig(prompts_per_round=args.prompts_per_round, n=args.n, max_tokens=args.max_tokens),
+        pair=PairConfig(strategy=args.pairing),
         train=TrainConfig(beta=args.beta, learning_rate=args.lr, nll_weight=args.nll_weight),
+        eval=EvalConfig(accuracy_score=args.score),
     )
-    _run_flywheel(config, score, f"rule:{args.score}", args.rounds)
+    _run_flywheel(config, args.rounds)
+
+
+def command_judge(args: argparse.Namespace) -> None:
+    from flywheel.labelling import label_pairs
+    from judges import load_judge
+    from storage.store import Store
+
+    store = Store.open(args.db)
+    round_id = args.round
+    if round_id is None:
+        _, rows = store.query("SELECT max(round_id) FROM pairs")
+        round_id = rows[0][0]
+        if round_id is None:
+            raise UserError(f"{args.db} has no pairs to judge yet")
+    if store.count("pairs", "round_id = ?", [round_id]) == 0:
+        raise UserError(f"round {round_id} has no pairs (it has not finished pairing, or does not exist)")
+    judge = load_judge(args.judge, _judge_options(args.judge_option))
+    try:
+        result = label_pairs(store, judge, round_id, args.batch_size)
+    finally:
+        close_judge = getattr(judge, "close", None)
+        if callable(close_judge):
+            close_judge()
+    _log(f"round {round_id}: {judge.name}@{judge.version} labelled {result.labelled} pairs"
+         f" ({result.failed} undecided, {result.already_done} judged before)")
+    labeller = f"{judge.name}@{judge.version}"
+    columns, rows = store.query(
+        "SELECT judge_a, judge_b, pairs, agreements, round(agreement_rate, 3) AS agreement_rate, "
+        "decisive_pairs, round(decisive_agreement_rate, 3) AS decisive_agreement_rate "
+        "FROM judge_agreement WHERE judge_a = ? OR judge_b = ?", [labeller, labeller])
+    _print_table(columns, rows, title="agreement with other labellers (all rounds)")
+
+
+def _judge_options(pairs: Sequence[str]) -> dict[str, str]:
+    """KEY=VALUE strings -> options (the judge loader converts numbers and booleans)."""
+    options: dict[str, str] = {}
+    for item in pairs:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--judge-option takes KEY=VALUE, got {item!r}")
+        options[key] = value
+    return options
     _print_round_table(config.database)
 
 
@@ -160,7 +192,25 @@ def positive_int(text: str) -> int:
     return value
 
 
+JUDGE_SPECS = """judge specs:
+  rule:package.module:function   score(prompt, completion) -> float; higher wins, equal ties
+  reward-model:PATH              a sequence-classification checkpoint with one output
+  llm:PATH                       a causal checkpoint asked "A or B?" through vLLM, in both orders
+  package.module:Name            your own judge (a class, factory or instance with
+                                 name, version and judge(pairs)); options become kwargs
+judge options (--judge-option KEY=VALUE, repeatable), e.g. for llm: template_file=PATH,
+  max_tokens=8, max_model_len=4096; for reward-model: batch_size=32, device=cuda"""
+
+
+def _add_judge_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
+    parser.add_argument("--judge", required=required, metavar="SPEC", help="who labels the pairs (see judge specs below)")
+    parser.add_argument("--judge-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="keyword option for the judge; repeatable")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from flywheel.pairing import STRATEGIES
+
     parser = argparse.ArgumentParser(
         prog="flywheel",
         description="An online-DPO data flywheel: sample, pair, label, train, evaluate, promote.",
@@ -180,17 +230,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--lr", type=float, default=3e-4, help="DPO learning rate (default: %(default)s)")
     demo.add_argument("--nll-weight", type=float, default=1.0,
                       help="weight of the chosen-answer NLL term added to DPO (default: %(default)s; 0 = pure DPO)")
+    demo.add_argument("--pairing", choices=STRATEGIES, default="random",
+                      help="how completions of a prompt become pairs (default: %(default)s)")
     demo.set_defaults(handler=command_demo)
 
     run = commands.add_parser(
-        "run", help="run rounds on your own model, prompts and scoring rule",
-        description="Run flywheel rounds on a save_pretrained checkpoint with a rule judge "
-        "given as a Python scoring function score(prompt, completion) -> float.",
+        "run", help="run rounds on your own model, prompts and judge",
+        description="Run flywheel rounds on a save_pretrained checkpoint. Pairs are labelled by "
+        "--judge, or by a rule judge made from --score, a Python function "
+        "score(prompt, completion) -> float, which also gives held-out accuracy.",
+        epilog=JUDGE_SPECS, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument("--model", type=Path, required=True, help="reference (SFT) checkpoint directory")
     run.add_argument("--prompts", type=Path, required=True, help="train prompts: .jsonl, .csv or .parquet with a 'prompt' column")
     run.add_argument("--heldout", type=Path, required=True, help="held-out prompts, same format")
-    run.add_argument("--score", required=True, help="scoring function as 'package.module:function'")
+    run.add_argument("--score", help="verifier 'package.module:function' for held-out accuracy (and the judge if no --judge)")
+    _add_judge_arguments(run, required=False)
+    run.add_argument("--pairing", choices=STRATEGIES, default="random",
+                     help="how completions of a prompt become pairs (default: %(default)s; "
+                     "best_vs_worst needs a rule or reward-model judge)")
     run.add_argument("--workdir", type=Path, required=True, help="where the database and checkpoints go")
     run.add_argument("--rounds", type=positive_int, default=1, help="rounds to run (default: %(default)s)")
     run.add_argument("--prompts-per-round", type=int, default=512, help="prompts sampled per round (default: %(default)s)")
@@ -203,11 +261,27 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     run.set_defaults(handler=command_run)
 
+    judge = commands.add_parser(
+        "judge", help="(re)label a round's pairs with another judge, after the fact",
+        description="Label the pairs of a round with a judge and store the labels under its name "
+        "and version, beside the labels already there; pairs it judged before are skipped. "
+        "Prints its agreement with the other labellers. Training data is unaffected: a round "
+        "trains only on its own judge's labels.",
+        epilog=JUDGE_SPECS, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_judge_arguments(judge, required=True)
+    judge.add_argument("--db", type=Path, default=DEFAULT_DEMO_DIR / "flywheel.duckdb",
+                       help="database file (default: %(default)s)")
+    judge.add_argument("--round", type=positive_int, help="round to label (default: the latest with pairs)")
+    judge.add_argument("--batch-size", type=positive_int, default=256,
+                       help="pairs per judge call and per transaction (default: %(default)s)")
+    judge.set_defaults(handler=command_judge)
+
     sql = commands.add_parser(
         "sql", help="read-only SQL against a flywheel database",
         description="Run one read-only SQL statement (SELECT or EXPLAIN) and print a table. "
-        "Views: preferences, round_summary. Tables: prompts, completions, pairs, labels, "
-        "checkpoints, rounds, train_steps, evals.",
+        "Views: preferences, round_summary, judge_agreement. Tables: prompts, completions, "
+        "pairs, labels, judge_failures, completion_scores, checkpoints, rounds, train_steps, evals.",
     )
     sql.add_argument("query", help='e.g. "SELECT * FROM round_summary"')
     sql.add_argument("--db", type=Path, default=DEFAULT_DEMO_DIR / "flywheel.duckdb",
@@ -219,12 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries(args.verbose)
-    from judges import JudgeError
+    from judges import JudgeError, JudgeSpecError
     from storage.store import StoreError
 
     try:
         args.handler(args)
-    except (UserError, StoreError, JudgeError) as error:
+    except (UserError, StoreError, JudgeError, JudgeSpecError) as error:
         print(f"flywheel: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:

@@ -8,6 +8,7 @@ from typing import Any
 
 from flywheel.errors import UserError
 from flywheel.pairing import STRATEGIES
+from judges.loading import BUILT_IN
 
 
 def _require(condition: bool, message: str) -> None:
@@ -47,6 +48,28 @@ class PairConfig:
 
 
 @dataclass(frozen=True)
+class JudgeConfig:
+    """Who labels the pairs: a spec (see `judges.loading`) and keyword options for it.
+
+    `rule:package.module:function`, `reward-model:PATH`, `llm:PATH`, or your own judge as
+    `package.module:Name`. Pairs are judged `batch_size` at a time, each batch stored in
+    one transaction, so a crash loses at most the batch in flight.
+    """
+
+    spec: str
+    options: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        kind, _, rest = self.spec.partition(":")
+        _require(bool(kind) and bool(rest),
+                 f"judge.spec must be one of {', '.join(k + ':...' for k in BUILT_IN)} or 'package.module:Name', "
+                 f"got {self.spec!r}")
+        _require(isinstance(self.options, dict), f"judge.options must be a mapping, got {type(self.options).__name__}")
+        _require(self.batch_size >= 1, f"judge.batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     beta: float = 0.1
     learning_rate: float = 3e-5
@@ -73,6 +96,10 @@ class EvalConfig:
     temperature: float = 1.0
     # The candidate must beat the incumbent by more than this (accuracy, or win rate - 0.5).
     promotion_margin: float = 0.0
+    # A verifier `package.module:function`, score(prompt, completion) -> float, whose mean
+    # over held-out samples is the accuracy the promotion gate uses; without one, the
+    # gate uses the judge's win rate against the incumbent.
+    accuracy_score: str | None = None
 
     def __post_init__(self) -> None:
         _require(self.samples_per_prompt >= 1, f"eval.samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
@@ -87,6 +114,7 @@ class FlywheelConfig:
     reference_model: Path
     prompts: Path
     heldout_prompts: Path
+    judge: JudgeConfig
     seed: int = 0
     sample: SampleConfig = field(default_factory=SampleConfig)
     pair: PairConfig = field(default_factory=PairConfig)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from statistics import mean
 from typing import Callable, Sequence
 
-from judges import Judge, PairToJudge, judge_batch
+from judges import Judge, JudgeError, PairToJudge, Verdict, judge_batch
 from storage.records import Completion, Prompt
 
 
@@ -23,7 +23,7 @@ def win_rate(
     judge: Judge,
 ) -> float:
     """Share of matched samples (same prompt, same sample index) the judge gives the
-    candidate; ties and both-bad count half."""
+    candidate; ties and both-bad count half, and pairs the judge could not decide are left out."""
     incumbent_by_key = {(c.prompt_id, c.sample_index): c for c in incumbent}
     matched = [(c, incumbent_by_key[(c.prompt_id, c.sample_index)]) for c in candidate
                if (c.prompt_id, c.sample_index) in incumbent_by_key]
@@ -31,7 +31,10 @@ def win_rate(
         raise ValueError("candidate and incumbent have no held-out samples in common")
     pairs = [PairToJudge(i, prompts[c.prompt_id].text, c.text, inc.text) for i, (c, inc) in enumerate(matched)]
     points = {"a": 1.0, "b": 0.0, "tie": 0.5, "both_bad": 0.5}
-    return mean(points[v.winner] for v in judge_batch(judge, pairs))
+    decided = [points[v.winner] for v in judge_batch(judge, pairs) if isinstance(v, Verdict)]
+    if not decided:
+        raise JudgeError(f"judge {judge.name!r} could not decide any of {len(pairs)} held-out comparisons")
+    return mean(decided)
 
 
 def promote_if_better(

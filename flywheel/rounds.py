@@ -14,38 +14,57 @@ from typing import Callable
 
 from flywheel.checkpoints import require_checkpoint
 from flywheel.config import FlywheelConfig
+from flywheel.errors import UserError
 from flywheel.evaluation import heldout_accuracy, promote_if_better, win_rate
-from flywheel.pairing import form_pairs
+from flywheel.labelling import label_pairs, score_completions
+from flywheel.pairing import NEEDS_SCORES, form_pairs
 from flywheel.prompts import load_prompts
 from flywheel.sampling import VLLMSampler
 from flywheel.training import train_dpo
-from judges import Judge, PairToJudge, judge_batch
-from storage.records import Evaluation, Label, TrainStep
+from judges import Judge, ScalarJudge, import_object, load_judge
+from storage.records import Evaluation, TrainStep
 from storage.store import Store
 
 Log = Callable[[str], None]
 
 
 class Flywheel:
-    """A flywheel on disk (its config and database) plus the live sampler engine."""
+    """A flywheel on disk (its config and database) plus the live sampler engine.
+
+    The judge is built from `config.judge` unless a judge object is given; a sampler can
+    be shared between flywheels in one process (its engine is slow to start), and is then
+    closed by whoever made it.
+    """
 
     def __init__(
         self,
         config: FlywheelConfig,
-        judge: Judge,
-        score: Callable[[str, str], float] | None = None,
         log: Log = lambda message: None,
+        judge: Judge | None = None,
+        sampler: VLLMSampler | None = None,
     ) -> None:
         self.config = config
-        self.judge = judge
-        # A scalar score (a rule task's verifier) gives held-out accuracy besides win rate.
-        self.score = score
         self.log = log
+        self.judge = judge if judge is not None else load_judge(config.judge.spec, config.judge.options)
+        if config.pair.strategy in NEEDS_SCORES and not isinstance(self.judge, ScalarJudge):
+            raise UserError(
+                f"pair.strategy {config.pair.strategy!r} ranks completions by score, and judge "
+                f"{self.judge.name!r} scores only pairs: use a rule or reward-model judge"
+            )
+        # A verifier (a rule task's checker) gives held-out accuracy besides win rate.
+        self.accuracy_score: Callable[[str, str], float] | None = None
+        if config.eval.accuracy_score is not None:
+            self.accuracy_score = import_object(config.eval.accuracy_score, "eval.accuracy_score")
         self.store = Store.create(config.database)
-        self.sampler = VLLMSampler(config.sample, seed=config.seed)
+        self._owns_sampler = sampler is None
+        self.sampler = sampler if sampler is not None else VLLMSampler(config.sample, seed=config.seed)
 
     def close(self) -> None:
-        self.sampler.close()
+        if self._owns_sampler:
+            self.sampler.close()
+        close_judge = getattr(self.judge, "close", None)
+        if callable(close_judge):
+            close_judge()
 
     # -- set-up --------------------------------------------------------------------------
 
@@ -69,6 +88,8 @@ class Flywheel:
                 return unfinished.round_id
             policy = tx.current_policy()
             reference = tx.reference_checkpoint()
+            if policy is None or reference is None:
+                raise UserError(f"{self.config.database} has no reference checkpoint: call initialise() first")
             done = tx.count("rounds")
             return tx.start_round(
                 policy.checkpoint_id, reference.checkpoint_id,
@@ -102,31 +123,44 @@ class Flywheel:
         if round_.has_finished("paired"):
             return self.store.count("pairs", "round_id = ?", [round_id])
         completions = self.store.completions(round_id=round_id, purpose="train")
-        pairs = form_pairs(completions, round_id, self.config.pair.strategy, seed=round_.seed)
+        strategy = self.config.pair.strategy
+        scores = []
+        if strategy in NEEDS_SCORES:
+            prompt_texts = {p.prompt_id: p.text for p in self.store.prompts("train")}
+            scores = score_completions(self.judge, completions, prompt_texts, self.config.judge.batch_size)
+        pairs = form_pairs(completions, round_id, strategy, seed=round_.seed,
+                           scores={s.completion_id: s.score for s in scores} if scores else None)
         with self.store.transaction() as tx:
+            tx.add_completion_scores(scores)
             tx.add_pairs(pairs)
             tx.finish_step(round_id, "paired")
         self.log(f"round {round_id}: formed {len(pairs)} pairs ({self.config.pair.strategy})")
         return len(pairs)
 
     def label(self, round_id: int) -> int:
-        """Label every pair with the judge. A judge that breaks its contract stores nothing."""
+        """Label the round's pairs with the judge, batch by batch; returns the preferences.
+
+        A batch whose judge call breaks the contract stores nothing and stops the round;
+        earlier batches stay, and a rerun judges only what is left. The first judge to
+        label a round owns it: resuming with another judge would mix two labellers.
+        """
         round_ = self.store.get_round(round_id)
         if round_.has_finished("labelled"):
-            return self.store.count("preferences", "round_id = ?", [round_id])
-        rows = self.store.pairs_to_judge(round_id)
-        verdicts = judge_batch(self.judge, [PairToJudge(*row) for row in rows])
-        labels = [
-            Label(pair_id=row[0], winner=v.winner, judge_name=self.judge.name,
-                  judge_version=self.judge.version, confidence=v.confidence, rationale=v.rationale)
-            for row, v in zip(rows, verdicts)
-        ]
+            return len(self.store.preference_triples(round_id))
         with self.store.transaction() as tx:
-            tx.add_labels(labels)
+            owner = tx.claim_round_judge(round_id, self.judge.name, self.judge.version)
+        if owner != (self.judge.name, self.judge.version):
+            raise UserError(
+                f"round {round_id} is being labelled by {owner[0]}@{owner[1]}, not "
+                f"{self.judge.name}@{self.judge.version}; resume it with that judge"
+            )
+        result = label_pairs(self.store, self.judge, round_id, self.config.judge.batch_size)
+        with self.store.transaction() as tx:
             tx.finish_step(round_id, "labelled")
-        preferences = sum(label.winner in ("a", "b") for label in labels)
-        self.log(f"round {round_id}: {self.judge.name} labelled {len(labels)} pairs, {preferences} with a winner")
-        return preferences
+        count = len(self.store.preference_triples(round_id))
+        failed = f", {result.failed} undecided (see judge_failures)" if result.failed else ""
+        self.log(f"round {round_id}: {self.judge.name} labelled {result.labelled} pairs, {count} with a winner{failed}")
+        return count
 
     def train(self, round_id: int) -> int | None:
         """DPO on the round's preferences; returns the candidate checkpoint id (None: no data)."""
@@ -176,9 +210,9 @@ class Flywheel:
             new_incumbent_samples = incumbent_samples = self._sample_heldout(incumbent, heldout, round_id)
         candidate_samples = self._sample_heldout(candidate, heldout, round_id)
         accuracy = incumbent_accuracy = None
-        if self.score is not None:
-            accuracy = heldout_accuracy(candidate_samples, by_id, self.score)
-            incumbent_accuracy = heldout_accuracy(incumbent_samples, by_id, self.score)
+        if self.accuracy_score is not None:
+            accuracy = heldout_accuracy(candidate_samples, by_id, self.accuracy_score)
+            incumbent_accuracy = heldout_accuracy(incumbent_samples, by_id, self.accuracy_score)
         evaluation = Evaluation(
             round_id=round_id,
             checkpoint_id=candidate.checkpoint_id,

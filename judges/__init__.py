@@ -1,6 +1,24 @@
-"""Pluggable judges. A judge labels pairs; every label records the judge's name and version."""
+"""Pluggable judges. A judge labels pairs; every label records the judge's name and version.
 
-from judges.base import Judge, JudgeError, PairToJudge, Verdict, judge_batch
+Heavy judges live in their own modules so that importing this package stays cheap:
+`judges.reward_model.RewardModelJudge` (transformers) and `judges.llm.PairwiseLLMJudge` (vLLM).
+"""
+
+from judges.base import (
+    Judge,
+    JudgeError,
+    JudgeSpecError,
+    NoVerdict,
+    PairToJudge,
+    ScalarJudge,
+    Verdict,
+    judge_batch,
+    score_batch,
+)
+from judges.loading import import_object, load_judge
 from judges.rule import RuleJudge
 
-__all__ = ["Judge", "JudgeError", "PairToJudge", "RuleJudge", "Verdict", "judge_batch"]
+__all__ = [
+    "Judge", "JudgeError", "JudgeSpecError", "NoVerdict", "PairToJudge", "RuleJudge", "ScalarJudge",
+    "Verdict", "import_object", "judge_batch", "load_judge", "score_batch",
+]

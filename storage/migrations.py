@@ -202,3 +202,103 @@ def m002_views(conn: duckdb.DuckDBPyConnection) -> None:
         ORDER BY r.round_id;
         """
     )
+
+
+@migration
+def m003_judges(conn: duckdb.DuckDBPyConnection) -> None:
+    conn.execute(
+        """
+        -- Which judge labels a round's pairs for training (set when labelling starts), so
+        -- labels added later by other judges, for comparison, never leak into training.
+        ALTER TABLE rounds ADD COLUMN judge_name VARCHAR;
+        ALTER TABLE rounds ADD COLUMN judge_version VARCHAR;
+
+        -- A judge that could not decide a pair (an unparseable reply): kept, never a label.
+        CREATE SEQUENCE judge_failure_ids START 1;
+        CREATE TABLE judge_failures (
+            failure_id    BIGINT PRIMARY KEY DEFAULT nextval('judge_failure_ids'),
+            pair_id       BIGINT NOT NULL,
+            judge_name    VARCHAR NOT NULL,
+            judge_version VARCHAR NOT NULL,
+            reason        VARCHAR NOT NULL,
+            raw_output    VARCHAR,
+            created_at    TIMESTAMP NOT NULL DEFAULT current_timestamp
+        );
+
+        -- Scalar judges' scores of single completions (best-vs-worst pairing uses them).
+        CREATE TABLE completion_scores (
+            completion_id BIGINT NOT NULL,
+            judge_name    VARCHAR NOT NULL,
+            judge_version VARCHAR NOT NULL,
+            score         DOUBLE NOT NULL,
+            created_at    TIMESTAMP NOT NULL DEFAULT current_timestamp,
+            PRIMARY KEY (completion_id, judge_name, judge_version)
+        );
+
+        -- For every two labellers (a judge name@version, or one person) that labelled the
+        -- same pairs: how many pairs, and how often they agree. A labeller's latest label
+        -- of a pair counts. "Decisive" pairs are those where both picked a winner.
+        CREATE VIEW judge_agreement AS
+        WITH labelled AS (
+            SELECT pair_id, winner,
+                   judge_name || '@' || judge_version || coalesce(' (' || annotator || ')', '') AS labeller,
+                   label_id
+            FROM labels
+        ),
+        latest AS (
+            SELECT pair_id, labeller, arg_max(winner, label_id) AS winner
+            FROM labelled GROUP BY pair_id, labeller
+        )
+        SELECT
+            x.labeller AS judge_a,
+            y.labeller AS judge_b,
+            count(*) AS pairs,
+            count(*) FILTER (WHERE x.winner = y.winner) AS agreements,
+            avg(CASE WHEN x.winner = y.winner THEN 1.0 ELSE 0.0 END) AS agreement_rate,
+            count(*) FILTER (WHERE x.winner IN ('a', 'b') AND y.winner IN ('a', 'b')) AS decisive_pairs,
+            avg(CASE WHEN x.winner = y.winner THEN 1.0 ELSE 0.0 END)
+                FILTER (WHERE x.winner IN ('a', 'b') AND y.winner IN ('a', 'b')) AS decisive_agreement_rate
+        FROM latest x
+        JOIN latest y ON x.pair_id = y.pair_id AND x.labeller < y.labeller
+        GROUP BY x.labeller, y.labeller
+        ORDER BY pairs DESC, judge_a, judge_b;
+
+        -- Labels and preferences now count only the round's own judge.
+        CREATE OR REPLACE VIEW round_summary AS
+        SELECT
+            r.round_id,
+            r.state,
+            r.policy_checkpoint_id,
+            r.candidate_checkpoint_id,
+            r.judge_name || '@' || r.judge_version AS judge,
+            (SELECT count(*) FROM completions c
+              WHERE c.round_id = r.round_id AND c.purpose = 'train') AS completions,
+            (SELECT count(*) FROM pairs p WHERE p.round_id = r.round_id) AS pairs,
+            (SELECT count(*) FROM labels l JOIN pairs p USING (pair_id)
+              WHERE p.round_id = r.round_id AND l.judge_name = r.judge_name
+                AND l.judge_version = r.judge_version) AS labels,
+            (SELECT count(*) FROM labels l JOIN pairs p USING (pair_id)
+              WHERE p.round_id = r.round_id AND l.judge_name = r.judge_name
+                AND l.judge_version = r.judge_version AND l.winner IN ('a', 'b')) AS preferences,
+            (SELECT count(*) FROM judge_failures f JOIN pairs p USING (pair_id)
+              WHERE p.round_id = r.round_id AND f.judge_name = r.judge_name
+                AND f.judge_version = r.judge_version) AS judge_failures,
+            (SELECT count(*) FROM train_steps t WHERE t.round_id = r.round_id) AS train_steps,
+            (SELECT avg(t.loss) FROM train_steps t WHERE t.round_id = r.round_id)
+                AS mean_train_loss,
+            (SELECT arg_max(t.loss, t.step) FROM train_steps t WHERE t.round_id = r.round_id)
+                AS final_train_loss,
+            e.incumbent_accuracy,
+            e.accuracy AS candidate_accuracy,
+            e.win_rate,
+            e.mean_length,
+            coalesce(ck.status = 'promoted', false) AS promoted,
+            r.started_at,
+            r.finished_at
+        FROM rounds r
+        LEFT JOIN evals e
+               ON e.round_id = r.round_id AND e.checkpoint_id = r.candidate_checkpoint_id
+        LEFT JOIN checkpoints ck ON ck.checkpoint_id = r.candidate_checkpoint_id
+        ORDER BY r.round_id;
+        """
+    )

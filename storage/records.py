@@ -38,6 +38,8 @@ class Round:
     candidate_checkpoint_id: int | None
     seed: int
     config: dict[str, Any]
+    judge_name: str | None = None
+    judge_version: str | None = None
 
     def has_finished(self, state: str) -> bool:
         return ROUND_STATES.index(self.state) >= ROUND_STATES.index(state)
@@ -78,6 +80,25 @@ class Label:
     annotator: str | None = None
     confidence: float | None = None
     rationale: str | None = None
+
+
+@dataclass(frozen=True)
+class JudgeFailure:
+    """A pair a judge could not decide, with its raw output."""
+
+    pair_id: int
+    judge_name: str
+    judge_version: str
+    reason: str
+    raw_output: str | None = None
+
+
+@dataclass(frozen=True)
+class CompletionScore:
+    completion_id: int
+    judge_name: str
+    judge_version: str
+    score: float
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,9 @@ from storage.records import (
     WINNERS,
     Checkpoint,
     Completion,
+    CompletionScore,
     Evaluation,
+    JudgeFailure,
     Label,
     Pair,
     PreferenceTriple,
@@ -220,6 +222,7 @@ class StoreSession:
             "unfinished_round",
             "completions",
             "pairs_to_judge",
+            "pairs_of_round",
             "preference_triples",
             "evaluation",
             "count",
@@ -235,12 +238,12 @@ class StoreSession:
         rows = self.conn.execute(f"SELECT nextval('{sequence}') FROM range(?)", [n]).fetchall()
         return sorted(row[0] for row in rows)
 
-    def _insert_arrow(self, table: str, columns: dict[str, pa.Array]) -> None:
+    def _insert_arrow(self, table: str, columns: dict[str, pa.Array], on_conflict: str = "") -> None:
         arrow_table = pa.table(columns)
         self.conn.register("_flywheel_rows", arrow_table)
         try:
             names = ", ".join(columns)
-            self.conn.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM _flywheel_rows")
+            self.conn.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM _flywheel_rows {on_conflict}")
         finally:
             self.conn.unregister("_flywheel_rows")
 
@@ -334,13 +337,25 @@ class StoreSession:
     def get_round(self, round_id: int) -> Round:
         row = self.conn.execute(
             "SELECT round_id, state, policy_checkpoint_id, reference_checkpoint_id, "
-            "candidate_checkpoint_id, seed, config FROM rounds WHERE round_id = ?",
+            "candidate_checkpoint_id, seed, config, judge_name, judge_version FROM rounds WHERE round_id = ?",
             [round_id],
         ).fetchone()
         if row is None:
             raise StoreError(f"no round with id {round_id}")
-        *head, config = row
-        return Round(*head, config=json.loads(config) if config else {})
+        *head, config, judge_name, judge_version = row
+        return Round(*head, config=json.loads(config) if config else {},
+                     judge_name=judge_name, judge_version=judge_version)
+
+    def claim_round_judge(self, round_id: int, judge_name: str, judge_version: str) -> tuple[str, str]:
+        """Make this judge the round's training labeller unless one already is; return the
+        round's judge (name, version), which the caller compares with its own."""
+        self.conn.execute(
+            "UPDATE rounds SET judge_name = ?, judge_version = ? "
+            "WHERE round_id = ? AND judge_name IS NULL",
+            [judge_name, judge_version, round_id],
+        )
+        round_ = self.get_round(round_id)
+        return round_.judge_name, round_.judge_version
 
     def unfinished_round(self) -> Round | None:
         row = self.conn.execute(
@@ -435,16 +450,47 @@ class StoreSession:
         )
         return ids
 
-    def pairs_to_judge(self, round_id: int) -> list[tuple[int, str, str, str]]:
-        """(pair_id, prompt, completion a, completion b) for every pair of the round."""
+    def pairs_to_judge(self, round_id: int, judge_name: str, judge_version: str) -> list[tuple[int, str, str, str]]:
+        """(pair_id, prompt, completion a, completion b) of the round's pairs this judge
+        has neither labelled nor failed on yet."""
         return self.conn.execute(
             "SELECT p.pair_id, pr.text, ca.text, cb.text FROM pairs p "
             "JOIN prompts pr USING (prompt_id) "
             "JOIN completions ca ON ca.completion_id = p.completion_a_id "
             "JOIN completions cb ON cb.completion_id = p.completion_b_id "
-            "WHERE p.round_id = ? ORDER BY p.pair_id",
+            "WHERE p.round_id = ? "
+            "AND p.pair_id NOT IN (SELECT pair_id FROM labels WHERE judge_name = ? AND judge_version = ?) "
+            "AND p.pair_id NOT IN (SELECT pair_id FROM judge_failures WHERE judge_name = ? AND judge_version = ?) "
+            "ORDER BY p.pair_id",
+            [round_id, judge_name, judge_version, judge_name, judge_version],
+        ).fetchall()
+
+    def pairs_of_round(self, round_id: int) -> list[Pair]:
+        rows = self.conn.execute(
+            "SELECT round_id, prompt_id, completion_a_id, completion_b_id, strategy, pair_id "
+            "FROM pairs WHERE round_id = ? ORDER BY pair_id",
             [round_id],
         ).fetchall()
+        return [Pair(*row) for row in rows]
+
+    def add_judge_failures(self, failures: Sequence[JudgeFailure]) -> None:
+        if not failures:
+            return
+        self._insert_arrow("judge_failures", {
+            name: pa.array([getattr(f, name) for f in failures], pa.int64() if name == "pair_id" else pa.string())
+            for name in JudgeFailure.__dataclass_fields__
+        })
+
+    def add_completion_scores(self, scores: Sequence[CompletionScore]) -> None:
+        """Store scores; a completion this judge version already scored keeps its first score."""
+        if not scores:
+            return
+        self._insert_arrow("completion_scores", {
+            "completion_id": pa.array([s.completion_id for s in scores], pa.int64()),
+            "judge_name": pa.array([s.judge_name for s in scores], pa.string()),
+            "judge_version": pa.array([s.judge_version for s in scores], pa.string()),
+            "score": pa.array([s.score for s in scores], pa.float64()),
+        }, on_conflict="ON CONFLICT DO NOTHING")
 
     def add_labels(self, labels: Sequence[Label]) -> list[int]:
         bad = sorted({l.winner for l in labels} - set(WINNERS))
@@ -469,13 +515,16 @@ class StoreSession:
         return ids
 
     def preference_triples(self, round_id: int) -> list[PreferenceTriple]:
-        """The round's labelled pairs with a winner, as token ids (what vLLM produced)."""
+        """The round's pairs its own judge gave a winner, as token ids (what vLLM produced).
+        Labels other judges added for comparison are not training data."""
         rows = self.conn.execute(
             "SELECT pf.pair_id, c.prompt_token_ids, c.token_ids, r.token_ids "
             "FROM preferences pf "
+            "JOIN rounds rd ON rd.round_id = pf.round_id "
             "JOIN completions c ON c.completion_id = pf.chosen_completion_id "
             "JOIN completions r ON r.completion_id = pf.rejected_completion_id "
-            "WHERE pf.round_id = ? ORDER BY pf.label_id",
+            "WHERE pf.round_id = ? AND pf.judge = rd.judge_name AND pf.judge_version = rd.judge_version "
+            "ORDER BY pf.label_id",
             [round_id],
         ).fetchall()
         return [PreferenceTriple(*row) for row in rows]

@@ -21,7 +21,7 @@ def assert_one_line_error(result, fragment):
     assert fragment in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("command", [[], ["demo"], ["run"], ["sql"]])
+@pytest.mark.parametrize("command", [[], ["demo"], ["run"], ["judge"], ["sql"]])
 def test_every_command_has_help(command):
     result = flywheel(*command, "--help")
     assert result.returncode == 0 and "usage: flywheel" in result.stdout
@@ -51,12 +51,22 @@ def test_bad_prompts_file(tiny_policy, tmp_path, prompts_text, fragment):
     assert_one_line_error(result, fragment)
 
 
-def test_score_function_that_does_not_import(tiny_policy, tmp_path):
+@pytest.mark.parametrize("judge_args, fragment", [
+    (["--score", "nosuchpackage.judges:score"], "score function 'nosuchpackage.judges:score' does not import"),
+    (["--judge", "nosuchpackage.judges:MyJudge"], "judge 'nosuchpackage.judges:MyJudge' does not import"),
+    (["--judge", "flywheel.config:FlywheelConfig"], "cannot be built with options []"),
+    (["--judge", "flywheel.demo_task:ALPHABET"], "does not fit the Judge interface"),
+    (["--judge", "reward-model:/no/such/model"], "has no config.json"),
+    (["--judge", "rule:flywheel.demo_task:addition_score", "--judge-option", "batch"], "takes KEY=VALUE"),
+    ([], "give --judge SPEC, or --score"),
+])
+def test_judges_that_cannot_be_built(tiny_policy, tmp_path, judge_args, fragment):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "1+1="}) + "\n")
     result = flywheel("run", "--model", str(tiny_policy), "--prompts", str(prompts), "--heldout", str(prompts),
-                      "--score", "nosuchpackage.judges:score", "--workdir", str(tmp_path / "w"))
-    assert_one_line_error(result, "does not import")
+                      *judge_args, "--workdir", str(tmp_path / "w"))
+    assert_one_line_error(result, fragment)
+    assert not (tmp_path / "w").exists()  # refused before anything was created
 
 
 def test_sql_reads_and_refuses_writes(tmp_path):

@@ -8,7 +8,7 @@ from flywheel.errors import UserError
 from flywheel.evaluation import promote_if_better
 from flywheel.pairing import form_pairs
 from flywheel.prompts import load_prompts
-from judges import JudgeError, PairToJudge, RuleJudge, Verdict, judge_batch
+from judges import JudgeError, PairToJudge, Verdict, judge_batch
 from storage.records import Completion
 
 
@@ -29,13 +29,6 @@ def test_pairs_come_from_one_prompt_and_never_pair_identical_text():
         assert all(p.prompt_id == 10 for p in pairs)  # prompt 11 has one distinct answer
     assert len(form_pairs(completions, 1, "all", seed=0)) == 5  # 6 combinations less the 5/5 one
     assert len(form_pairs(completions, 1, "random", seed=0)) == 1  # 3 distinct texts -> 1 disjoint pair
-
-
-def test_rule_judge_prefers_higher_score_and_ties_equal():
-    judge = RuleJudge(addition_score, name="adder")
-    verdicts = judge.judge([PairToJudge(1, "2+3=", "5", "6"), PairToJudge(2, "2+3=", "4", "5"),
-                            PairToJudge(3, "2+3=", "4", "6")])
-    assert [v.winner for v in verdicts] == ["a", "b", "tie"]
 
 
 def test_judge_contract_violations_are_errors():

@@ -2,10 +2,10 @@
 
 import pytest
 
-from flywheel.config import EvalConfig, FlywheelConfig, SampleConfig, TrainConfig
-from flywheel.demo_task import addition_score
+from flywheel.config import EvalConfig, FlywheelConfig, JudgeConfig, PairConfig, SampleConfig, TrainConfig
+from flywheel.errors import UserError
 from flywheel.rounds import Flywheel
-from judges import RuleJudge
+from judges import Verdict
 
 pytestmark = pytest.mark.slow
 
@@ -16,11 +16,12 @@ def flywheel(tiny_policy, demo_prompts, tmp_path_factory):
     config = FlywheelConfig(
         workdir=tmp_path_factory.mktemp("flywheel"), reference_model=tiny_policy,
         prompts=prompts, heldout_prompts=heldout, seed=3,
+        judge=JudgeConfig("rule:flywheel.demo_task:addition_score", {"name": "adder"}),
         sample=SampleConfig(prompts_per_round=64, n=4, max_tokens=6, dtype="float32", enforce_eager=True),
         train=TrainConfig(learning_rate=1e-4, batch_size=16),
-        eval=EvalConfig(samples_per_prompt=2),
+        eval=EvalConfig(samples_per_prompt=2, accuracy_score="flywheel.demo_task:addition_score"),
     )
-    wheel = Flywheel(config, RuleJudge(addition_score, name="adder"), score=addition_score)
+    wheel = Flywheel(config)
     wheel.initialise()
     yield wheel
     wheel.close()
@@ -96,26 +97,34 @@ def test_round_resumes_after_stopping_between_steps(flywheel):
     assert store.count("labels l JOIN pairs p USING (pair_id)", "p.round_id = ?", [round_id]) == pairs_before
 
 
-def test_a_failing_judge_stops_the_round_and_stores_no_labels(flywheel):
-    from judges import JudgeError
+class LongerAnswerJudge:
+    """A user's own judge, named by import path in the config below."""
 
-    class Flaky:
-        name, version = "flaky", "0"
+    name, version = "longer-answer", "1"
 
-        def judge(self, pairs):
-            return []
+    def judge(self, pairs):
+        return [Verdict("a" if len(p.completion_a) > len(p.completion_b) else "b") for p in pairs]
 
-    store = flywheel.store
-    round_id = flywheel.begin_round()
-    flywheel.sample(round_id)
-    flywheel.pair(round_id)
-    real_judge, flywheel.judge = flywheel.judge, Flaky()
-    try:
-        with pytest.raises(JudgeError, match="returned 0 labels"):
-            flywheel.label(round_id)
-    finally:
-        flywheel.judge = real_judge
-    assert store.get_round(round_id).state == "paired"
-    assert store.count("labels l JOIN pairs p USING (pair_id)", "p.round_id = ?", [round_id]) == 0
-    flywheel.run_round()  # the same round finishes with a working judge
-    assert store.get_round(round_id).state == "done"
+
+def test_a_custom_judge_named_by_import_path_labels_a_round(flywheel, tmp_path):
+    config = FlywheelConfig(
+        workdir=tmp_path, reference_model=flywheel.config.reference_model,
+        prompts=flywheel.config.prompts, heldout_prompts=flywheel.config.heldout_prompts, seed=5,
+        judge=JudgeConfig(f"{__name__}:LongerAnswerJudge"),
+        sample=flywheel.config.sample, pair=PairConfig(strategy="all"),
+        train=TrainConfig(learning_rate=1e-4, batch_size=16), eval=EvalConfig(samples_per_prompt=2),
+    )
+    custom = Flywheel(config, sampler=flywheel.sampler)  # one engine for the module
+    with pytest.raises(UserError, match="call initialise"):
+        custom.run_round()
+    custom.initialise()
+    round_id = custom.run_round()
+    store = custom.store
+    _, judges = store.query("SELECT DISTINCT judge_name, judge_version FROM labels")
+    assert judges == [("longer-answer", "1")]
+    _, summary = store.query("SELECT state, judge, pairs, labels, win_rate IS NOT NULL FROM round_summary")
+    state, judge, pairs, labels, has_win_rate = summary[0]
+    assert (state, judge, has_win_rate) == ("done", "longer-answer@1", True)
+    assert labels == pairs > 0 and store.get_round(round_id).judge_name == "longer-answer"
+    custom.close()  # leaves the shared engine running
+    assert flywheel.sampler._llm is not None
