@@ -147,7 +147,7 @@ def build_demo_policy(
         batch = rng.sample(train_operands, config.sft_batch_size)
         prompts = [addition_prompt(a, b) for a, b in batch]
         answers = [noisy_answer(a, b, config.noise, rng) for a, b in batch]
-        input_ids, labels = _sft_batch(
+        input_ids, labels = sft_batch(
             vocab, prompts, answers, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
         )
         loss = model(input_ids=input_ids, attention_mask=(input_ids != tokenizer.pad_token_id).long(), labels=labels).loss
@@ -164,7 +164,7 @@ def build_demo_policy(
     return target
 
 
-def _sft_batch(vocab: dict[str, int], prompts: list[str], answers: list[str], bos: int, eos: int, pad: int):
+def sft_batch(vocab: dict[str, int], prompts: list[str], answers: list[str], bos: int, eos: int, pad: int):
     """Right-padded ids with loss only on answer tokens and the closing <eos>.
 
     Char-level, so ids come straight from the vocabulary: calling the tokenizer per

@@ -110,13 +110,16 @@ class PairwiseLLMJudge:
             enforce_eager=enforce_eager, seed=seed,
         )
 
+    @property
+    def _engine_key(self) -> tuple:
+        return (str(self.path), tuple(sorted(self.engine_settings.items())))
+
     def _engine(self):
-        key = (str(self.path), tuple(sorted(self.engine_settings.items())))
-        if key not in _ENGINES:
+        if self._engine_key not in _ENGINES:
             from vllm import LLM
 
-            _ENGINES[key] = LLM(model=str(self.path), **self.engine_settings)
-        return _ENGINES[key]
+            _ENGINES[self._engine_key] = LLM(model=str(self.path), **self.engine_settings)
+        return _ENGINES[self._engine_key]
 
     def _render(self, engine, text: str) -> str:
         tokenizer = engine.get_tokenizer()
@@ -160,7 +163,6 @@ class PairwiseLLMJudge:
 
     def close(self) -> None:
         """Shut down this judge's engine (and so that of judges sharing it)."""
-        key = (str(self.path), tuple(sorted(self.engine_settings.items())))
-        engine = _ENGINES.pop(key, None)
+        engine = _ENGINES.pop(self._engine_key, None)
         if engine is not None:
             engine.llm_engine.engine_core.shutdown()

@@ -27,7 +27,7 @@ def test_trained_reward_model_prefers_the_right_sum(reward_model):
             right_is_a.append(first)
     verdicts = judge.judge(pairs)
     picked_right = [v.winner == ("a" if first else "b") for v, first in zip(verdicts, right_is_a)]
-    assert sum(picked_right) / len(pairs) >= 0.7
+    assert sum(picked_right) / len(pairs) >= 0.85  # 0.95 measured
     # Confidence is the Bradley-Terry probability of the winner: in (0.5, 1).
     assert all(0.5 <= v.confidence < 1.0 for v in verdicts)
 

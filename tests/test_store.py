@@ -88,6 +88,8 @@ def test_preferences_view_resolves_chosen_and_rejected(store):
                                          for i, t in enumerate(["5", "6", "7", "8"])])
         p1, p2, p3 = tx.add_pairs([Pair(round_id, prompt_id, a, b, "random"), Pair(round_id, prompt_id, c, d, "random"),
                                    Pair(round_id, prompt_id, a, c, "random")])
+        assert tx.claim_round_judge(round_id, "rule", "1") == ("rule", "1")
+        assert tx.claim_round_judge(round_id, "other", "9") == ("rule", "1")  # the first claim holds
         tx.add_labels([Label(p1, "a", "rule", "1"), Label(p2, "b", "rule", "1"), Label(p3, "tie", "rule", "1")])
     _, rows = store.query("SELECT pair_id, prompt, chosen, rejected, judge FROM preferences ORDER BY pair_id")
     assert rows == [(p1, "2+3=", "5", "6", "rule"), (p2, "2+3=", "8", "7", "rule")]

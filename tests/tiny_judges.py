@@ -17,7 +17,24 @@ import torch
 import torch.nn.functional as F
 
 from flywheel.checkpoints import save_checkpoint
-from flywheel.demo_task import ALPHABET, addition_prompt, build_char_tokenizer
+from flywheel.demo_task import ALPHABET, sft_batch, addition_prompt, build_char_tokenizer
+
+
+def tiny_llama_config(tokenizer, max_position_embeddings: int, **extra):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=max_position_embeddings,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, **extra,
+    )
+
+
+def optimizer_step(loss, optimizer) -> None:
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 # -- reward model ------------------------------------------------------------------------
 
@@ -30,17 +47,12 @@ def near_miss(a: int, b: int, rng: random.Random) -> str:
 
 
 def build_reward_model(directory: Path, steps: int = 800, seed: int = 0) -> Path:
-    from transformers import LlamaConfig, LlamaForSequenceClassification
+    from transformers import LlamaForSequenceClassification
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
     tokenizer = build_char_tokenizer()
-    model = LlamaForSequenceClassification(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, num_labels=1,
-    ))
+    model = LlamaForSequenceClassification(tiny_llama_config(tokenizer, 64, num_labels=1))
     facts = [(a, b) for a in range(RM_MAX_OPERAND + 1) for b in range(RM_MAX_OPERAND + 1)]
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(steps):
@@ -50,10 +62,7 @@ def build_reward_model(directory: Path, steps: int = 800, seed: int = 0) -> Path
         batch = tokenizer(texts, padding=True, return_tensors="pt", return_token_type_ids=False)
         rewards = model(**batch).logits[:, 0]
         # Bradley-Terry: -log sigmoid(r(right) - r(wrong)).
-        loss = -F.logsigmoid(rewards[0::2] - rewards[1::2]).mean()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(-F.logsigmoid(rewards[0::2] - rewards[1::2]).mean(), optimizer)
     target = Path(directory) / "reward-model"
     save_checkpoint(model, tokenizer, target)
     return target
@@ -77,39 +86,29 @@ def judge_reply(template: str, first: str, second: str) -> str:
 
 
 def build_llm_judge(directory: Path, steps: int = 400, seed: int = 0) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from judges.llm import fill_template
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
     tokenizer = build_char_tokenizer(JUDGE_ALPHABET)
-    vocab = tokenizer.get_vocab()
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
-    ))
+    model = LlamaForCausalLM(tiny_llama_config(tokenizer, 128, tie_word_embeddings=True))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(steps):
-        rows, labels = [], []
+        contexts, replies = [], []
         for _ in range(64):
             name = rng.choice(list(TEMPLATES))
             first, second = rng.choice(list(VERDICT_TEXT))
             prompt = addition_prompt(rng.randint(0, 99), rng.randint(0, 99))
-            context = [tokenizer.bos_token_id] + [vocab[c] for c in fill_template(TEMPLATES[name], prompt, first, second)]
-            reply = [vocab[c] for c in judge_reply(name, first, second)] + [tokenizer.eos_token_id]
-            rows.append(context + reply)
-            labels.append([-100] * len(context) + reply)
-        width = max(len(r) for r in rows)
-        input_ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
-        label_ids = torch.tensor([r + [-100] * (width - len(r)) for r in labels])
+            contexts.append(fill_template(TEMPLATES[name], prompt, first, second))
+            replies.append(judge_reply(name, first, second))
+        # Loss on the reply and its <eos> only, as in the demo policy's SFT.
+        input_ids, labels = sft_batch(tokenizer.get_vocab(), contexts, replies, tokenizer.bos_token_id,
+                                       tokenizer.eos_token_id, tokenizer.pad_token_id)
         loss = model(input_ids=input_ids, attention_mask=(input_ids != tokenizer.pad_token_id).long(),
-                     labels=label_ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+                     labels=labels).loss
+        optimizer_step(loss, optimizer)
     target = Path(directory) / "llm-judge"
     save_checkpoint(model, tokenizer, target)
     return target
