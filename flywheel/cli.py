@@ -34,11 +34,11 @@ def _log(message: str) -> None:
 # -- commands -----------------------------------------------------------------------------
 
 
-def _run_flywheel(config, rounds: int) -> None:
+def _run_flywheel(config, rounds: int, judge=None) -> None:
     from flows.rounds import run_rounds
     from flywheel.rounds import Flywheel
 
-    flywheel = Flywheel(config, log=_log)
+    flywheel = Flywheel(config, log=_log, judge=judge)
     try:
         flywheel.initialise()
         run_rounds(flywheel, rounds)
@@ -93,7 +93,8 @@ def command_run(args: argparse.Namespace) -> None:
     if args.score is not None and not callable(import_object(args.score, "score function")):
         raise UserError(f"score function {args.score!r} is not callable")
     judge = JudgeConfig(args.judge or f"rule:{args.score}", _judge_options(args.judge_option))
-    load_judge(judge.spec, judge.options)  # fails now, in one line, if it cannot be built
+    # Built now, so a judge that cannot be built fails in one line before anything slow.
+    built_judge = load_judge(judge.spec, judge.options)
     config = FlywheelConfig(
         workdir=args.workdir,
         reference_model=args.model,
@@ -106,12 +107,12 @@ def command_run(args: argparse.Namespace) -> None:
         train=TrainConfig(beta=args.beta, learning_rate=args.lr, nll_weight=args.nll_weight),
         eval=EvalConfig(accuracy_score=args.score),
     )
-    _run_flywheel(config, args.rounds)
+    _run_flywheel(config, args.rounds, built_judge)
 
 
 def command_judge(args: argparse.Namespace) -> None:
     from flywheel.labelling import label_pairs
-    from judges import load_judge
+    from judges import close_judge, load_judge
     from storage.store import Store
 
     store = Store.open(args.db)
@@ -127,9 +128,7 @@ def command_judge(args: argparse.Namespace) -> None:
     try:
         result = label_pairs(store, judge, round_id, args.batch_size)
     finally:
-        close_judge = getattr(judge, "close", None)
-        if callable(close_judge):
-            close_judge()
+        close_judge(judge)
     _log(f"round {round_id}: {judge.name}@{judge.version} labelled {result.labelled} pairs"
          f" ({result.failed} undecided, {result.already_done} judged before)")
     labeller = f"{judge.name}@{judge.version}"

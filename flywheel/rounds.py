@@ -21,7 +21,7 @@ from flywheel.pairing import NEEDS_SCORES, form_pairs
 from flywheel.prompts import load_prompts
 from flywheel.sampling import VLLMSampler
 from flywheel.training import train_dpo
-from judges import Judge, ScalarJudge, import_object, load_judge
+from judges import Judge, ScalarJudge, close_judge, import_object, load_judge
 from storage.records import Evaluation, TrainStep
 from storage.store import Store
 
@@ -62,9 +62,7 @@ class Flywheel:
     def close(self) -> None:
         if self._owns_sampler:
             self.sampler.close()
-        close_judge = getattr(self.judge, "close", None)
-        if callable(close_judge):
-            close_judge()
+        close_judge(self.judge)
 
     # -- set-up --------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from judges.base import (
     PairToJudge,
     ScalarJudge,
     Verdict,
+    close_judge,
     judge_batch,
     score_batch,
 )
@@ -20,5 +21,5 @@ from judges.rule import RuleJudge
 
 __all__ = [
     "Judge", "JudgeError", "JudgeSpecError", "NoVerdict", "PairToJudge", "RuleJudge", "ScalarJudge",
-    "Verdict", "import_object", "judge_batch", "load_judge", "score_batch",
+    "Verdict", "close_judge", "import_object", "judge_batch", "load_judge", "score_batch",
 ]

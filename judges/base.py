@@ -73,6 +73,13 @@ class JudgeSpecError(ValueError):
     """A judge named in a config or on the command line cannot be built; one-line message."""
 
 
+def close_judge(judge: Judge) -> None:
+    """Release what a judge holds (an engine, a model), if it has a `close` method."""
+    close = getattr(judge, "close", None)
+    if callable(close):
+        close()
+
+
 def judge_batch(judge: Judge, pairs: Sequence[PairToJudge]) -> list[Verdict | NoVerdict]:
     """Call a judge and check it kept the contract: one `Verdict` or `NoVerdict` per pair, in order."""
     try:
