@@ -127,12 +127,12 @@ class Flywheel:
             prompt_texts = {p.prompt_id: p.text for p in self.store.prompts("train")}
             scores = score_completions(self.judge, completions, prompt_texts, self.config.judge.batch_size)
         pairs = form_pairs(completions, round_id, strategy, seed=round_.seed,
-                           scores={s.completion_id: s.score for s in scores} if scores else None)
+                           scores={s.completion_id: s.score for s in scores})
         with self.store.transaction() as tx:
             tx.add_completion_scores(scores)
             tx.add_pairs(pairs)
             tx.finish_step(round_id, "paired")
-        self.log(f"round {round_id}: formed {len(pairs)} pairs ({self.config.pair.strategy})")
+        self.log(f"round {round_id}: formed {len(pairs)} pairs ({strategy})")
         return len(pairs)
 
     def label(self, round_id: int) -> int:
@@ -144,7 +144,7 @@ class Flywheel:
         """
         round_ = self.store.get_round(round_id)
         if round_.has_finished("labelled"):
-            return len(self.store.preference_triples(round_id))
+            return self.store.count_preferences(round_id)
         with self.store.transaction() as tx:
             owner = tx.claim_round_judge(round_id, self.judge.name, self.judge.version)
         if owner != (self.judge.name, self.judge.version):
@@ -155,7 +155,7 @@ class Flywheel:
         result = label_pairs(self.store, self.judge, round_id, self.config.judge.batch_size)
         with self.store.transaction() as tx:
             tx.finish_step(round_id, "labelled")
-        count = len(self.store.preference_triples(round_id))
+        count = self.store.count_preferences(round_id)
         failed = f", {result.failed} undecided (see judge_failures)" if result.failed else ""
         self.log(f"round {round_id}: {self.judge.name} labelled {result.labelled} pairs, {count} with a winner{failed}")
         return count

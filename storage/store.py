@@ -38,6 +38,13 @@ from storage.records import (
 
 SCHEMA_VERSION = len(MIGRATIONS)
 
+# A round's training preferences: its pairs that the round's own judge gave a winner.
+# Labels other judges added later, for comparison, are not training data.
+_ROUND_PREFERENCES = (
+    "SELECT pf.* FROM preferences pf JOIN rounds rd ON rd.round_id = pf.round_id "
+    "WHERE pf.round_id = ? AND pf.judge = rd.judge_name AND pf.judge_version = rd.judge_version"
+)
+
 
 class StoreError(Exception):
     """A problem with the database that the user can act on; the CLI prints it in one line."""
@@ -222,7 +229,7 @@ class StoreSession:
             "unfinished_round",
             "completions",
             "pairs_to_judge",
-            "pairs_of_round",
+            "count_preferences",
             "preference_triples",
             "evaluation",
             "count",
@@ -238,12 +245,12 @@ class StoreSession:
         rows = self.conn.execute(f"SELECT nextval('{sequence}') FROM range(?)", [n]).fetchall()
         return sorted(row[0] for row in rows)
 
-    def _insert_arrow(self, table: str, columns: dict[str, pa.Array], on_conflict: str = "") -> None:
+    def _insert_arrow(self, table: str, columns: dict[str, pa.Array]) -> None:
         arrow_table = pa.table(columns)
         self.conn.register("_flywheel_rows", arrow_table)
         try:
             names = ", ".join(columns)
-            self.conn.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM _flywheel_rows {on_conflict}")
+            self.conn.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM _flywheel_rows")
         finally:
             self.conn.unregister("_flywheel_rows")
 
@@ -465,32 +472,19 @@ class StoreSession:
             [round_id, judge_name, judge_version, judge_name, judge_version],
         ).fetchall()
 
-    def pairs_of_round(self, round_id: int) -> list[Pair]:
-        rows = self.conn.execute(
-            "SELECT round_id, prompt_id, completion_a_id, completion_b_id, strategy, pair_id "
-            "FROM pairs WHERE round_id = ? ORDER BY pair_id",
-            [round_id],
-        ).fetchall()
-        return [Pair(*row) for row in rows]
+    def _insert_records(self, table: str, records: Sequence[Any], types: dict[str, pa.DataType]) -> None:
+        """Insert dataclass records whose fields are the table's columns (strings unless typed)."""
+        if records:
+            self._insert_arrow(table, {
+                name: pa.array([getattr(r, name) for r in records], types.get(name, pa.string()))
+                for name in type(records[0]).__dataclass_fields__
+            })
 
     def add_judge_failures(self, failures: Sequence[JudgeFailure]) -> None:
-        if not failures:
-            return
-        self._insert_arrow("judge_failures", {
-            name: pa.array([getattr(f, name) for f in failures], pa.int64() if name == "pair_id" else pa.string())
-            for name in JudgeFailure.__dataclass_fields__
-        })
+        self._insert_records("judge_failures", failures, {"pair_id": pa.int64()})
 
     def add_completion_scores(self, scores: Sequence[CompletionScore]) -> None:
-        """Store scores; a completion this judge version already scored keeps its first score."""
-        if not scores:
-            return
-        self._insert_arrow("completion_scores", {
-            "completion_id": pa.array([s.completion_id for s in scores], pa.int64()),
-            "judge_name": pa.array([s.judge_name for s in scores], pa.string()),
-            "judge_version": pa.array([s.judge_version for s in scores], pa.string()),
-            "score": pa.array([s.score for s in scores], pa.float64()),
-        }, on_conflict="ON CONFLICT DO NOTHING")
+        self._insert_records("completion_scores", scores, {"completion_id": pa.int64(), "score": pa.float64()})
 
     def add_labels(self, labels: Sequence[Label]) -> list[int]:
         bad = sorted({l.winner for l in labels} - set(WINNERS))
@@ -514,16 +508,17 @@ class StoreSession:
         )
         return ids
 
+    def count_preferences(self, round_id: int) -> int:
+        """How many of the round's pairs its own judge gave a winner."""
+        return self.conn.execute(f"SELECT count(*) FROM ({_ROUND_PREFERENCES})", [round_id]).fetchone()[0]
+
     def preference_triples(self, round_id: int) -> list[PreferenceTriple]:
-        """The round's pairs its own judge gave a winner, as token ids (what vLLM produced).
-        Labels other judges added for comparison are not training data."""
+        """The round's preferences (`_ROUND_PREFERENCES`) as token ids, what vLLM produced."""
         rows = self.conn.execute(
             "SELECT pf.pair_id, c.prompt_token_ids, c.token_ids, r.token_ids "
-            "FROM preferences pf "
-            "JOIN rounds rd ON rd.round_id = pf.round_id "
+            f"FROM ({_ROUND_PREFERENCES}) pf "
             "JOIN completions c ON c.completion_id = pf.chosen_completion_id "
             "JOIN completions r ON r.completion_id = pf.rejected_completion_id "
-            "WHERE pf.round_id = ? AND pf.judge = rd.judge_name AND pf.judge_version = rd.judge_version "
             "ORDER BY pf.label_id",
             [round_id],
         ).fetchall()

@@ -11,7 +11,7 @@ from flywheel.pairing import form_pairs
 from flywheel.rounds import Flywheel
 from judges import JudgeError, JudgeSpecError, NoVerdict, PairToJudge, RuleJudge, Verdict, load_judge
 from judges.llm import PairwiseLLMJudge, combine_orders
-from storage.records import Completion, Label, Pair
+from storage.records import Completion, Label
 
 
 # -- a user's own judges, named by import path (f"{__name__}:ShorterAnswerJudge") -------
@@ -140,8 +140,17 @@ def test_best_vs_worst_round_scores_with_the_rule_judge_and_keeps_the_scores(tmp
         assert sorted([addition_score(prompt, a), addition_score(prompt, b)]) == [0.0, 1.0]
     _, scored = store.query("SELECT count(*), min(judge_name), sum(score) FROM completion_scores")
     assert scored == [(12, "adder", 8.0)]  # right answers: 2 + 2 + 4
-    flywheel.label(round_id)
-    assert len(store.preference_triples(round_id)) == 2  # every best-vs-worst pair has a winner
+    assert flywheel.label(round_id) == 2  # every best-vs-worst pair has a winner
+    assert len(store.preference_triples(round_id)) == 2
+
+
+def test_best_vs_worst_round_without_completions_forms_no_pairs(tmp_path):
+    flywheel = make_flywheel(tmp_path, strategy="best_vs_worst")
+    with flywheel.store.transaction() as tx:
+        checkpoint = tx.add_checkpoint("/policy", "reference", "promoted")
+        round_id = tx.start_round(checkpoint, checkpoint, seed=1, config={})
+        tx.finish_step(round_id, "sampled")
+    assert flywheel.pair(round_id) == 0  # no scores to rank is not "scores missing"
 
 
 def test_best_vs_worst_needs_a_scalar_judge(tmp_path):
@@ -282,24 +291,24 @@ def test_judge_agreement_and_training_data_of_a_relabelled_round(tmp_path):
     flywheel.label(round_id)
     store = flywheel.store
     triples_before = store.preference_triples(round_id)
-    pairs = store.pairs_of_round(round_id)
-    # Hand-made labels: a second judge and a person, on the first four pairs.
-    adder = {row[0]: v.winner for row, v in zip(
-        store.pairs_to_judge(round_id, "nobody", "0"),
-        RuleJudge(addition_score).judge([PairToJudge(*r) for r in store.pairs_to_judge(round_id, "nobody", "0")]))}
+    # Hand-made labels: a second judge and a person, on the first four of the adder's pairs.
+    _, adder_labels = store.query("SELECT pair_id, winner FROM labels WHERE judge_name = 'adder' ORDER BY pair_id")
+    adder = dict(adder_labels)
+    pairs = [pair_id for pair_id, _ in adder_labels]
     flip = {"a": "b", "b": "a", "tie": "tie"}
     with store.transaction() as tx:
-        tx.add_labels([Label(p.pair_id, adder[p.pair_id] if i < 3 else flip[adder[p.pair_id]], "other", "2")
-                       for i, p in enumerate(pairs[:4])])
-        tx.add_labels([Label(p.pair_id, "a", "human", "1", annotator="alice") for p in pairs[:2]])
+        tx.add_labels([Label(pair_id, adder[pair_id] if i < 3 else flip[adder[pair_id]], "other", "2")
+                       for i, pair_id in enumerate(pairs[:4])])
+        tx.add_labels([Label(pair_id, "a", "human", "1", annotator="alice") for pair_id in pairs[:2]])
     _, rows = store.query("SELECT judge_a, judge_b, pairs, agreements FROM judge_agreement ORDER BY judge_a, judge_b")
-    expected_alice = sum(adder[p.pair_id] == "a" for p in pairs[:2])
+    expected_alice = sum(adder[pair_id] == "a" for pair_id in pairs[:2])
     assert ("adder@1", "other@2", 4, 3) in rows
     assert ("adder@1", "human@1 (alice)", 2, expected_alice) in rows
     assert {(r[0], r[1]) for r in rows} == {("adder@1", "other@2"), ("adder@1", "human@1 (alice)"),
                                            ("human@1 (alice)", "other@2")}
     # Labels added by other labellers are for comparison; the round trains on its own judge's.
     assert store.preference_triples(round_id) == triples_before
+    assert store.count_preferences(round_id) == len(triples_before)
 
 
 def test_flywheel_judge_command_relabels_a_round_with_a_custom_judge(tmp_path, capsys):
