@@ -36,7 +36,7 @@ def pair(database: str, round_id: int) -> int:
 
 
 @task(name="label", task_run_name="label-round-{round_id}", cache_policy=NO_CACHE)
-def label(database: str, round_id: int) -> int:
+def label(database: str, round_id: int) -> int | None:
     return _flywheel(database).label(round_id)
 
 
@@ -57,17 +57,19 @@ def promote(database: str, round_id: int) -> bool:
 
 @flow(name="flywheel-rounds")
 def flywheel_rounds(database: str, rounds: int) -> list[int]:
-    """Run `rounds` rounds, resuming an unfinished one first."""
+    """Run `rounds` rounds, resuming an unfinished one first. A round that waits for
+    people ends the run; the next run (scheduled or by hand) picks it up."""
     round_ids = []
     for _ in range(rounds):
         round_id = begin_round(database)
+        round_ids.append(round_id)
         sample(database, round_id)
         pair(database, round_id)
-        label(database, round_id)
+        if label(database, round_id) is None:
+            break
         train(database, round_id)
         evaluate(database, round_id)
         promote(database, round_id)
-        round_ids.append(round_id)
     return round_ids
 
 

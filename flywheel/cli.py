@@ -82,7 +82,7 @@ def command_run(args: argparse.Namespace) -> None:
     from flywheel.checkpoints import require_checkpoint
     from flywheel.config import EvalConfig, FlywheelConfig, JudgeConfig, PairConfig, SampleConfig, TrainConfig
     from flywheel.prompts import load_prompts
-    from judges import import_object, load_judge
+    from judges import close_judge, import_object, load_judge
 
     if args.judge is None and args.score is None:
         raise UserError("give --judge SPEC, or --score for a rule judge (or both)")
@@ -93,8 +93,11 @@ def command_run(args: argparse.Namespace) -> None:
     if args.score is not None and not callable(import_object(args.score, "score function")):
         raise UserError(f"score function {args.score!r} is not callable")
     judge = JudgeConfig(args.judge or f"rule:{args.score}", _judge_options(args.judge_option))
+    eval_judge = JudgeConfig(args.eval_judge) if args.eval_judge else None
     # Built now, so a judge that cannot be built fails in one line before anything slow.
     built_judge = load_judge(judge.spec, judge.options)
+    if eval_judge is not None:
+        close_judge(load_judge(eval_judge.spec))
     config = FlywheelConfig(
         workdir=args.workdir,
         reference_model=args.model,
@@ -105,9 +108,10 @@ def command_run(args: argparse.Namespace) -> None:
         sample=SampleConfig(prompts_per_round=args.prompts_per_round, n=args.n, max_tokens=args.max_tokens),
         pair=PairConfig(strategy=args.pairing),
         train=TrainConfig(beta=args.beta, learning_rate=args.lr, nll_weight=args.nll_weight),
-        eval=EvalConfig(accuracy_score=args.score),
+        eval=EvalConfig(accuracy_score=args.score, judge=eval_judge),
     )
     _run_flywheel(config, args.rounds, built_judge)
+    _print_round_table(config.database)
 
 
 def command_judge(args: argparse.Namespace) -> None:
@@ -148,7 +152,113 @@ def _judge_options(pairs: Sequence[str]) -> dict[str, str]:
             raise UserError(f"--judge-option takes KEY=VALUE, got {item!r}")
         options[key] = value
     return options
-    _print_round_table(config.database)
+
+
+def command_annotators_add(args: argparse.Namespace) -> None:
+    import secrets
+
+    from judges.labelling_app import token_sha256
+    from storage import queue
+    from storage.store import Store
+
+    token = secrets.token_urlsafe(24)
+    store = Store.open(args.db)
+    with store.transaction() as tx:
+        queue.add_annotator(tx, args.name, token_sha256(token))
+    print(token)
+    _log(f"annotator {args.name} added; the line above is their token, shown only this once. "
+         f"They log in with it at `flywheel label serve --db {args.db}`.")
+
+
+def command_annotators_list(args: argparse.Namespace) -> None:
+    from storage import queue
+    from storage.store import Store
+
+    with Store.open(args.db).transaction() as tx:
+        rows = queue.annotators(tx)
+    _print_table(["annotator", "labels"], rows)
+
+
+def command_label_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from judges.labelling_app import create_app
+
+    app = create_app(args.db)
+    _log(f"labelling page: http://{args.host}:{args.port}/  (database {args.db}; Ctrl-C stops)")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+
+
+def command_label_enqueue(args: argparse.Namespace) -> None:
+    from storage import queue
+    from storage.store import Store
+
+    store = Store.open(args.db)
+    with store.transaction() as tx:
+        if tx.count("pairs", "round_id = ?", [args.round]) == 0:
+            raise UserError(f"round {args.round} has no pairs (it has not finished pairing, or does not exist)")
+        request = queue.request_labels(tx, args.round, judge_version="1", labels_per_pair=args.labels_per_pair,
+                                       lease_seconds=args.lease_minutes * 60, now=queue.utc_now())
+        done = queue.progress(tx, args.round)
+    _log(f"round {args.round}: {done.pairs} pairs queued for people, {request.labels_per_pair} label(s) each "
+         f"({done.labels} given so far). People's labels of it are compared, not trained on.")
+
+
+def command_label_export(args: argparse.Namespace) -> None:
+    import json
+
+    from storage import queue
+    from storage.store import Store
+
+    with Store.open(args.db).transaction() as tx:
+        rows = queue.people_labels(tx, args.round) if args.labels else queue.pending_pairs(tx, args.round)
+    out = open(args.out, "w") if args.out else sys.stdout
+    try:
+        for row in rows:
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    finally:
+        if args.out:
+            out.close()
+    _log(f"exported {len(rows)} {'labels' if args.labels else 'pending pairs'}"
+         + (f" to {args.out}" if args.out else ""))
+
+
+def command_label_import(args: argparse.Namespace) -> None:
+    from storage import queue
+    from storage.store import Store
+
+    labels = _read_label_lines(args.file, args.annotator)
+    with Store.open(args.db).transaction() as tx:
+        try:
+            added, present = queue.import_labels(tx, labels)
+        except queue.QueueError as error:
+            raise UserError(f"{args.file}: {error}; nothing imported") from error
+    _log(f"imported {added} labels from {args.file} ({present} were already there)")
+
+
+def _read_label_lines(path: Path, default_annotator: str | None) -> list:
+    """JSONL lines {"pair_id", "winner", "annotator", "rationale"?}; extra keys (the
+    texts an export wrote) are ignored. Any bad line refuses the file, naming the line."""
+    import json
+
+    from storage.queue import HumanLabel
+
+    if not path.is_file():
+        raise UserError(f"no file {path}")
+    labels = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            annotator = row.get("annotator", default_annotator)
+            if not isinstance(row.get("pair_id"), int) or not isinstance(row.get("winner"), str) \
+                    or not isinstance(annotator, str):
+                raise ValueError("needs an integer pair_id, a winner and an annotator (or --annotator)")
+            labels.append(HumanLabel(row["pair_id"], row["winner"], annotator, row.get("rationale")))
+        except (ValueError, AttributeError) as error:
+            raise UserError(f"{path}:{number}: {error}") from error
+    return labels
 
 
 def command_sql(args: argparse.Namespace) -> None:
@@ -192,19 +302,28 @@ def positive_int(text: str) -> int:
 
 
 JUDGE_SPECS = """judge specs:
+  human                          people, through `flywheel label serve`; the round waits in
+                                 state labelling until the quota or deadline is met
   rule:package.module:function   score(prompt, completion) -> float; higher wins, equal ties
   reward-model:PATH              a sequence-classification checkpoint with one output
   llm:PATH                       a causal checkpoint asked "A or B?" through vLLM, in both orders
   package.module:Name            your own judge (a class, factory or instance with
                                  name, version and judge(pairs)); options become kwargs
 judge options (--judge-option KEY=VALUE, repeatable), e.g. for llm: template_file=PATH,
-  max_tokens=8, max_model_len=4096; for reward-model: batch_size=32, device=cuda"""
+  max_tokens=8, max_model_len=4096; for reward-model: batch_size=32, device=cuda; for human:
+  labels_per_pair=1, quota_fraction=1.0 or quota_pairs=N, deadline_hours=0 (none),
+  lease_minutes=10"""
 
 
 def _add_judge_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--judge", required=required, metavar="SPEC", help="who labels the pairs (see judge specs below)")
     parser.add_argument("--judge-option", action="append", default=[], metavar="KEY=VALUE",
                         help="keyword option for the judge; repeatable")
+
+
+def _add_db_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--db", type=Path, default=DEFAULT_DEMO_DIR / "flywheel.duckdb",
+                        help="database file (default: %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -245,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--heldout", type=Path, required=True, help="held-out prompts, same format")
     run.add_argument("--score", help="verifier 'package.module:function' for held-out accuracy (and the judge if no --judge)")
     _add_judge_arguments(run, required=False)
+    run.add_argument("--eval-judge", metavar="SPEC",
+                     help="who judges candidate against incumbent (default: the judge; with "
+                     "--judge human, a rule judge made from --score)")
     run.add_argument("--pairing", choices=STRATEGIES, default="random",
                      help="how completions of a prompt become pairs (default: %(default)s; "
                      "best_vs_worst needs a rule or reward-model judge)")
@@ -269,22 +391,80 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=JUDGE_SPECS, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_judge_arguments(judge, required=True)
-    judge.add_argument("--db", type=Path, default=DEFAULT_DEMO_DIR / "flywheel.duckdb",
-                       help="database file (default: %(default)s)")
+    _add_db_argument(judge)
     judge.add_argument("--round", type=positive_int, help="round to label (default: the latest with pairs)")
     judge.add_argument("--batch-size", type=positive_int, default=256,
                        help="pairs per judge call and per transaction (default: %(default)s)")
     judge.set_defaults(handler=command_judge)
 
+    annotators = commands.add_parser(
+        "annotators", help="people who label through the labelling page",
+        description="Add an annotator (prints their token once) or list annotators.")
+    annotator_commands = annotators.add_subparsers(dest="annotators_command", required=True, metavar="ACTION")
+    add = annotator_commands.add_parser("add", help="add an annotator and print their token",
+                                        description="Add an annotator and print a token for the labelling "
+                                        "page and API. Only a hash of it is stored: keep it.")
+    add.add_argument("name", help="annotator name: letters, digits, _.@- (e.g. alice)")
+    _add_db_argument(add)
+    add.set_defaults(handler=command_annotators_add)
+    listing = annotator_commands.add_parser("list", help="list annotators and their label counts",
+                                            description="List annotators and how many labels each gave.")
+    _add_db_argument(listing)
+    listing.set_defaults(handler=command_annotators_list)
+
+    label = commands.add_parser(
+        "label", help="the human labelling queue: serve the page, enqueue, export, import",
+        description="People label queued pairs in a browser. A round whose judge is 'human' queues "
+        "its pairs itself; `enqueue` queues an AI-judged round's pairs for comparison.")
+    label_commands = label.add_subparsers(dest="label_command", required=True, metavar="ACTION")
+    serve = label_commands.add_parser("serve", help="serve the labelling page and JSON API",
+                                      description="Serve the labelling page and its JSON API. Annotators "
+                                      "log in with the token from `flywheel annotators add`.")
+    _add_db_argument(serve)
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default: %(default)s; 0.0.0.0 for your whole network)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    serve.set_defaults(handler=command_label_serve)
+    enqueue = label_commands.add_parser(
+        "enqueue", help="queue a round's pairs for people (to compare with its judge)",
+        description="Queue every pair of a round for people. For a round labelled by an AI judge, "
+        "people's labels appear beside it in judge_agreement; training is unaffected.")
+    _add_db_argument(enqueue)
+    enqueue.add_argument("--round", type=positive_int, required=True, help="round whose pairs to queue")
+    enqueue.add_argument("--labels-per-pair", type=positive_int, default=1,
+                         help="labels each pair needs, from different people (default: %(default)s)")
+    enqueue.add_argument("--lease-minutes", type=float, default=10.0,
+                         help="how long one annotator holds a pair (default: %(default)s)")
+    enqueue.set_defaults(handler=command_label_enqueue)
+    export = label_commands.add_parser(
+        "export", help="write pending pairs (or people's labels) as JSONL",
+        description="Write the queued pairs that still need labels as JSONL (pair_id, round_id, prompt, "
+        "completion_a, completion_b, labels_needed), to label in another tool. With --labels, write "
+        "people's labels instead, in the format `import` reads.")
+    _add_db_argument(export)
+    export.add_argument("--round", type=positive_int, help="only this round (default: all)")
+    export.add_argument("--labels", action="store_true", help="export people's labels, not pending pairs")
+    export.add_argument("--out", type=Path, help="output file (default: standard output)")
+    export.set_defaults(handler=command_label_export)
+    import_ = label_commands.add_parser(
+        "import", help="read people's labels from JSONL",
+        description='Add labels made in another tool: one JSON object per line with "pair_id", "winner" '
+        '(a, b, tie or both_bad: a and b as in the export), "annotator" and optionally "rationale". '
+        "A label a person already gave is skipped; any bad line refuses the whole file.")
+    import_.add_argument("file", type=Path, help="JSONL file")
+    _add_db_argument(import_)
+    import_.add_argument("--annotator", help="annotator for lines that name none")
+    import_.set_defaults(handler=command_label_import)
+
     sql = commands.add_parser(
         "sql", help="read-only SQL against a flywheel database",
         description="Run one read-only SQL statement (SELECT or EXPLAIN) and print a table. "
-        "Views: preferences, round_summary, judge_agreement. Tables: prompts, completions, "
-        "pairs, labels, judge_failures, completion_scores, checkpoints, rounds, train_steps, evals.",
+        "Views: preferences, round_summary, judge_agreement, labelling_progress. Tables: prompts, "
+        "completions, pairs, labels, judge_failures, completion_scores, checkpoints, rounds, train_steps, "
+        "evals, annotators, label_requests, label_queue, label_leases.",
     )
     sql.add_argument("query", help='e.g. "SELECT * FROM round_summary"')
-    sql.add_argument("--db", type=Path, default=DEFAULT_DEMO_DIR / "flywheel.duckdb",
-                     help="database file (default: %(default)s)")
+    _add_db_argument(sql)
     sql.set_defaults(handler=command_sql)
     return parser
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from flywheel.errors import UserError
 from flywheel.pairing import STRATEGIES
-from judges.loading import BUILT_IN
+from judges.loading import BUILT_IN, HUMAN
 
 
 def _require(condition: bool, message: str) -> None:
@@ -51,8 +51,8 @@ class PairConfig:
 class JudgeConfig:
     """Who labels the pairs: a spec (see `judges.loading`) and keyword options for it.
 
-    `rule:package.module:function`, `reward-model:PATH`, `llm:PATH`, or your own judge as
-    `package.module:Name`. Pairs are judged `batch_size` at a time, each batch stored in
+    `human` (people, through the labelling queue), `rule:package.module:function`,
+    `reward-model:PATH`, `llm:PATH`, or your own judge as `package.module:Name`. Pairs are judged `batch_size` at a time, each batch stored in
     one transaction, so a crash loses at most the batch in flight.
     """
 
@@ -62,9 +62,9 @@ class JudgeConfig:
 
     def __post_init__(self) -> None:
         kind, _, rest = self.spec.partition(":")
-        _require(bool(kind) and bool(rest),
-                 f"judge.spec must be one of {', '.join(k + ':...' for k in BUILT_IN)} or 'package.module:Name', "
-                 f"got {self.spec!r}")
+        _require(self.spec == HUMAN or (bool(kind) and bool(rest)),
+                 f"judge.spec must be {HUMAN!r}, one of {', '.join(k + ':...' for k in BUILT_IN)} or "
+                 f"'package.module:Name', got {self.spec!r}")
         _require(isinstance(self.options, dict), f"judge.options must be a mapping, got {type(self.options).__name__}")
         _require(self.batch_size >= 1, f"judge.batch_size must be >= 1, got {self.batch_size}")
 
@@ -100,8 +100,14 @@ class EvalConfig:
     # over held-out samples is the accuracy the promotion gate uses; without one, the
     # gate uses the judge's win rate against the incumbent.
     accuracy_score: str | None = None
+    # Who judges candidate against incumbent for the win rate; default: the round's judge.
+    # People cannot answer while a round evaluates, so with a `human` judge this defaults
+    # to a rule judge made from `accuracy_score`, and one of the two must be set.
+    judge: JudgeConfig | None = None
 
     def __post_init__(self) -> None:
+        _require(self.judge is None or self.judge.spec != HUMAN,
+                 "eval.judge cannot be 'human': people cannot judge while a round evaluates")
         _require(self.samples_per_prompt >= 1, f"eval.samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
         _require(self.temperature > 0, f"eval.temperature must be > 0, got {self.temperature}")
 

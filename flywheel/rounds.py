@@ -21,7 +21,10 @@ from flywheel.pairing import NEEDS_SCORES, form_pairs
 from flywheel.prompts import load_prompts
 from flywheel.sampling import VLLMSampler
 from flywheel.training import train_dpo
-from judges import Judge, ScalarJudge, close_judge, import_object, load_judge
+from judges import HumanJudge, Judge, ScalarJudge, close_judge, import_object, load_judge
+from judges.human import ready_to_train, waiting_message
+from storage.queue import close_request, utc_now
+from storage.queue import progress as queue_progress
 from storage.records import Evaluation, TrainStep
 from storage.store import Store
 
@@ -55,14 +58,29 @@ class Flywheel:
         self.accuracy_score: Callable[[str, str], float] | None = None
         if config.eval.accuracy_score is not None:
             self.accuracy_score = import_object(config.eval.accuracy_score, "eval.accuracy_score")
+        self.eval_judge = self._build_eval_judge()
         self.store = Store.create(config.database)
         self._owns_sampler = sampler is None
         self.sampler = sampler if sampler is not None else VLLMSampler(config.sample, seed=config.seed)
+
+    def _build_eval_judge(self) -> Judge:
+        """Who judges candidate against incumbent: `eval.judge`, else the round's judge;
+        people cannot answer mid-round, so a human round falls back to the verifier."""
+        if self.config.eval.judge is not None:
+            return load_judge(self.config.eval.judge.spec, self.config.eval.judge.options)
+        if not isinstance(self.judge, HumanJudge):
+            return self.judge
+        if self.config.eval.accuracy_score is None:
+            raise UserError("a round labelled by people needs eval.judge (or eval.accuracy_score) "
+                            "to judge the candidate against the incumbent")
+        return load_judge(f"rule:{self.config.eval.accuracy_score}")
 
     def close(self) -> None:
         if self._owns_sampler:
             self.sampler.close()
         close_judge(self.judge)
+        if self.eval_judge is not self.judge:
+            close_judge(self.eval_judge)
 
     # -- set-up --------------------------------------------------------------------------
 
@@ -135,8 +153,9 @@ class Flywheel:
         self.log(f"round {round_id}: formed {len(pairs)} pairs ({strategy})")
         return len(pairs)
 
-    def label(self, round_id: int) -> int:
-        """Label the round's pairs with the judge, batch by batch; returns the preferences.
+    def label(self, round_id: int) -> int | None:
+        """Label the round's pairs; returns the preferences, or None while the round waits
+        for people (a `human` judge), in which case the run should stop here.
 
         A batch whose judge call breaks the contract stores nothing and stops the round;
         earlier batches stay, and a rerun judges only what is left. The first judge to
@@ -152,12 +171,35 @@ class Flywheel:
                 f"round {round_id} is being labelled by {owner[0]}@{owner[1]}, not "
                 f"{self.judge.name}@{self.judge.version}; resume it with that judge"
             )
+        if isinstance(self.judge, HumanJudge):
+            return self._wait_for_people(round_id, self.judge)
         result = label_pairs(self.store, self.judge, round_id, self.config.judge.batch_size)
         with self.store.transaction() as tx:
             tx.finish_step(round_id, "labelled")
         count = self.store.count_preferences(round_id)
         failed = f", {result.failed} undecided (see judge_failures)" if result.failed else ""
         self.log(f"round {round_id}: {self.judge.name} labelled {result.labelled} pairs, {count} with a winner{failed}")
+        return count
+
+    def _wait_for_people(self, round_id: int, judge: HumanJudge) -> int | None:
+        """Queue the round's pairs (once), then go on only if the quota or deadline is met."""
+        now = utc_now()
+        with self.store.transaction() as tx:
+            request = judge.queue_round(tx, round_id, now)
+            if not tx.get_round(round_id).has_finished("labelling"):
+                tx.finish_step(round_id, "labelling")
+            progress = queue_progress(tx, round_id)
+        because = ready_to_train(request, progress, now)
+        if because is None:
+            self.log(f"round {round_id} waits for people: {waiting_message(request, progress)}. Label with "
+                     f"`flywheel label serve --db {self.config.database}`, then run again to go on.")
+            return None
+        with self.store.transaction() as tx:
+            close_request(tx, round_id, because, now)
+            tx.finish_step(round_id, "labelled")
+        count = self.store.count_preferences(round_id)
+        self.log(f"round {round_id}: people labelled {progress.labels} times ({because} met), {count} preferences; "
+                 f"{progress.pairs - progress.pairs_done} pairs stay queued")
         return count
 
     def train(self, round_id: int) -> int | None:
@@ -219,7 +261,7 @@ class Flywheel:
             num_samples=len(candidate_samples),
             accuracy=accuracy,
             incumbent_accuracy=incumbent_accuracy,
-            win_rate=win_rate(candidate_samples, incumbent_samples, by_id, self.judge),
+            win_rate=win_rate(candidate_samples, incumbent_samples, by_id, self.eval_judge),
             mean_length=sum(len(c.token_ids) for c in candidate_samples) / len(candidate_samples),
         )
         with self.store.transaction() as tx:
@@ -259,8 +301,13 @@ class Flywheel:
         return promoted
 
     def run_round(self) -> int:
-        """All steps of one round, without an orchestrator; returns the round id."""
+        """All steps of one round, without an orchestrator; returns the round id. A round
+        that waits for people stops after `label`, in state `labelling`."""
         round_id = self.begin_round()
-        for step in (self.sample, self.pair, self.label, self.train, self.evaluate, self.promote):
+        self.sample(round_id)
+        self.pair(round_id)
+        if self.label(round_id) is None:
+            return round_id
+        for step in (self.train, self.evaluate, self.promote):
             step(round_id)
         return round_id

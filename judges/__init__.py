@@ -2,6 +2,7 @@
 
 Heavy judges live in their own modules so that importing this package stays cheap:
 `judges.reward_model.RewardModelJudge` (transformers) and `judges.llm.PairwiseLLMJudge` (vLLM).
+People label through the queue (`judges.human`) and its web page (`judges.labelling_app`).
 """
 
 from judges.base import (
@@ -16,10 +17,11 @@ from judges.base import (
     judge_batch,
     score_batch,
 )
+from judges.human import HumanJudge
 from judges.loading import import_object, load_judge
 from judges.rule import RuleJudge
 
 __all__ = [
-    "Judge", "JudgeError", "JudgeSpecError", "NoVerdict", "PairToJudge", "RuleJudge", "ScalarJudge",
+    "HumanJudge", "Judge", "JudgeError", "JudgeSpecError", "NoVerdict", "PairToJudge", "RuleJudge", "ScalarJudge",
     "Verdict", "close_judge", "import_object", "judge_batch", "load_judge", "score_batch",
 ]

@@ -1,5 +1,6 @@
 """Build a judge from a spec string, as written in a config or on the command line.
 
+    human                           people, through the labelling queue (judges.human)
     rule:package.module:function    a scoring function score(prompt, completion) -> float
     reward-model:PATH               a sequence-classification checkpoint with one output
     llm:PATH                        a causal checkpoint asked pairwise through vLLM
@@ -11,11 +12,15 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from judges.base import Judge, JudgeSpecError
 
+if TYPE_CHECKING:
+    from judges.human import HumanJudge
+
 BUILT_IN = ("rule", "reward-model", "llm")
+HUMAN = "human"
 
 
 def import_object(spec: str, what: str) -> Any:
@@ -36,11 +41,16 @@ def import_object(spec: str, what: str) -> Any:
     return target
 
 
-def load_judge(spec: str, options: Mapping[str, Any] | None = None) -> Judge:
-    """The judge a spec names, built with `options`, checked against the Judge interface."""
+def load_judge(spec: str, options: Mapping[str, Any] | None = None) -> "Judge | HumanJudge":
+    """The judge a spec names, built with `options`, checked against the Judge interface.
+    `human` gives the settings of the labelling queue, which people answer asynchronously."""
     options = dict(options or {})
     kind, _, rest = spec.partition(":")
     try:
+        if spec == HUMAN:
+            from judges.human import HumanJudge
+
+            return HumanJudge(**_typed(HumanJudge, options))
         if kind == "rule":
             from judges.rule import RuleJudge
 

@@ -302,3 +302,79 @@ def m003_judges(conn: duckdb.DuckDBPyConnection) -> None:
         ORDER BY r.round_id;
         """
     )
+
+
+@migration
+def m004_people_labelling(conn: duckdb.DuckDBPyConnection) -> None:
+    conn.execute(
+        """
+        -- People who label through `flywheel label serve`. Only a hash of the token is kept.
+        CREATE SEQUENCE annotator_ids START 1;
+        CREATE TABLE annotators (
+            annotator_id  BIGINT PRIMARY KEY DEFAULT nextval('annotator_ids'),
+            name          VARCHAR NOT NULL UNIQUE,
+            token_sha256  VARCHAR NOT NULL UNIQUE,
+            created_at    TIMESTAMP NOT NULL DEFAULT current_timestamp
+        );
+
+        -- A round's pairs put before people: how many labels each pair needs from
+        -- different people, how long a lease lasts, and (for a round that trains on
+        -- them) the quota of fully labelled pairs or the deadline that lets it go on.
+        CREATE TABLE label_requests (
+            round_id         BIGINT PRIMARY KEY,
+            judge_version    VARCHAR NOT NULL,
+            labels_per_pair  INTEGER NOT NULL CHECK (labels_per_pair >= 1),
+            lease_seconds    DOUBLE NOT NULL CHECK (lease_seconds > 0),
+            quota_pairs      INTEGER,
+            deadline         TIMESTAMP,
+            created_at       TIMESTAMP NOT NULL,
+            closed_at        TIMESTAMP,
+            closed_because   VARCHAR CHECK (closed_because IN ('quota', 'deadline'))
+        );
+
+        -- Queued pairs stay queued: closing a request lets its round train, and people
+        -- can still label what is left.
+        CREATE TABLE label_queue (
+            pair_id   BIGINT PRIMARY KEY,
+            round_id  BIGINT NOT NULL
+        );
+
+        -- One annotator's hold on one pair. `left_slot` records which completion the page
+        -- showed on the left. Open while `outcome` is NULL and `expires_at` is ahead.
+        CREATE SEQUENCE lease_ids START 1;
+        CREATE TABLE label_leases (
+            lease_id     BIGINT PRIMARY KEY DEFAULT nextval('lease_ids'),
+            pair_id      BIGINT NOT NULL,
+            annotator    VARCHAR NOT NULL,
+            left_slot    VARCHAR NOT NULL CHECK (left_slot IN ('a', 'b')),
+            leased_at    TIMESTAMP NOT NULL,
+            expires_at   TIMESTAMP NOT NULL,
+            outcome      VARCHAR CHECK (outcome IN ('labelled', 'skipped')),
+            label_id     BIGINT,
+            finished_at  TIMESTAMP
+        );
+
+        -- Per queued round: pairs, how many have all their labels, labels given and needed.
+        CREATE VIEW labelling_progress AS
+        WITH people AS (
+            SELECT pair_id, count(*) AS labels FROM labels
+            WHERE annotator IS NOT NULL GROUP BY pair_id
+        )
+        SELECT
+            r.round_id,
+            r.labels_per_pair,
+            count(*) AS pairs,
+            count(*) FILTER (WHERE coalesce(h.labels, 0) >= r.labels_per_pair) AS pairs_done,
+            coalesce(sum(least(coalesce(h.labels, 0), r.labels_per_pair)), 0)::BIGINT AS labels,
+            count(*) * r.labels_per_pair AS labels_needed,
+            r.quota_pairs,
+            r.deadline,
+            r.closed_at,
+            r.closed_because
+        FROM label_requests r
+        JOIN label_queue q ON q.round_id = r.round_id
+        LEFT JOIN people h ON h.pair_id = q.pair_id
+        GROUP BY r.round_id, r.labels_per_pair, r.quota_pairs, r.deadline, r.closed_at, r.closed_because
+        ORDER BY r.round_id;
+        """
+    )

@@ -6,8 +6,9 @@ from dataclasses import dataclass
 from typing import Any
 
 # The steps of a round in the order they finish. `rounds.state` holds the last finished
-# step, so a round that was killed resumes from the step after it.
-ROUND_STATES = ("started", "sampled", "paired", "labelled", "trained", "evaluated", "done")
+# step, so a round that was killed resumes from the step after it. `labelling`: the
+# round's pairs are queued for people, and it waits there until their quota or deadline.
+ROUND_STATES = ("started", "sampled", "paired", "labelling", "labelled", "trained", "evaluated", "done")
 
 WINNERS = ("a", "b", "tie", "both_bad")
 

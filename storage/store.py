@@ -122,8 +122,10 @@ class Store:
                         f"{self.lock_timeout_s:.0f} s: {_first_line(error)}"
                     ) from error
                 # Jitter so that several waiting processes do not retry in lock-step.
+                # The cap is short because a busy writer (the labelling app under load)
+                # frees the file only for moments between its transactions.
                 time.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, 1.0)
+                delay = min(delay * 2, 0.25)
         try:
             yield conn
         finally:

@@ -1,4 +1,9 @@
 import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -6,11 +11,14 @@ import pytest
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from flywheel.config import SampleConfig  # noqa: E402
 from flywheel.demo_task import DemoPolicyConfig, build_demo_policy, write_demo_prompts  # noqa: E402
 
 # A deliberately small build of the real demo policy: enough SFT that it answers in the
 # task's format, fast enough for CI. Cached across sessions like the demo's own.
 TEST_POLICY = DemoPolicyConfig(sft_steps=300, heldout_size=32, seed=0)
+# The engine settings of every test round on it (vLLM engines cannot change them).
+E2E_SAMPLE = SampleConfig(prompts_per_round=64, n=4, max_tokens=6, dtype="float32", enforce_eager=True)
 
 
 @pytest.fixture(scope="session")
@@ -31,3 +39,44 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def policy_sampler():
+    """One vLLM engine for every test that runs rounds on the tiny policy (a start costs
+    ~45 s on CPU). Flywheels given it share it and leave it running."""
+    from flywheel.sampling import VLLMSampler
+
+    sampler = VLLMSampler(E2E_SAMPLE, seed=0)
+    yield sampler
+    sampler.close()
+
+
+@contextmanager
+def labelling_server(database: Path):
+    """`flywheel label serve` in its own process, as people would run it; yields its URL."""
+    import httpx
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "flywheel.cli", "label", "serve", "--db", str(database), "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(url + "/", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"labelling server did not start: {server.stdout.read()}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

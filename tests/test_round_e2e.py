@@ -2,7 +2,8 @@
 
 import pytest
 
-from flywheel.config import EvalConfig, FlywheelConfig, JudgeConfig, PairConfig, SampleConfig, TrainConfig
+from conftest import E2E_SAMPLE
+from flywheel.config import EvalConfig, FlywheelConfig, JudgeConfig, PairConfig, TrainConfig
 from flywheel.errors import UserError
 from flywheel.rounds import Flywheel
 from judges import Verdict
@@ -11,17 +12,17 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def flywheel(tiny_policy, demo_prompts, tmp_path_factory):
+def flywheel(tiny_policy, demo_prompts, policy_sampler, tmp_path_factory):
     prompts, heldout = demo_prompts
     config = FlywheelConfig(
         workdir=tmp_path_factory.mktemp("flywheel"), reference_model=tiny_policy,
         prompts=prompts, heldout_prompts=heldout, seed=3,
         judge=JudgeConfig("rule:flywheel.demo_task:addition_score", {"name": "adder"}),
-        sample=SampleConfig(prompts_per_round=64, n=4, max_tokens=6, dtype="float32", enforce_eager=True),
+        sample=E2E_SAMPLE,
         train=TrainConfig(learning_rate=1e-4, batch_size=16),
         eval=EvalConfig(samples_per_prompt=2, accuracy_score="flywheel.demo_task:addition_score"),
     )
-    wheel = Flywheel(config)
+    wheel = Flywheel(config, sampler=policy_sampler)
     wheel.initialise()
     yield wheel
     wheel.close()
@@ -114,7 +115,7 @@ def test_a_custom_judge_named_by_import_path_labels_a_round(flywheel, tmp_path):
         sample=flywheel.config.sample, pair=PairConfig(strategy="all"),
         train=TrainConfig(learning_rate=1e-4, batch_size=16), eval=EvalConfig(samples_per_prompt=2),
     )
-    custom = Flywheel(config, sampler=flywheel.sampler)  # one engine for the module
+    custom = Flywheel(config, sampler=flywheel.sampler)  # one engine for the session
     with pytest.raises(UserError, match="call initialise"):
         custom.run_round()
     custom.initialise()

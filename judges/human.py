@@ -1,0 +1,81 @@
+"""People as the judge: a round's pairs wait in the labelling queue until enough are labelled.
+
+Choosing `human` as a round's judge queues its pairs (`storage.queue`) and leaves the
+round in state `labelling`. Each later run of the flow asks `ready_to_train`; once the
+quota of fully labelled pairs or the deadline is met, the round trains on what people
+labelled. People label through `flywheel label serve` (`judges.labelling_app`) or bring
+labels from another tool with `flywheel label import`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, ClassVar
+
+from judges.base import JudgeSpecError
+from storage.queue import HUMAN_JUDGE_NAME, LabelRequest, Progress, deadline_after, request_labels
+
+if TYPE_CHECKING:
+    from storage.store import StoreSession
+
+
+@dataclass(frozen=True)
+class HumanJudge:
+    """How people label a round: `labels_per_pair` labels from different people per pair;
+    the round goes on when `quota_pairs` pairs (or, if 0, `quota_fraction` of them) have
+    all their labels, or `deadline_hours` after queueing (0: no deadline). A lease lasts
+    `lease_minutes`, after which the pair goes back to the queue."""
+
+    name: ClassVar[str] = HUMAN_JUDGE_NAME
+    version: str = "1"
+    labels_per_pair: int = 1
+    quota_fraction: float = 1.0
+    quota_pairs: int = 0
+    deadline_hours: float = 0.0
+    lease_minutes: float = 10.0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.labels_per_pair < 1:
+            problems.append(f"labels_per_pair must be >= 1, got {self.labels_per_pair}")
+        if not 0 < self.quota_fraction <= 1:
+            problems.append(f"quota_fraction must be in (0, 1], got {self.quota_fraction}")
+        if self.quota_pairs < 0:
+            problems.append(f"quota_pairs must be >= 0, got {self.quota_pairs}")
+        if self.deadline_hours < 0:
+            problems.append(f"deadline_hours must be >= 0 (0: none), got {self.deadline_hours}")
+        if self.lease_minutes <= 0:
+            problems.append(f"lease_minutes must be > 0, got {self.lease_minutes}")
+        if not self.version:
+            problems.append("version must not be empty")
+        if problems:
+            raise JudgeSpecError("human judge: " + "; ".join(problems))
+
+    def queue_round(self, tx: "StoreSession", round_id: int, now: datetime) -> LabelRequest:
+        """Queue the round's pairs for people (once; later calls return the request)."""
+        pairs = tx.count("pairs", "round_id = ?", [round_id])
+        quota = self.quota_pairs or math.ceil(self.quota_fraction * pairs)
+        return request_labels(
+            tx, round_id, judge_version=self.version, labels_per_pair=self.labels_per_pair,
+            lease_seconds=self.lease_minutes * 60, now=now, quota_pairs=min(quota, pairs),
+            deadline=deadline_after(now, self.deadline_hours),
+        )
+
+
+def ready_to_train(request: LabelRequest, progress: Progress, now: datetime) -> str | None:
+    """Why the round may go on ('quota' or 'deadline'), or None while it waits."""
+    if request.closed_because is not None:
+        return request.closed_because
+    if progress.pairs_done >= (request.quota_pairs or 0):
+        return "quota"
+    if request.deadline is not None and now >= request.deadline:
+        return "deadline"
+    return None
+
+
+def waiting_message(request: LabelRequest, progress: Progress) -> str:
+    deadline = f", deadline {request.deadline:%Y-%m-%d %H:%M} UTC" if request.deadline else ""
+    return (f"{progress.pairs_done} of {progress.pairs} pairs fully labelled "
+            f"(quota {request.quota_pairs}{deadline})")

@@ -1,0 +1,355 @@
+"""The human labelling queue: annotators, label requests, leases and people's labels.
+
+Every function runs inside one `StoreSession` transaction. A claim is one
+`INSERT ... SELECT ... RETURNING` statement and a submission one `UPDATE ... RETURNING`,
+so two annotators can never hold the same slot of a pair, whatever interleaves them.
+Times are naive UTC `datetime`s passed in by the caller, so tests can move the clock.
+
+A person's label is a row in `labels` with `judge_name = 'human'` and the annotator's
+name; the annotator column is what marks a label as a person's.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Sequence
+
+from storage.records import WINNERS
+from storage.store import StoreError
+
+if TYPE_CHECKING:
+    from storage.store import StoreSession
+
+HUMAN_JUDGE_NAME = "human"
+CHOICES = ("left", "right", "tie", "both_bad")
+ANNOTATOR_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
+
+
+class QueueError(StoreError):
+    """A request the queue refuses; `status` is the HTTP status the web app answers with."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class LabelRequest:
+    round_id: int
+    judge_version: str
+    labels_per_pair: int
+    lease_seconds: float
+    quota_pairs: int | None
+    deadline: datetime | None
+    created_at: datetime
+    closed_at: datetime | None
+    closed_because: str | None
+
+
+@dataclass(frozen=True)
+class Progress:
+    pairs: int  # queued pairs
+    pairs_done: int  # pairs with all the labels they need
+    labels: int  # labels given towards what is needed (a pair's extra labels not counted)
+    labels_needed: int
+
+    @property
+    def labels_remaining(self) -> int:
+        return self.labels_needed - self.labels
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A pair as one annotator sees it: left and right in the order recorded on the lease."""
+
+    lease_id: int
+    pair_id: int
+    round_id: int
+    prompt: str
+    left: str
+    right: str
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
+class HumanLabel:
+    """A person's label, in the JSONL format of `flywheel label export --labels` and `import`."""
+
+    pair_id: int
+    winner: str
+    annotator: str
+    rationale: str | None = None
+
+
+# -- annotators --------------------------------------------------------------------------
+
+
+def add_annotator(tx: "StoreSession", name: str, token_sha256: str) -> None:
+    if not ANNOTATOR_NAME.fullmatch(name):
+        raise QueueError(
+            f"annotator name {name!r} must be 1-64 letters, digits or _.@- and start with a letter or digit", 400)
+    if tx.conn.execute("SELECT 1 FROM annotators WHERE name = ?", [name]).fetchone():
+        raise QueueError(f"annotator {name!r} already exists", 409)
+    tx.conn.execute("INSERT INTO annotators (name, token_sha256) VALUES (?, ?)", [name, token_sha256])
+
+
+def annotator_for_token(tx: "StoreSession", token_sha256: str) -> str | None:
+    row = tx.conn.execute("SELECT name FROM annotators WHERE token_sha256 = ?", [token_sha256]).fetchone()
+    return row[0] if row else None
+
+
+def annotators(tx: "StoreSession") -> list[tuple[str, int]]:
+    """(name, labels given) of every annotator."""
+    return tx.conn.execute(
+        "SELECT a.name, count(l.label_id) FROM annotators a LEFT JOIN labels l ON l.annotator = a.name "
+        "GROUP BY a.name, a.annotator_id ORDER BY a.annotator_id"
+    ).fetchall()
+
+
+# -- requests ------------------------------------------------------------------------------
+
+
+def request_labels(
+    tx: "StoreSession",
+    round_id: int,
+    *,
+    judge_version: str,
+    labels_per_pair: int,
+    lease_seconds: float,
+    now: datetime,
+    quota_pairs: int | None = None,
+    deadline: datetime | None = None,
+) -> LabelRequest:
+    """Queue every pair of the round for people, once; a second call returns the request as it is."""
+    existing = label_request(tx, round_id)
+    if existing is not None:
+        return existing
+    tx.conn.execute(
+        "INSERT INTO label_requests (round_id, judge_version, labels_per_pair, lease_seconds, quota_pairs, "
+        "deadline, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [round_id, judge_version, labels_per_pair, lease_seconds, quota_pairs, deadline, now],
+    )
+    tx.conn.execute(
+        "INSERT INTO label_queue (pair_id, round_id) SELECT pair_id, round_id FROM pairs "
+        "WHERE round_id = ? AND pair_id NOT IN (SELECT pair_id FROM label_queue)",
+        [round_id],
+    )
+    return label_request(tx, round_id)
+
+
+def label_request(tx: "StoreSession", round_id: int) -> LabelRequest | None:
+    row = tx.conn.execute(
+        f"SELECT {', '.join(LabelRequest.__dataclass_fields__)} FROM label_requests WHERE round_id = ?", [round_id]
+    ).fetchone()
+    return LabelRequest(*row) if row else None
+
+
+def close_request(tx: "StoreSession", round_id: int, because: str, now: datetime) -> None:
+    """Let the round go on; its unlabelled pairs stay in the queue."""
+    tx.conn.execute(
+        "UPDATE label_requests SET closed_at = ?, closed_because = ? WHERE round_id = ? AND closed_at IS NULL",
+        [now, because, round_id],
+    )
+
+
+def progress(tx: "StoreSession", round_id: int | None = None) -> Progress:
+    """Progress of one round's queue, or of the whole queue."""
+    row = tx.conn.execute(
+        "SELECT coalesce(sum(pairs), 0), coalesce(sum(pairs_done), 0), coalesce(sum(labels), 0), "
+        "coalesce(sum(labels_needed), 0) FROM labelling_progress WHERE ? IS NULL OR round_id = ?",
+        [round_id, round_id],
+    ).fetchone()
+    return Progress(*(int(v) for v in row))
+
+
+# -- leases ----------------------------------------------------------------------------------
+
+# A queued pair is open to an annotator while its people's labels plus the other live
+# leases on it are fewer than it needs, and the annotator has not labelled it, skipped
+# it, or leased it before. Open requests first, then the newest round: fresh pairs are
+# the on-policy ones.
+_CLAIM = """
+INSERT INTO label_leases (pair_id, annotator, left_slot, leased_at, expires_at)
+SELECT q.pair_id, $annotator, $left_slot, $now, $now + to_microseconds((r.lease_seconds * 1e6)::BIGINT)
+FROM label_queue q
+JOIN label_requests r ON r.round_id = q.round_id
+WHERE (SELECT count(*) FROM labels l WHERE l.pair_id = q.pair_id AND l.annotator IS NOT NULL)
+    + (SELECT count(*) FROM label_leases o WHERE o.pair_id = q.pair_id AND o.outcome IS NULL
+       AND o.expires_at > $now) < r.labels_per_pair
+  AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.pair_id = q.pair_id AND l.annotator = $annotator)
+  AND NOT EXISTS (SELECT 1 FROM label_leases m WHERE m.pair_id = q.pair_id AND m.annotator = $annotator
+                  AND (m.outcome IS NOT NULL OR m.expires_at > $now))
+ORDER BY r.closed_at IS NOT NULL, q.round_id DESC, q.pair_id
+LIMIT 1
+RETURNING lease_id
+"""
+
+
+def claim_next_pair(tx: "StoreSession", annotator: str, now: datetime, left_slot: str) -> Lease | None:
+    """The annotator's live lease if they hold one (a reloaded page), else a new lease on
+    the next open pair, with `left_slot` ('a' or 'b') shown on the left; None: nothing left."""
+    held = tx.conn.execute(
+        "SELECT lease_id FROM label_leases WHERE annotator = ? AND outcome IS NULL AND expires_at > ? "
+        "ORDER BY lease_id LIMIT 1",
+        [annotator, now],
+    ).fetchone()
+    if held is None:
+        held = tx.conn.execute(_CLAIM, {"annotator": annotator, "left_slot": left_slot, "now": now}).fetchone()
+    return _lease(tx, held[0]) if held else None
+
+
+def _lease(tx: "StoreSession", lease_id: int) -> Lease:
+    row = tx.conn.execute(
+        "SELECT e.lease_id, e.pair_id, p.round_id, pr.text, "
+        "CASE e.left_slot WHEN 'a' THEN ca.text ELSE cb.text END, "
+        "CASE e.left_slot WHEN 'a' THEN cb.text ELSE ca.text END, e.expires_at "
+        "FROM label_leases e JOIN pairs p ON p.pair_id = e.pair_id JOIN prompts pr ON pr.prompt_id = p.prompt_id "
+        "JOIN completions ca ON ca.completion_id = p.completion_a_id "
+        "JOIN completions cb ON cb.completion_id = p.completion_b_id WHERE e.lease_id = ?",
+        [lease_id],
+    ).fetchone()
+    return Lease(*row)
+
+
+def _finish_lease(tx: "StoreSession", annotator: str, pair_id: int, lease_id: int, outcome: str,
+                  now: datetime) -> str:
+    """Close the annotator's live lease in one statement; returns its left slot. Explains a refusal."""
+    row = tx.conn.execute(
+        "UPDATE label_leases SET outcome = ?, finished_at = ? WHERE lease_id = ? AND pair_id = ? "
+        "AND annotator = ? AND outcome IS NULL AND expires_at > ? RETURNING left_slot",
+        [outcome, now, lease_id, pair_id, annotator, now],
+    ).fetchone()
+    if row is not None:
+        return row[0]
+    if tx.conn.execute("SELECT 1 FROM pairs WHERE pair_id = ?", [pair_id]).fetchone() is None:
+        raise QueueError(f"no pair with id {pair_id}", 404)
+    lease = tx.conn.execute(
+        "SELECT pair_id, annotator, outcome, expires_at FROM label_leases WHERE lease_id = ?", [lease_id]
+    ).fetchone()
+    if lease is None or lease[0] != pair_id:
+        raise QueueError(f"lease {lease_id} is not a lease on pair {pair_id}", 409)
+    if lease[1] != annotator:
+        raise QueueError(f"lease {lease_id} belongs to another annotator", 403)
+    if lease[2] is not None:
+        raise QueueError(f"lease {lease_id} is already {lease[2]}", 409)
+    raise QueueError(f"lease {lease_id} expired at {lease[3]:%H:%M:%S} UTC; the pair may have gone to "
+                     "someone else: take the next pair", 409)
+
+
+def submit_label(tx: "StoreSession", annotator: str, pair_id: int, lease_id: int, choice: str, now: datetime,
+                 rationale: str | None = None) -> int:
+    """Store the annotator's choice (left, right, tie, both_bad) on a live lease; returns the label id."""
+    if choice not in CHOICES:
+        raise QueueError(f"choice must be one of {CHOICES}, got {choice!r}", 422)
+    left_slot = _finish_lease(tx, annotator, pair_id, lease_id, "labelled", now)
+    right_slot = "b" if left_slot == "a" else "a"
+    winner = {"left": left_slot, "right": right_slot}.get(choice, choice)
+    label_id = _insert_person_label(tx, HumanLabel(pair_id, winner, annotator, rationale))
+    tx.conn.execute("UPDATE label_leases SET label_id = ? WHERE lease_id = ?", [label_id, lease_id])
+    return label_id
+
+
+def _insert_person_label(tx: "StoreSession", label: HumanLabel) -> int:
+    # Labelled under the version of the request that queued the pair, so a round that
+    # trains on people's labels finds them; '1' for a pair that was never queued.
+    return tx.conn.execute(
+        "INSERT INTO labels (pair_id, winner, judge_name, judge_version, annotator, rationale) "
+        "SELECT $pair, $winner, $judge, coalesce((SELECT r.judge_version FROM label_queue q "
+        "JOIN label_requests r ON r.round_id = q.round_id WHERE q.pair_id = $pair), '1'), $annotator, $rationale "
+        "RETURNING label_id",
+        {"pair": label.pair_id, "winner": label.winner, "judge": HUMAN_JUDGE_NAME,
+         "annotator": label.annotator, "rationale": label.rationale},
+    ).fetchone()[0]
+
+
+def skip_pair(tx: "StoreSession", annotator: str, pair_id: int, lease_id: int, now: datetime) -> None:
+    """Give the pair back; this annotator is not offered it again."""
+    _finish_lease(tx, annotator, pair_id, lease_id, "skipped", now)
+
+
+def labels_of(tx: "StoreSession", annotator: str, limit: int = 50) -> list[dict]:
+    """An annotator's own latest labels (nobody sees anyone else's)."""
+    rows = tx.conn.execute(
+        "SELECT l.label_id, l.pair_id, pr.text, l.winner, l.created_at FROM labels l "
+        "JOIN pairs p ON p.pair_id = l.pair_id JOIN prompts pr ON pr.prompt_id = p.prompt_id "
+        "WHERE l.annotator = ? ORDER BY l.label_id DESC LIMIT ?",
+        [annotator, limit],
+    ).fetchall()
+    return [dict(label_id=r[0], pair_id=r[1], prompt=r[2], winner=r[3], created_at=r[4].isoformat()) for r in rows]
+
+
+def count_labels_of(tx: "StoreSession", annotator: str) -> int:
+    return tx.conn.execute("SELECT count(*) FROM labels WHERE annotator = ?", [annotator]).fetchone()[0]
+
+
+# -- export and import -----------------------------------------------------------------------
+
+
+def pending_pairs(tx: "StoreSession", round_id: int | None = None) -> list[dict]:
+    """Queued pairs that still need labels, with their texts, for labelling elsewhere."""
+    rows = tx.conn.execute(
+        "SELECT q.pair_id, q.round_id, pr.text, ca.text, cb.text, r.labels_per_pair, "
+        "(SELECT count(*) FROM labels l WHERE l.pair_id = q.pair_id AND l.annotator IS NOT NULL) AS given "
+        "FROM label_queue q JOIN label_requests r ON r.round_id = q.round_id "
+        "JOIN pairs p ON p.pair_id = q.pair_id JOIN prompts pr ON pr.prompt_id = p.prompt_id "
+        "JOIN completions ca ON ca.completion_id = p.completion_a_id "
+        "JOIN completions cb ON cb.completion_id = p.completion_b_id "
+        "WHERE (? IS NULL OR q.round_id = ?) AND given < r.labels_per_pair ORDER BY q.pair_id",
+        [round_id, round_id],
+    ).fetchall()
+    return [dict(pair_id=r[0], round_id=r[1], prompt=r[2], completion_a=r[3], completion_b=r[4],
+                 labels_needed=r[5] - r[6]) for r in rows]
+
+
+def people_labels(tx: "StoreSession", round_id: int | None = None) -> list[dict]:
+    """Every person's label (with texts), in the format `import_labels` reads."""
+    rows = tx.conn.execute(
+        "SELECT l.pair_id, l.winner, l.annotator, l.rationale, p.round_id, pr.text, ca.text, cb.text "
+        "FROM labels l JOIN pairs p ON p.pair_id = l.pair_id JOIN prompts pr ON pr.prompt_id = p.prompt_id "
+        "JOIN completions ca ON ca.completion_id = p.completion_a_id "
+        "JOIN completions cb ON cb.completion_id = p.completion_b_id "
+        "WHERE l.annotator IS NOT NULL AND (? IS NULL OR p.round_id = ?) ORDER BY l.label_id",
+        [round_id, round_id],
+    ).fetchall()
+    return [dict(pair_id=r[0], winner=r[1], annotator=r[2], rationale=r[3], round_id=r[4], prompt=r[5],
+                 completion_a=r[6], completion_b=r[7]) for r in rows]
+
+
+def import_labels(tx: "StoreSession", labels: Sequence[HumanLabel]) -> tuple[int, int]:
+    """Add people's labels made elsewhere; returns (added, already there). A label for a
+    pair that does not exist refuses the whole import (nothing is added)."""
+    for label in labels:
+        if label.winner not in WINNERS:
+            raise QueueError(f"pair {label.pair_id}: winner must be one of {WINNERS}, got {label.winner!r}", 422)
+        if not ANNOTATOR_NAME.fullmatch(label.annotator):
+            raise QueueError(f"pair {label.pair_id}: annotator name {label.annotator!r} is not valid", 422)
+    pair_ids = sorted({label.pair_id for label in labels})
+    known = {r[0] for r in tx.conn.execute(
+        "SELECT pair_id FROM pairs WHERE pair_id IN (SELECT unnest(?::BIGINT[]))", [pair_ids]).fetchall()}
+    missing = [p for p in pair_ids if p not in known]
+    if missing:
+        raise QueueError(f"no pairs with ids {missing[:10]}{' ...' if len(missing) > 10 else ''}", 404)
+    present = set(tx.conn.execute(
+        "SELECT pair_id, annotator FROM labels WHERE annotator IS NOT NULL AND pair_id IN "
+        "(SELECT unnest(?::BIGINT[]))", [pair_ids]).fetchall())
+    added = 0
+    for label in labels:
+        if (label.pair_id, label.annotator) in present:
+            continue
+        present.add((label.pair_id, label.annotator))
+        _insert_person_label(tx, label)
+        added += 1
+    return added, len(labels) - added
+
+
+def utc_now() -> datetime:
+    """Naive UTC, the form every time in the queue tables takes."""
+    from datetime import timezone
+
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def deadline_after(now: datetime, hours: float) -> datetime | None:
+    return now + timedelta(hours=hours) if hours > 0 else None

@@ -1,0 +1,335 @@
+"""The human labelling queue: leases, k labels per pair, the JSON API, export and import.
+
+The store is a real DuckDB file; the API is `flywheel label serve` in its own process;
+the page test drives Debian's Chromium through Playwright.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import timedelta
+
+import httpx
+import pytest
+
+from conftest import labelling_server
+from flywheel.cli import main
+from flywheel.labelling import label_pairs
+from judges import HumanJudge, JudgeSpecError, load_judge
+from judges.human import ready_to_train
+from queue_data import new_store, round_with_pairs
+from storage import queue
+
+
+def add_annotator(db, name, capsys) -> str:
+    capsys.readouterr()
+    assert main(["annotators", "add", name, "--db", str(db)]) == 0
+    return capsys.readouterr().out.strip()
+
+
+def bearer(token: str) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture
+def store(tmp_path):
+    return new_store(tmp_path)
+
+
+def queued_round(store, num_pairs, labels_per_pair=1, lease_seconds=600.0):
+    round_id = round_with_pairs(store, num_pairs)
+    with store.transaction() as tx:
+        queue.request_labels(tx, round_id, judge_version="1", labels_per_pair=labels_per_pair,
+                             lease_seconds=lease_seconds, now=queue.utc_now())
+    return round_id
+
+
+# -- the queue in the store ------------------------------------------------------------------
+
+
+def test_a_pair_needing_k_labels_goes_to_k_different_people(store):
+    queued_round(store, 1, labels_per_pair=2)
+    now = queue.utc_now()
+    with store.transaction() as tx:
+        alice = queue.claim_next_pair(tx, "alice", now, "a")
+        # A reloaded page gets the same lease back, not a second pair.
+        assert queue.claim_next_pair(tx, "alice", now, "b").lease_id == alice.lease_id
+        bob = queue.claim_next_pair(tx, "bob", now, "b")
+        assert bob.pair_id == alice.pair_id and bob.lease_id != alice.lease_id
+        # Two live leases cover both labels the pair needs: nobody else gets it.
+        assert queue.claim_next_pair(tx, "carol", now, "a") is None
+        queue.submit_label(tx, "alice", alice.pair_id, alice.lease_id, "left", now)
+        # Alice has labelled it; she is never offered it again.
+        assert queue.claim_next_pair(tx, "alice", now, "a") is None
+        queue.submit_label(tx, "bob", bob.pair_id, bob.lease_id, "tie", now)
+        assert queue.claim_next_pair(tx, "carol", now, "a") is None
+        done = queue.progress(tx)
+    assert (done.pairs, done.pairs_done, done.labels, done.labels_remaining) == (1, 1, 2, 0)
+    _, rows = store.query("SELECT annotator, winner FROM labels ORDER BY label_id")
+    assert rows == [("alice", "a"), ("bob", "tie")]
+
+
+def test_the_left_right_order_is_recorded_and_maps_back_to_a_and_b(store):
+    queued_round(store, 2)
+    now = queue.utc_now()
+    with store.transaction() as tx:
+        shown_b_left = queue.claim_next_pair(tx, "alice", now, "b")
+        _, _, a_text, b_text = tx.pairs_to_judge(1, "nobody", "0")[0]
+        assert (shown_b_left.left, shown_b_left.right) == (b_text, a_text)
+        queue.submit_label(tx, "alice", shown_b_left.pair_id, shown_b_left.lease_id, "left", now)
+        shown_a_left = queue.claim_next_pair(tx, "alice", now, "a")
+        queue.submit_label(tx, "alice", shown_a_left.pair_id, shown_a_left.lease_id, "left", now)
+    _, rows = store.query("SELECT e.left_slot, l.winner FROM label_leases e JOIN labels l USING (label_id) "
+                          "ORDER BY e.lease_id")
+    assert rows == [("b", "b"), ("a", "a")]
+
+
+def test_an_expired_lease_is_refused_and_the_pair_goes_to_someone_else(store):
+    queued_round(store, 1, lease_seconds=60)
+    now = queue.utc_now()
+    later = now + timedelta(seconds=61)
+    with store.transaction() as tx:
+        alice = queue.claim_next_pair(tx, "alice", now, "a")
+        assert queue.claim_next_pair(tx, "bob", now, "a") is None  # leased to alice
+        bob = queue.claim_next_pair(tx, "bob", later, "a")
+        assert bob.pair_id == alice.pair_id
+    with store.transaction() as tx, pytest.raises(queue.QueueError, match="expired") as refused:
+        queue.submit_label(tx, "alice", alice.pair_id, alice.lease_id, "left", later)
+    assert refused.value.status == 409
+    with store.transaction() as tx, pytest.raises(queue.QueueError, match="another annotator") as foreign:
+        queue.submit_label(tx, "alice", bob.pair_id, bob.lease_id, "left", later)
+    assert foreign.value.status == 403
+    with store.transaction() as tx:
+        queue.submit_label(tx, "bob", bob.pair_id, bob.lease_id, "right", later)
+    assert store.query("SELECT annotator FROM labels")[1] == [("bob",)]
+
+
+def test_a_skipped_pair_is_not_offered_again_to_whoever_skipped_it(store):
+    queued_round(store, 1)
+    now = queue.utc_now()
+    with store.transaction() as tx:
+        lease = queue.claim_next_pair(tx, "alice", now, "a")
+        queue.skip_pair(tx, "alice", lease.pair_id, lease.lease_id, now)
+        assert queue.claim_next_pair(tx, "alice", now, "a") is None
+        assert queue.claim_next_pair(tx, "bob", now, "a").pair_id == lease.pair_id
+        with pytest.raises(queue.QueueError, match="already skipped"):
+            queue.submit_label(tx, "alice", lease.pair_id, lease.lease_id, "left", now)
+
+
+def test_quota_and_deadline_decide_when_a_human_round_may_train(store):
+    round_id = round_with_pairs(store, 4)
+    judge = load_judge("human", {"quota_fraction": "0.5", "deadline_hours": "2"})
+    assert isinstance(judge, HumanJudge) and judge.quota_fraction == 0.5
+    now = queue.utc_now()
+    with store.transaction() as tx:
+        request = judge.queue_round(tx, round_id, now)
+        assert request.quota_pairs == 2 and request.deadline == now + timedelta(hours=2)
+        assert judge.queue_round(tx, round_id, now + timedelta(hours=1)) == request  # queued once
+        assert ready_to_train(request, queue.progress(tx, round_id), now) is None
+        assert ready_to_train(request, queue.progress(tx, round_id), now + timedelta(hours=2)) == "deadline"
+        for _ in range(2):
+            lease = queue.claim_next_pair(tx, "alice", now, "a")
+            queue.submit_label(tx, "alice", lease.pair_id, lease.lease_id, "left", now)
+        assert ready_to_train(request, queue.progress(tx, round_id), now) == "quota"
+
+
+@pytest.mark.parametrize("options, problem", [
+    ({"labels_per_pair": "0"}, "labels_per_pair must be >= 1"),
+    ({"quota_fraction": "1.5"}, "quota_fraction must be in"),
+    ({"labels_per_pair": "two"}, "must be a int"),
+    ({"lease_minutes": "-1"}, "lease_minutes must be > 0"),
+    ({"colour": "red"}, "cannot be built"),
+])
+def test_bad_human_judge_options_are_one_line_errors(options, problem):
+    with pytest.raises(JudgeSpecError, match=problem):
+        load_judge("human", options)
+
+
+def test_people_appear_in_judge_agreement_beside_an_ai_judge(store):
+    round_id = queued_round(store, 6)
+    rule = load_judge("rule:flywheel.demo_task:addition_score", {"name": "adder"})
+    label_pairs(store, rule, round_id, batch_size=4, progress=False)
+    now = queue.utc_now()
+    with store.transaction() as tx:
+        for _ in range(6):  # alice agrees with the rule on every pair but the last
+            lease = queue.claim_next_pair(tx, "alice", now, "a")
+            right_answer_is_a = lease.left == str(sum(int(x) for x in lease.prompt[:-1].split("+")))
+            choice = "left" if right_answer_is_a else "right"
+            if lease.pair_id == 6:
+                choice = "tie"
+            queue.submit_label(tx, "alice", lease.pair_id, lease.lease_id, choice, now)
+    _, rows = store.query("SELECT judge_a, judge_b, pairs, agreements FROM judge_agreement")
+    assert rows == [("adder@1", "human@1 (alice)", 6, 5)]
+
+
+# -- the CLI: annotators, export, import ---------------------------------------------------------
+
+
+def test_annotator_names_are_checked_and_unique(store, capsys):
+    token = add_annotator(store.path, "alice", capsys)
+    assert len(token) >= 32
+    assert main(["annotators", "add", "alice", "--db", str(store.path)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["annotators", "add", "x'); DROP TABLE labels; --", "--db", str(store.path)]) == 2
+    assert "must be 1-64 letters" in capsys.readouterr().err
+    _, rows = store.query("SELECT name FROM annotators")
+    assert rows == [("alice",)]
+    _, hashes = store.query("SELECT token_sha256 FROM annotators")
+    assert token not in hashes[0][0]  # only the hash is kept
+
+
+def test_export_pending_pairs_then_import_their_labels(store, tmp_path, capsys):
+    round_id = queued_round(store, 5, labels_per_pair=2)
+    pending = tmp_path / "pending.jsonl"
+    assert main(["label", "export", "--db", str(store.path), "--out", str(pending)]) == 0
+    rows = [json.loads(line) for line in pending.read_text().splitlines()]
+    assert [r["pair_id"] for r in rows] == [1, 2, 3, 4, 5]
+    assert {r["labels_needed"] for r in rows} == {2} and rows[0]["prompt"] == "0+0="
+    # Another tool fills in a winner and who labelled it; the other keys come back unchanged.
+    for row in rows:
+        row.update(winner="a" if row["completion_a"] == str(eval(row["prompt"][:-1])) else "b")
+    labelled = tmp_path / "labelled.jsonl"
+    labelled.write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    assert main(["label", "import", str(labelled), "--db", str(store.path), "--annotator", "vendor-1"]) == 0
+    assert "imported 3 labels" in capsys.readouterr().err
+    assert main(["label", "import", str(labelled), "--db", str(store.path), "--annotator", "vendor-1"]) == 0
+    assert "imported 0 labels" in capsys.readouterr().err  # a re-import adds nothing
+    with store.transaction() as tx:
+        assert queue.progress(tx, round_id).labels == 3
+    # Pairs still short of their labels are what the next export lists.
+    assert main(["label", "export", "--db", str(store.path), "--out", str(pending)]) == 0
+    assert [json.loads(line)["labels_needed"] for line in pending.read_text().splitlines()] == [1, 1, 1, 2, 2]
+    exported = tmp_path / "labels.jsonl"
+    assert main(["label", "export", "--labels", "--db", str(store.path), "--out", str(exported)]) == 0
+    back = [json.loads(line) for line in exported.read_text().splitlines()]
+    assert [(r["pair_id"], r["winner"], r["annotator"]) for r in back] == [
+        (r["pair_id"], r["winner"], "vendor-1") for r in rows[:3]]
+
+
+@pytest.mark.parametrize("lines, message", [
+    (['{"pair_id": 1, "winner": "a", "annotator": "bo"}', "{not json"], "labels.jsonl:2:"),
+    (['{"pair_id": 1, "winner": "left", "annotator": "bo"}'], "winner must be one of"),
+    (['{"pair_id": 1, "winner": "a"}'], "needs an integer pair_id, a winner and an annotator"),
+    (['{"pair_id": 1, "winner": "a", "annotator": "bo"}', '{"pair_id": 99, "winner": "a", "annotator": "bo"}'],
+     r"no pairs with ids \[99\]"),
+])
+def test_a_bad_import_line_refuses_the_whole_file(store, tmp_path, capsys, lines, message):
+    queued_round(store, 2)
+    path = tmp_path / "labels.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    assert main(["label", "import", str(path), "--db", str(store.path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("flywheel: error:") and len(err.strip().splitlines()) == 1
+    assert re.search(message, err)
+    assert store.count("labels") == 0
+
+
+# -- the JSON API, served by `flywheel label serve` ----------------------------------------------
+
+
+@pytest.fixture
+def served(store, capsys):
+    queued_round(store, 3)
+    tokens = {name: add_annotator(store.path, name, capsys) for name in ("alice", "bob")}
+    with labelling_server(store.path) as url:
+        yield url, tokens
+
+
+def test_requests_without_a_valid_token_get_401(served):
+    url, tokens = served
+    for method, path in [("GET", "/api/me"), ("POST", "/api/next"), ("GET", "/api/progress"),
+                         ("GET", "/api/labels"), ("POST", "/api/pairs/1/label"), ("POST", "/api/pairs/1/skip")]:
+        for headers in ({}, {"Authorization": "Basic " + tokens["alice"]}, bearer("not-a-token"),
+                        bearer("' OR 1=1 --")):
+            response = httpx.request(method, url + path, headers=headers, json={"lease_id": 1, "choice": "tie"})
+            assert response.status_code == 401, (method, path, headers, response.text)
+            assert response.headers["www-authenticate"] == "Bearer"
+    assert httpx.get(url + "/api/me", headers=bearer(tokens["alice"])).json() == {"annotator": "alice", "labels": 0}
+
+
+def test_malformed_bodies_get_422_with_a_message_and_unknown_pairs_404(served, store):
+    url, tokens = served
+    alice = bearer(tokens["alice"])
+    lease = httpx.post(url + "/api/next", headers=alice).json()["lease"]
+    label_url = f"{url}/api/pairs/{lease['pair_id']}/label"
+    for body, where in [({"choice": "left"}, "body.lease_id: Field required"),
+                        ({"lease_id": "1; DROP TABLE labels", "choice": "left"}, "body.lease_id"),
+                        ({"lease_id": lease["lease_id"], "choice": "left'; DROP TABLE labels; --"}, "body.choice"),
+                        ({"lease_id": lease["lease_id"], "choice": "left", "admin": True}, "body.admin"),
+                        ({"lease_id": lease["lease_id"], "choice": "left", "rationale": "x" * 2001}, "body.rationale")]:
+        response = httpx.post(label_url, headers=alice, json=body)
+        assert response.status_code == 422 and where in response.json()["detail"], response.text
+    response = httpx.post(label_url, headers={**alice, "Content-Type": "application/json"}, content=b"{oops")
+    assert response.status_code == 422 and response.json()["detail"].startswith("malformed request")
+    response = httpx.post(f"{url}/api/pairs/1%20OR%201=1/label", headers=alice, json={"lease_id": 1, "choice": "tie"})
+    assert response.status_code == 422 and "path.pair_id" in response.json()["detail"]
+    response = httpx.post(f"{url}/api/pairs/424242/label", headers=alice,
+                          json={"lease_id": lease["lease_id"], "choice": "tie"})
+    assert response.status_code == 404 and response.json()["detail"] == "no pair with id 424242"
+    # Bob cannot answer alice's lease; then alice's rationale is stored as text, not run.
+    response = httpx.post(label_url, headers=bearer(tokens["bob"]), json={"lease_id": lease["lease_id"], "choice": "tie"})
+    assert response.status_code == 403
+    rationale = "'); DELETE FROM labels; --"
+    response = httpx.post(label_url, headers=alice,
+                          json={"lease_id": lease["lease_id"], "choice": "right", "rationale": rationale})
+    assert response.status_code == 200
+    assert store.query("SELECT annotator, rationale FROM labels")[1] == [("alice", rationale)]
+    assert {t for (t,) in store.query("SELECT table_name FROM duckdb_tables()")[1]} >= {"labels", "pairs", "annotators"}
+    # Each annotator sees only their own labels.
+    assert [l["pair_id"] for l in httpx.get(url + "/api/labels", headers=alice).json()["labels"]] == [lease["pair_id"]]
+    assert httpx.get(url + "/api/labels", headers=bearer(tokens["bob"])).json()["labels"] == []
+    progress = httpx.get(url + "/api/progress", headers=bearer(tokens["bob"])).json()
+    assert (progress["labels"], progress["remaining"], progress["mine"]) == (1, 2, 0)
+
+
+# -- the page, in headless Chromium -------------------------------------------------------------------
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def test_the_labelling_page_in_chromium_labels_pairs_with_the_keyboard(served, store, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    url, tokens = served
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1100, "height": 640})
+        page.goto(url + "/")
+        page.fill("#token", "wrong-token")
+        page.click("button[type=submit]")
+        expect(page.locator("#login-error")).to_have_text("That token is not valid.")
+        page.fill("#token", tokens["alice"])
+        page.keyboard.press("Enter")
+        expect(page.locator("#who")).to_have_text("labelling as alice")
+        expect(page.locator("#done")).to_have_text("0")
+        expect(page.locator("#remaining")).to_have_text("3")
+        expect(page.locator("#lease")).to_contain_text("yours until")  # keys count once a pair shows
+        first_prompt = page.locator("#prompt").inner_text()
+        left_text = page.locator("#left").inner_text()
+        page.keyboard.press("ArrowLeft")  # left is better
+        expect(page.locator("#done")).to_have_text("1")
+        expect(page.locator("#mine")).to_have_text("1")
+        expect(page.locator("#remaining")).to_have_text("2")
+        expect(page.locator("#prompt")).not_to_have_text(first_prompt)
+        second_prompt = page.locator("#prompt").inner_text()
+        page.keyboard.press("s")  # skip the second pair
+        expect(page.locator("#message")).to_contain_text("Skipped pair")
+        expect(page.locator("#prompt")).not_to_have_text(second_prompt)
+        page.keyboard.press("t")  # tie on the third
+        expect(page.locator("#mine")).to_have_text("2")
+        expect(page.locator("#message")).to_contain_text("Nothing left to label")
+        page.screenshot(path=str(tmp_path / "labelling-page.png"))
+        browser.close()
+    _, rows = store.query(
+        "SELECT l.winner, e.left_slot, ca.text, cb.text FROM labels l JOIN label_leases e USING (label_id) "
+        "JOIN pairs p ON p.pair_id = l.pair_id JOIN completions ca ON ca.completion_id = p.completion_a_id "
+        "JOIN completions cb ON cb.completion_id = p.completion_b_id ORDER BY l.label_id")
+    (winner, left_slot, a_text, b_text), (second_winner, *_) = rows
+    assert winner == left_slot and left_text == (a_text if left_slot == "a" else b_text)
+    assert second_winner == "tie"
+    _, skipped = store.query("SELECT annotator FROM label_leases WHERE outcome = 'skipped'")
+    assert skipped == [("alice",)]
