@@ -354,6 +354,14 @@ def m004_people_labelling(conn: duckdb.DuckDBPyConnection) -> None:
             finished_at  TIMESTAMP
         );
 
+        -- A pair with its texts: what a person or a judge reads.
+        CREATE VIEW pair_texts AS
+        SELECT p.pair_id, p.round_id, pr.text AS prompt, ca.text AS completion_a, cb.text AS completion_b
+        FROM pairs p
+        JOIN prompts pr ON pr.prompt_id = p.prompt_id
+        JOIN completions ca ON ca.completion_id = p.completion_a_id
+        JOIN completions cb ON cb.completion_id = p.completion_b_id;
+
         -- Per queued round: pairs, how many have all their labels, labels given and needed.
         CREATE VIEW labelling_progress AS
         WITH people AS (

@@ -202,12 +202,10 @@ def claim_next_pair(tx: "StoreSession", annotator: str, now: datetime, left_slot
 
 def _lease(tx: "StoreSession", lease_id: int) -> Lease:
     row = tx.conn.execute(
-        "SELECT e.lease_id, e.pair_id, p.round_id, pr.text, "
-        "CASE e.left_slot WHEN 'a' THEN ca.text ELSE cb.text END, "
-        "CASE e.left_slot WHEN 'a' THEN cb.text ELSE ca.text END, e.expires_at "
-        "FROM label_leases e JOIN pairs p ON p.pair_id = e.pair_id JOIN prompts pr ON pr.prompt_id = p.prompt_id "
-        "JOIN completions ca ON ca.completion_id = p.completion_a_id "
-        "JOIN completions cb ON cb.completion_id = p.completion_b_id WHERE e.lease_id = ?",
+        "SELECT e.lease_id, e.pair_id, t.round_id, t.prompt, "
+        "CASE e.left_slot WHEN 'a' THEN t.completion_a ELSE t.completion_b END, "
+        "CASE e.left_slot WHEN 'a' THEN t.completion_b ELSE t.completion_a END, e.expires_at "
+        "FROM label_leases e JOIN pair_texts t ON t.pair_id = e.pair_id WHERE e.lease_id = ?",
         [lease_id],
     ).fetchone()
     return Lease(*row)
@@ -271,13 +269,12 @@ def skip_pair(tx: "StoreSession", annotator: str, pair_id: int, lease_id: int, n
 
 def labels_of(tx: "StoreSession", annotator: str, limit: int = 50) -> list[dict]:
     """An annotator's own latest labels (nobody sees anyone else's)."""
-    rows = tx.conn.execute(
-        "SELECT l.label_id, l.pair_id, pr.text, l.winner, l.created_at FROM labels l "
-        "JOIN pairs p ON p.pair_id = l.pair_id JOIN prompts pr ON pr.prompt_id = p.prompt_id "
+    return _dicts(tx.conn.execute(
+        "SELECT l.label_id, l.pair_id, t.prompt, l.winner, strftime(l.created_at, '%Y-%m-%dT%H:%M:%S') AS created_at "
+        "FROM labels l JOIN pair_texts t ON t.pair_id = l.pair_id "
         "WHERE l.annotator = ? ORDER BY l.label_id DESC LIMIT ?",
         [annotator, limit],
-    ).fetchall()
-    return [dict(label_id=r[0], pair_id=r[1], prompt=r[2], winner=r[3], created_at=r[4].isoformat()) for r in rows]
+    ))
 
 
 def count_labels_of(tx: "StoreSession", annotator: str) -> int:
@@ -289,32 +286,29 @@ def count_labels_of(tx: "StoreSession", annotator: str) -> int:
 
 def pending_pairs(tx: "StoreSession", round_id: int | None = None) -> list[dict]:
     """Queued pairs that still need labels, with their texts, for labelling elsewhere."""
-    rows = tx.conn.execute(
-        "SELECT q.pair_id, q.round_id, pr.text, ca.text, cb.text, r.labels_per_pair, "
-        "(SELECT count(*) FROM labels l WHERE l.pair_id = q.pair_id AND l.annotator IS NOT NULL) AS given "
+    return _dicts(tx.conn.execute(
+        "SELECT t.*, r.labels_per_pair - (SELECT count(*) FROM labels l WHERE l.pair_id = q.pair_id "
+        "AND l.annotator IS NOT NULL) AS labels_needed "
         "FROM label_queue q JOIN label_requests r ON r.round_id = q.round_id "
-        "JOIN pairs p ON p.pair_id = q.pair_id JOIN prompts pr ON pr.prompt_id = p.prompt_id "
-        "JOIN completions ca ON ca.completion_id = p.completion_a_id "
-        "JOIN completions cb ON cb.completion_id = p.completion_b_id "
-        "WHERE (? IS NULL OR q.round_id = ?) AND given < r.labels_per_pair ORDER BY q.pair_id",
+        "JOIN pair_texts t ON t.pair_id = q.pair_id "
+        "WHERE (? IS NULL OR q.round_id = ?) AND labels_needed > 0 ORDER BY q.pair_id",
         [round_id, round_id],
-    ).fetchall()
-    return [dict(pair_id=r[0], round_id=r[1], prompt=r[2], completion_a=r[3], completion_b=r[4],
-                 labels_needed=r[5] - r[6]) for r in rows]
+    ))
 
 
 def people_labels(tx: "StoreSession", round_id: int | None = None) -> list[dict]:
     """Every person's label (with texts), in the format `import_labels` reads."""
-    rows = tx.conn.execute(
-        "SELECT l.pair_id, l.winner, l.annotator, l.rationale, p.round_id, pr.text, ca.text, cb.text "
-        "FROM labels l JOIN pairs p ON p.pair_id = l.pair_id JOIN prompts pr ON pr.prompt_id = p.prompt_id "
-        "JOIN completions ca ON ca.completion_id = p.completion_a_id "
-        "JOIN completions cb ON cb.completion_id = p.completion_b_id "
-        "WHERE l.annotator IS NOT NULL AND (? IS NULL OR p.round_id = ?) ORDER BY l.label_id",
+    return _dicts(tx.conn.execute(
+        "SELECT l.pair_id, l.winner, l.annotator, l.rationale, t.round_id, t.prompt, t.completion_a, t.completion_b "
+        "FROM labels l JOIN pair_texts t ON t.pair_id = l.pair_id "
+        "WHERE l.annotator IS NOT NULL AND (? IS NULL OR t.round_id = ?) ORDER BY l.label_id",
         [round_id, round_id],
-    ).fetchall()
-    return [dict(pair_id=r[0], winner=r[1], annotator=r[2], rationale=r[3], round_id=r[4], prompt=r[5],
-                 completion_a=r[6], completion_b=r[7]) for r in rows]
+    ))
+
+
+def _dicts(cursor) -> list[dict]:
+    columns = [d[0] for d in cursor.description]
+    return [dict(zip(columns, row)) for row in cursor.fetchall()]
 
 
 def import_labels(tx: "StoreSession", labels: Sequence[HumanLabel]) -> tuple[int, int]:

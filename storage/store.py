@@ -463,10 +463,7 @@ class StoreSession:
         """(pair_id, prompt, completion a, completion b) of the round's pairs this judge
         has neither labelled nor failed on yet."""
         return self.conn.execute(
-            "SELECT p.pair_id, pr.text, ca.text, cb.text FROM pairs p "
-            "JOIN prompts pr USING (prompt_id) "
-            "JOIN completions ca ON ca.completion_id = p.completion_a_id "
-            "JOIN completions cb ON cb.completion_id = p.completion_b_id "
+            "SELECT p.pair_id, p.prompt, p.completion_a, p.completion_b FROM pair_texts p "
             "WHERE p.round_id = ? "
             "AND p.pair_id NOT IN (SELECT pair_id FROM labels WHERE judge_name = ? AND judge_version = ?) "
             "AND p.pair_id NOT IN (SELECT pair_id FROM judge_failures WHERE judge_name = ? AND judge_version = ?) "
