@@ -34,11 +34,11 @@ def _log(message: str) -> None:
 # -- commands -----------------------------------------------------------------------------
 
 
-def _run_flywheel(config, rounds: int, judge=None) -> None:
+def _run_flywheel(config, rounds: int, judge=None, eval_judge=None) -> None:
     from flows.rounds import run_rounds
     from flywheel.rounds import Flywheel
 
-    flywheel = Flywheel(config, log=_log, judge=judge)
+    flywheel = Flywheel(config, log=_log, judge=judge, eval_judge=eval_judge)
     try:
         flywheel.initialise()
         run_rounds(flywheel, rounds)
@@ -82,7 +82,7 @@ def command_run(args: argparse.Namespace) -> None:
     from flywheel.checkpoints import require_checkpoint
     from flywheel.config import EvalConfig, FlywheelConfig, JudgeConfig, PairConfig, SampleConfig, TrainConfig
     from flywheel.prompts import load_prompts
-    from judges import close_judge, import_object, load_judge
+    from judges import import_object, load_judge
 
     if args.judge is None and args.score is None:
         raise UserError("give --judge SPEC, or --score for a rule judge (or both)")
@@ -96,8 +96,7 @@ def command_run(args: argparse.Namespace) -> None:
     eval_judge = JudgeConfig(args.eval_judge) if args.eval_judge else None
     # Built now, so a judge that cannot be built fails in one line before anything slow.
     built_judge = load_judge(judge.spec, judge.options)
-    if eval_judge is not None:
-        close_judge(load_judge(eval_judge.spec))
+    built_eval_judge = load_judge(eval_judge.spec) if eval_judge is not None else None
     config = FlywheelConfig(
         workdir=args.workdir,
         reference_model=args.model,
@@ -110,7 +109,7 @@ def command_run(args: argparse.Namespace) -> None:
         train=TrainConfig(beta=args.beta, learning_rate=args.lr, nll_weight=args.nll_weight),
         eval=EvalConfig(accuracy_score=args.score, judge=eval_judge),
     )
-    _run_flywheel(config, args.rounds, built_judge)
+    _run_flywheel(config, args.rounds, built_judge, built_eval_judge)
     _print_round_table(config.database)
 
 
@@ -128,6 +127,8 @@ def command_judge(args: argparse.Namespace) -> None:
             raise UserError(f"{args.db} has no pairs to judge yet")
     if store.count("pairs", "round_id = ?", [round_id]) == 0:
         raise UserError(f"round {round_id} has no pairs (it has not finished pairing, or does not exist)")
+    if args.judge == "human":
+        raise UserError("people label through the queue: `flywheel label enqueue --round N`, then `flywheel label serve`")
     judge = load_judge(args.judge, _judge_options(args.judge_option))
     try:
         result = label_pairs(store, judge, round_id, args.batch_size)
@@ -180,11 +181,17 @@ def command_annotators_list(args: argparse.Namespace) -> None:
 
 
 def command_label_serve(args: argparse.Namespace) -> None:
+    import socket
+
     import uvicorn
 
     from judges.labelling_app import create_app
 
     app = create_app(args.db)
+    try:  # uvicorn would log a bind failure and exit 3; say it in one line instead
+        socket.create_server((args.host, args.port)).close()
+    except OSError as error:
+        raise UserError(f"cannot listen on {args.host}:{args.port}: {error.strerror or error}") from error
     _log(f"labelling page: http://{args.host}:{args.port}/  (database {args.db}; Ctrl-C stops)")
     uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
 
@@ -193,10 +200,20 @@ def command_label_enqueue(args: argparse.Namespace) -> None:
     from storage import queue
     from storage.store import Store
 
+    from judges.human import MAX_LEASE_MINUTES
+
+    if args.lease_minutes > MAX_LEASE_MINUTES:
+        raise UserError(f"--lease-minutes must be at most {MAX_LEASE_MINUTES} (a week), got {args.lease_minutes}")
     store = Store.open(args.db)
     with store.transaction() as tx:
         if tx.count("pairs", "round_id = ?", [args.round]) == 0:
             raise UserError(f"round {args.round} has no pairs (it has not finished pairing, or does not exist)")
+        # Only a round an AI judge has started labelling: a round with no judge yet, queued
+        # here, would later be mistaken for a human round's own queue.
+        judge_name = tx.get_round(args.round).judge_name
+        if judge_name is None or judge_name == queue.HUMAN_JUDGE_NAME:
+            raise UserError(f"round {args.round} " + ("is labelled by people already" if judge_name else
+                            "has no judge yet: enqueue it for comparison once its judge has labelled it"))
         request = queue.request_labels(tx, args.round, judge_version="1", labels_per_pair=args.labels_per_pair,
                                        lease_seconds=args.lease_minutes * 60, now=queue.utc_now())
         done = queue.progress(tx, args.round)
@@ -212,7 +229,10 @@ def command_label_export(args: argparse.Namespace) -> None:
 
     with Store.open(args.db).transaction() as tx:
         rows = queue.people_labels(tx, args.round) if args.labels else queue.pending_pairs(tx, args.round)
-    out = open(args.out, "w") if args.out else sys.stdout
+    try:
+        out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
+    except OSError as error:
+        raise UserError(f"cannot write {args.out}: {error.strerror or error}") from error
     try:
         for row in rows:
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -230,7 +250,7 @@ def command_label_import(args: argparse.Namespace) -> None:
     labels = _read_label_lines(args.file, args.annotator)
     with Store.open(args.db).transaction() as tx:
         try:
-            added, present = queue.import_labels(tx, labels)
+            added, present = queue.import_labels(tx, labels, queue.utc_now())
         except queue.QueueError as error:
             raise UserError(f"{args.file}: {error}; nothing imported") from error
     _log(f"imported {added} labels from {args.file} ({present} were already there)")
@@ -241,23 +261,26 @@ def _read_label_lines(path: Path, default_annotator: str | None) -> list:
     texts an export wrote) are ignored. Any bad line refuses the file, naming the line."""
     import json
 
-    from storage.queue import HumanLabel
+    from storage.queue import HumanLabel, QueueError
 
-    if not path.is_file():
-        raise UserError(f"no file {path}")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"cannot read {path}: {error}") from error
     labels = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-            annotator = row.get("annotator", default_annotator)
-            if not isinstance(row.get("pair_id"), int) or not isinstance(row.get("winner"), str) \
-                    or not isinstance(annotator, str):
-                raise ValueError("needs an integer pair_id, a winner and an annotator (or --annotator)")
-            labels.append(HumanLabel(row["pair_id"], row["winner"], annotator, row.get("rationale")))
-        except (ValueError, AttributeError) as error:
-            raise UserError(f"{path}:{number}: {error}") from error
+            if not isinstance(row, dict):
+                raise ValueError("each line must be a JSON object")
+            if "pair_id" not in row or "winner" not in row or ("annotator" not in row and not default_annotator):
+                raise ValueError("needs a pair_id, a winner and an annotator (or --annotator)")
+            labels.append(HumanLabel(row["pair_id"], row["winner"], row.get("annotator", default_annotator),
+                                     row.get("rationale")))
+        except (ValueError, QueueError) as error:
+            raise UserError(f"{path}:{number}: {error}; nothing imported") from error
     return labels
 
 
@@ -298,6 +321,20 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number greater than 0, got {text}")
+    return value
+
+
+def port_number(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in 1-65535, got {value}")
     return value
 
 
@@ -423,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_db_argument(serve)
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to listen on (default: %(default)s; 0.0.0.0 for your whole network)")
-    serve.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    serve.add_argument("--port", type=port_number, default=8000, help="port (default: %(default)s)")
     serve.set_defaults(handler=command_label_serve)
     enqueue = label_commands.add_parser(
         "enqueue", help="queue a round's pairs for people (to compare with its judge)",
@@ -433,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     enqueue.add_argument("--round", type=positive_int, required=True, help="round whose pairs to queue")
     enqueue.add_argument("--labels-per-pair", type=positive_int, default=1,
                          help="labels each pair needs, from different people (default: %(default)s)")
-    enqueue.add_argument("--lease-minutes", type=float, default=10.0,
+    enqueue.add_argument("--lease-minutes", type=positive_float, default=10.0,
                          help="how long one annotator holds a pair (default: %(default)s)")
     enqueue.set_defaults(handler=command_label_enqueue)
     export = label_commands.add_parser(

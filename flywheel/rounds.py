@@ -34,7 +34,7 @@ Log = Callable[[str], None]
 class Flywheel:
     """A flywheel on disk (its config and database) plus the live sampler engine.
 
-    The judge is built from `config.judge` unless a judge object is given; a sampler can
+    The judges are built from `config.judge` and `config.eval` unless given; a sampler can
     be shared between flywheels in one process (its engine is slow to start), and is then
     closed by whoever made it.
     """
@@ -43,8 +43,9 @@ class Flywheel:
         self,
         config: FlywheelConfig,
         log: Log = lambda message: None,
-        judge: Judge | None = None,
+        judge: Judge | HumanJudge | None = None,
         sampler: VLLMSampler | None = None,
+        eval_judge: Judge | None = None,
     ) -> None:
         self.config = config
         self.log = log
@@ -58,7 +59,7 @@ class Flywheel:
         self.accuracy_score: Callable[[str, str], float] | None = None
         if config.eval.accuracy_score is not None:
             self.accuracy_score = import_object(config.eval.accuracy_score, "eval.accuracy_score")
-        self.eval_judge = self._build_eval_judge()
+        self.eval_judge = eval_judge if eval_judge is not None else self._build_eval_judge()
         self.store = Store.create(config.database)
         self._owns_sampler = sampler is None
         self.sampler = sampler if sampler is not None else VLLMSampler(config.sample, seed=config.seed)
@@ -189,6 +190,10 @@ class Flywheel:
             if not tx.get_round(round_id).has_finished("labelling"):
                 tx.finish_step(round_id, "labelling")
             progress = queue_progress(tx, round_id)
+        if request.labels_per_pair != judge.labels_per_pair:
+            self.log(f"round {round_id} keeps the settings it was queued with "
+                     f"({request.labels_per_pair} label(s) per pair, quota {request.quota_pairs} pairs); "
+                     "new judge options apply from the next round")
         because = ready_to_train(request, progress, now)
         if because is None:
             self.log(f"round {round_id} waits for people: {waiting_message(request, progress)}. Label with "

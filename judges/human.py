@@ -21,6 +21,10 @@ if TYPE_CHECKING:
     from storage.store import StoreSession
 
 
+MAX_LEASE_MINUTES = 7 * 24 * 60
+MAX_DEADLINE_HOURS = 365 * 24
+
+
 @dataclass(frozen=True)
 class HumanJudge:
     """How people label a round: `labels_per_pair` labels from different people per pair;
@@ -38,6 +42,9 @@ class HumanJudge:
 
     def __post_init__(self) -> None:
         problems = []
+        for name in ("quota_fraction", "deadline_hours", "lease_minutes"):
+            if not math.isfinite(getattr(self, name)):
+                problems.append(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.labels_per_pair < 1:
             problems.append(f"labels_per_pair must be >= 1, got {self.labels_per_pair}")
         if not 0 < self.quota_fraction <= 1:
@@ -46,8 +53,11 @@ class HumanJudge:
             problems.append(f"quota_pairs must be >= 0, got {self.quota_pairs}")
         if self.deadline_hours < 0:
             problems.append(f"deadline_hours must be >= 0 (0: none), got {self.deadline_hours}")
-        if self.lease_minutes <= 0:
-            problems.append(f"lease_minutes must be > 0, got {self.lease_minutes}")
+        if not 0 < self.lease_minutes <= MAX_LEASE_MINUTES:
+            problems.append(f"lease_minutes must be > 0 and at most {MAX_LEASE_MINUTES} (a week), "
+                            f"got {self.lease_minutes}")
+        if self.deadline_hours > MAX_DEADLINE_HOURS:
+            problems.append(f"deadline_hours must be at most {MAX_DEADLINE_HOURS} (a year), got {self.deadline_hours}")
         if not self.version:
             problems.append("version must not be empty")
         if problems:

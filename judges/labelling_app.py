@@ -22,16 +22,17 @@ import random
 import threading
 import time
 from importlib import resources
-from pathlib import Path
+from os import PathLike
 from typing import Annotated, Any, Callable, Literal, TypeVar
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi import Depends, FastAPI, Path, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from storage import queue
-from storage.store import Store, StoreSession
+from storage.store import Store, StoreError, StoreSession
 
 T = TypeVar("T")
 
@@ -42,7 +43,8 @@ def token_sha256(token: str) -> str:
 
 class LeaseBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    lease_id: int = Field(strict=True, ge=1)
+    # Ids are DuckDB BIGINTs: anything larger is malformed, not a server error.
+    lease_id: int = Field(strict=True, ge=1, le=queue.BIGINT_MAX)
 
 
 class LabelBody(LeaseBody):
@@ -50,17 +52,23 @@ class LabelBody(LeaseBody):
     rationale: str | None = Field(default=None, max_length=2000)
 
 
+PairId = Annotated[int, Path(ge=1, le=queue.BIGINT_MAX)]
+
 # After each transaction the app leaves the file alone this long, so that a flow in
 # another process, retrying its lock, finds it free even while many people label.
 PAUSE_BETWEEN_TRANSACTIONS_S = 0.01
+# An unknown token reloads the annotators at most this often, so a stream of bad tokens
+# cannot keep the database busy, and someone added a moment ago gets in without a restart.
+TOKEN_RELOAD_S = 2.0
 
 
-def create_app(database: str | Path, *, lock_timeout_s: float = 30.0, seed: int | None = None) -> FastAPI:
+def create_app(database: str | PathLike, *, lock_timeout_s: float = 30.0, seed: int | None = None) -> FastAPI:
     """The app for one flywheel database. `seed` fixes the left/right draws (tests)."""
     store = Store.open(database, lock_timeout_s=lock_timeout_s)
     one_at_a_time = threading.Lock()
     sides = random.Random(seed)
-    known_tokens: dict[str, str] = {}  # token hash -> annotator; annotators are never removed
+    tokens: dict[str, str] = {}  # token hash -> annotator
+    tokens_loaded_at = [float("-inf")]
     page = resources.files("judges").joinpath("static/label.html").read_text()
     app = FastAPI(title="flywheel labelling", docs_url=None, redoc_url=None)
 
@@ -72,18 +80,32 @@ def create_app(database: str | Path, *, lock_timeout_s: float = 30.0, seed: int 
             finally:
                 time.sleep(PAUSE_BETWEEN_TRANSACTIONS_S)
 
-    def annotator(authorization: Annotated[str | None, Header()] = None) -> str:
+    def annotator_for(authorization: str | None) -> str | None:
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise HTTPException(401, "give your token: Authorization: Bearer TOKEN",
-                                headers={"WWW-Authenticate": "Bearer"})
+            return None
         digest = token_sha256(token.strip())
-        if digest not in known_tokens:
-            name = in_transaction(lambda tx: queue.annotator_for_token(tx, digest))
+        if digest not in tokens and time.monotonic() - tokens_loaded_at[0] > TOKEN_RELOAD_S:
+            tokens.update(in_transaction(queue.annotator_tokens))
+            tokens_loaded_at[0] = time.monotonic()
+        return tokens.get(digest)
+
+    @app.middleware("http")
+    async def require_token(request: Request, call_next):
+        # Before routing, so a request without a valid token gets 401 whatever its body.
+        if request.url.path.startswith("/api/"):
+            try:
+                name = await run_in_threadpool(annotator_for, request.headers.get("authorization"))
+            except StoreError as error:
+                return busy(request, error)
             if name is None:
-                raise HTTPException(401, "unknown token", headers={"WWW-Authenticate": "Bearer"})
-            known_tokens[digest] = name
-        return known_tokens[digest]
+                return JSONResponse({"detail": "give a valid token: Authorization: Bearer TOKEN"},
+                                    status_code=401, headers={"WWW-Authenticate": "Bearer"})
+            request.state.annotator = name
+        return await call_next(request)
+
+    def annotator(request: Request) -> str:
+        return request.state.annotator
 
     Annotator = Annotated[str, Depends(annotator)]
 
@@ -91,11 +113,16 @@ def create_app(database: str | Path, *, lock_timeout_s: float = 30.0, seed: int 
     def refused(request: Request, error: queue.QueueError) -> JSONResponse:
         return JSONResponse({"detail": str(error)}, status_code=error.status)
 
+    @app.exception_handler(StoreError)
+    def busy(request: Request, error: StoreError) -> JSONResponse:
+        # The database stayed locked (or unreadable) past the retries: try again later.
+        return JSONResponse({"detail": f"the database is busy: {error}"}, status_code=503)
+
     @app.exception_handler(RequestValidationError)
     def malformed(request: Request, error: RequestValidationError) -> JSONResponse:
+        # Only the messages: the raw input may be bytes or NaN, which JSON cannot carry.
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
-        return JSONResponse({"detail": f"malformed request: {problems}", "errors": error.errors()},
-                            status_code=422)
+        return JSONResponse({"detail": f"malformed request: {problems}"}, status_code=422)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def labelling_page() -> str:
@@ -114,13 +141,13 @@ def create_app(database: str | Path, *, lock_timeout_s: float = 30.0, seed: int 
         return {"lease": {**lease.__dict__, "expires_at": lease.expires_at.isoformat() + "Z"}}
 
     @app.post("/api/pairs/{pair_id}/label")
-    def label(pair_id: int, body: LabelBody, name: Annotator) -> dict[str, Any]:
+    def label(pair_id: PairId, body: LabelBody, name: Annotator) -> dict[str, Any]:
         label_id = in_transaction(lambda tx: queue.submit_label(
             tx, name, pair_id, body.lease_id, body.choice, queue.utc_now(), body.rationale))
         return {"label_id": label_id}
 
     @app.post("/api/pairs/{pair_id}/skip")
-    def skip(pair_id: int, body: LeaseBody, name: Annotator) -> dict[str, Any]:
+    def skip(pair_id: PairId, body: LeaseBody, name: Annotator) -> dict[str, Any]:
         in_transaction(lambda tx: queue.skip_pair(tx, name, pair_id, body.lease_id, queue.utc_now()))
         return {"skipped": pair_id}
 

@@ -329,7 +329,10 @@ def m004_people_labelling(conn: duckdb.DuckDBPyConnection) -> None:
             deadline         TIMESTAMP,
             created_at       TIMESTAMP NOT NULL,
             closed_at        TIMESTAMP,
-            closed_because   VARCHAR CHECK (closed_because IN ('quota', 'deadline'))
+            closed_because   VARCHAR CHECK (closed_because IN ('quota', 'deadline')),
+            -- The newest label when the request closed: a round trains on people's labels
+            -- up to it, so labels of leftover pairs given later never change its data.
+            last_label_id    BIGINT
         );
 
         -- Queued pairs stay queued: closing a request lets its round train, and people
@@ -365,7 +368,7 @@ def m004_people_labelling(conn: duckdb.DuckDBPyConnection) -> None:
         -- Per queued round: pairs, how many have all their labels, labels given and needed.
         CREATE VIEW labelling_progress AS
         WITH people AS (
-            SELECT pair_id, count(*) AS labels FROM labels
+            SELECT pair_id, count(DISTINCT annotator) AS labels FROM labels
             WHERE annotator IS NOT NULL GROUP BY pair_id
         )
         SELECT

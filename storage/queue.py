@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 HUMAN_JUDGE_NAME = "human"
 CHOICES = ("left", "right", "tie", "both_bad")
 ANNOTATOR_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
+BIGINT_MAX = 2**63 - 1
 
 
 class QueueError(StoreError):
@@ -82,6 +83,16 @@ class HumanLabel:
     annotator: str
     rationale: str | None = None
 
+    def __post_init__(self) -> None:
+        if type(self.pair_id) is not int or not 1 <= self.pair_id <= BIGINT_MAX:
+            raise QueueError(f"pair_id must be a positive integer id, got {self.pair_id!r}", 422)
+        if self.winner not in WINNERS:
+            raise QueueError(f"winner must be one of {WINNERS}, got {self.winner!r}", 422)
+        if not isinstance(self.annotator, str) or not ANNOTATOR_NAME.fullmatch(self.annotator):
+            raise QueueError(f"annotator must be a name of letters, digits or _.@-, got {self.annotator!r}", 422)
+        if self.rationale is not None and not isinstance(self.rationale, str):
+            raise QueueError(f"rationale must be text, got {self.rationale!r}", 422)
+
 
 # -- annotators --------------------------------------------------------------------------
 
@@ -95,9 +106,9 @@ def add_annotator(tx: "StoreSession", name: str, token_sha256: str) -> None:
     tx.conn.execute("INSERT INTO annotators (name, token_sha256) VALUES (?, ?)", [name, token_sha256])
 
 
-def annotator_for_token(tx: "StoreSession", token_sha256: str) -> str | None:
-    row = tx.conn.execute("SELECT name FROM annotators WHERE token_sha256 = ?", [token_sha256]).fetchone()
-    return row[0] if row else None
+def annotator_tokens(tx: "StoreSession") -> dict[str, str]:
+    """Token hash -> annotator name, for every annotator."""
+    return dict(tx.conn.execute("SELECT token_sha256, name FROM annotators").fetchall())
 
 
 def annotators(tx: "StoreSession") -> list[tuple[str, int]]:
@@ -147,9 +158,11 @@ def label_request(tx: "StoreSession", round_id: int) -> LabelRequest | None:
 
 
 def close_request(tx: "StoreSession", round_id: int, because: str, now: datetime) -> None:
-    """Let the round go on; its unlabelled pairs stay in the queue."""
+    """Let the round go on with the labels given so far (`last_label_id` marks them, so a
+    resumed round trains on the same set); its unlabelled pairs stay in the queue."""
     tx.conn.execute(
-        "UPDATE label_requests SET closed_at = ?, closed_because = ? WHERE round_id = ? AND closed_at IS NULL",
+        "UPDATE label_requests SET closed_at = ?, closed_because = ?, "
+        "last_label_id = (SELECT coalesce(max(label_id), 0) FROM labels) WHERE round_id = ? AND closed_at IS NULL",
         [now, because, round_id],
     )
 
@@ -175,7 +188,7 @@ INSERT INTO label_leases (pair_id, annotator, left_slot, leased_at, expires_at)
 SELECT q.pair_id, $annotator, $left_slot, $now, $now + to_microseconds((r.lease_seconds * 1e6)::BIGINT)
 FROM label_queue q
 JOIN label_requests r ON r.round_id = q.round_id
-WHERE (SELECT count(*) FROM labels l WHERE l.pair_id = q.pair_id AND l.annotator IS NOT NULL)
+WHERE (SELECT count(DISTINCT l.annotator) FROM labels l WHERE l.pair_id = q.pair_id)
     + (SELECT count(*) FROM label_leases o WHERE o.pair_id = q.pair_id AND o.outcome IS NULL
        AND o.expires_at > $now) < r.labels_per_pair
   AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.pair_id = q.pair_id AND l.annotator = $annotator)
@@ -214,10 +227,13 @@ def _lease(tx: "StoreSession", lease_id: int) -> Lease:
 def _finish_lease(tx: "StoreSession", annotator: str, pair_id: int, lease_id: int, outcome: str,
                   now: datetime) -> str:
     """Close the annotator's live lease in one statement; returns its left slot. Explains a refusal."""
+    # A label imported for this person while they held the lease already counts as theirs.
     row = tx.conn.execute(
-        "UPDATE label_leases SET outcome = ?, finished_at = ? WHERE lease_id = ? AND pair_id = ? "
-        "AND annotator = ? AND outcome IS NULL AND expires_at > ? RETURNING left_slot",
-        [outcome, now, lease_id, pair_id, annotator, now],
+        "UPDATE label_leases SET outcome = $outcome, finished_at = $now WHERE lease_id = $lease "
+        "AND pair_id = $pair AND annotator = $annotator AND outcome IS NULL AND expires_at > $now "
+        "AND ($outcome = 'skipped' OR NOT EXISTS "
+        "(SELECT 1 FROM labels l WHERE l.pair_id = $pair AND l.annotator = $annotator)) RETURNING left_slot",
+        {"outcome": outcome, "now": now, "lease": lease_id, "pair": pair_id, "annotator": annotator},
     ).fetchone()
     if row is not None:
         return row[0]
@@ -232,6 +248,8 @@ def _finish_lease(tx: "StoreSession", annotator: str, pair_id: int, lease_id: in
         raise QueueError(f"lease {lease_id} belongs to another annotator", 403)
     if lease[2] is not None:
         raise QueueError(f"lease {lease_id} is already {lease[2]}", 409)
+    if lease[3] > now:
+        raise QueueError(f"you have already labelled pair {pair_id}", 409)
     raise QueueError(f"lease {lease_id} expired at {lease[3]:%H:%M:%S} UTC; the pair may have gone to "
                      "someone else: take the next pair", 409)
 
@@ -287,8 +305,8 @@ def count_labels_of(tx: "StoreSession", annotator: str) -> int:
 def pending_pairs(tx: "StoreSession", round_id: int | None = None) -> list[dict]:
     """Queued pairs that still need labels, with their texts, for labelling elsewhere."""
     return _dicts(tx.conn.execute(
-        "SELECT t.*, r.labels_per_pair - (SELECT count(*) FROM labels l WHERE l.pair_id = q.pair_id "
-        "AND l.annotator IS NOT NULL) AS labels_needed "
+        "SELECT t.*, r.labels_per_pair - (SELECT count(DISTINCT l.annotator) FROM labels l "
+        "WHERE l.pair_id = q.pair_id) AS labels_needed "
         "FROM label_queue q JOIN label_requests r ON r.round_id = q.round_id "
         "JOIN pair_texts t ON t.pair_id = q.pair_id "
         "WHERE (? IS NULL OR q.round_id = ?) AND labels_needed > 0 ORDER BY q.pair_id",
@@ -311,14 +329,10 @@ def _dicts(cursor) -> list[dict]:
     return [dict(zip(columns, row)) for row in cursor.fetchall()]
 
 
-def import_labels(tx: "StoreSession", labels: Sequence[HumanLabel]) -> tuple[int, int]:
+def import_labels(tx: "StoreSession", labels: Sequence[HumanLabel], now: datetime) -> tuple[int, int]:
     """Add people's labels made elsewhere; returns (added, already there). A label for a
-    pair that does not exist refuses the whole import (nothing is added)."""
-    for label in labels:
-        if label.winner not in WINNERS:
-            raise QueueError(f"pair {label.pair_id}: winner must be one of {WINNERS}, got {label.winner!r}", 422)
-        if not ANNOTATOR_NAME.fullmatch(label.annotator):
-            raise QueueError(f"pair {label.pair_id}: annotator name {label.annotator!r} is not valid", 422)
+    pair that does not exist refuses the whole import (nothing is added). A person's live
+    lease on a pair they bring a label for ends with it."""
     pair_ids = sorted({label.pair_id for label in labels})
     known = {r[0] for r in tx.conn.execute(
         "SELECT pair_id FROM pairs WHERE pair_id IN (SELECT unnest(?::BIGINT[]))", [pair_ids]).fetchall()}
@@ -333,7 +347,12 @@ def import_labels(tx: "StoreSession", labels: Sequence[HumanLabel]) -> tuple[int
         if (label.pair_id, label.annotator) in present:
             continue
         present.add((label.pair_id, label.annotator))
-        _insert_person_label(tx, label)
+        label_id = _insert_person_label(tx, label)
+        tx.conn.execute(
+            "UPDATE label_leases SET outcome = 'labelled', label_id = ?, finished_at = ? "
+            "WHERE pair_id = ? AND annotator = ? AND outcome IS NULL",
+            [label_id, now, label.pair_id, label.annotator],
+        )
         added += 1
     return added, len(labels) - added
 

@@ -39,10 +39,13 @@ from storage.records import (
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # A round's training preferences: its pairs that the round's own judge gave a winner.
-# Labels other judges added later, for comparison, are not training data.
+# Labels other judges added later, for comparison, are not training data; nor are people's
+# labels given after the round stopped waiting for them (`label_requests.last_label_id`).
 _ROUND_PREFERENCES = (
     "SELECT pf.* FROM preferences pf JOIN rounds rd ON rd.round_id = pf.round_id "
-    "WHERE pf.round_id = ? AND pf.judge = rd.judge_name AND pf.judge_version = rd.judge_version"
+    "LEFT JOIN label_requests rq ON rq.round_id = pf.round_id "
+    "WHERE pf.round_id = ? AND pf.judge = rd.judge_name AND pf.judge_version = rd.judge_version "
+    "AND (rq.last_label_id IS NULL OR pf.label_id <= rq.last_label_id)"
 )
 
 

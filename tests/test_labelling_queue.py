@@ -140,10 +140,49 @@ def test_quota_and_deadline_decide_when_a_human_round_may_train(store):
     ({"labels_per_pair": "two"}, "must be a int"),
     ({"lease_minutes": "-1"}, "lease_minutes must be > 0"),
     ({"colour": "red"}, "cannot be built"),
+    ({"lease_minutes": "inf"}, "lease_minutes must be a finite number"),
+    ({"deadline_hours": "1e9"}, "deadline_hours must be at most"),
 ])
 def test_bad_human_judge_options_are_one_line_errors(options, problem):
     with pytest.raises(JudgeSpecError, match=problem):
         load_judge("human", options)
+
+
+def test_one_person_gives_a_pair_one_label_even_through_import(store):
+    queued_round(store, 1, labels_per_pair=2)
+    now = queue.utc_now()
+    with store.transaction() as tx:
+        lease = queue.claim_next_pair(tx, "alice", now, "a")
+        assert queue.import_labels(tx, [queue.HumanLabel(lease.pair_id, "a", "alice")], now) == (1, 0)
+        with pytest.raises(queue.QueueError, match="already labelled") as refused:
+            queue.submit_label(tx, "alice", lease.pair_id, lease.lease_id, "right", now)
+        assert refused.value.status == 409
+        # Her import ended her lease; the pair's second label must come from someone else.
+        assert queue.claim_next_pair(tx, "alice", now, "a") is None
+        assert queue.claim_next_pair(tx, "bob", now, "a").pair_id == lease.pair_id
+        assert queue.progress(tx).labels == 1
+
+
+def test_a_round_trains_on_the_labels_given_before_it_stopped_waiting(store):
+    round_id = round_with_pairs(store, 4)
+    judge = HumanJudge(quota_pairs=2)
+    now = queue.utc_now()
+
+    def label_next(tx, who):
+        lease = queue.claim_next_pair(tx, who, now, "a")
+        queue.submit_label(tx, who, lease.pair_id, lease.lease_id, "left", now)
+
+    with store.transaction() as tx:
+        tx.claim_round_judge(round_id, judge.name, judge.version)
+        judge.queue_round(tx, round_id, now)
+        label_next(tx, "alice")
+        label_next(tx, "alice")
+        queue.close_request(tx, round_id, "quota", now)
+        label_next(tx, "alice")  # a leftover pair, labelled after the round went on
+    assert store.count_preferences(round_id) == 2
+    assert [t.pair_id for t in store.preference_triples(round_id)] == [1, 2]
+    with store.transaction() as tx:
+        assert queue.progress(tx, round_id).labels == 3
 
 
 def test_people_appear_in_judge_agreement_beside_an_ai_judge(store):
@@ -209,8 +248,12 @@ def test_export_pending_pairs_then_import_their_labels(store, tmp_path, capsys):
 
 @pytest.mark.parametrize("lines, message", [
     (['{"pair_id": 1, "winner": "a", "annotator": "bo"}', "{not json"], "labels.jsonl:2:"),
-    (['{"pair_id": 1, "winner": "left", "annotator": "bo"}'], "winner must be one of"),
-    (['{"pair_id": 1, "winner": "a"}'], "needs an integer pair_id, a winner and an annotator"),
+    (['{"pair_id": 1, "winner": "left", "annotator": "bo"}'], "labels.jsonl:1: winner must be one of"),
+    (['{"pair_id": 1, "winner": "a"}'], "labels.jsonl:1: needs a pair_id, a winner and an annotator"),
+    (['{"pair_id": true, "winner": "a", "annotator": "bo"}'], "pair_id must be a positive integer"),
+    (['{"pair_id": 1000000000000000000000000000000, "winner": "a", "annotator": "bo"}'], "pair_id must be"),
+    (['{"pair_id": 1, "winner": "a", "annotator": "x\'); DROP TABLE labels; --"}'], "annotator must be a name"),
+    (['[1, 2]'], "must be a JSON object"),
     (['{"pair_id": 1, "winner": "a", "annotator": "bo"}', '{"pair_id": 99, "winner": "a", "annotator": "bo"}'],
      r"no pairs with ids \[99\]"),
 ])
@@ -260,8 +303,14 @@ def test_malformed_bodies_get_422_with_a_message_and_unknown_pairs_404(served, s
                         ({"lease_id": lease["lease_id"], "choice": "left", "rationale": "x" * 2001}, "body.rationale")]:
         response = httpx.post(label_url, headers=alice, json=body)
         assert response.status_code == 422 and where in response.json()["detail"], response.text
-    response = httpx.post(label_url, headers={**alice, "Content-Type": "application/json"}, content=b"{oops")
-    assert response.status_code == 422 and response.json()["detail"].startswith("malformed request")
+    for content, kind in [(b"{oops", "application/json"), (b'{"lease_id": NaN, "choice": "tie"}', "application/json"),
+                          (b"\xff\xfe not json", "text/plain")]:
+        response = httpx.post(label_url, headers={**alice, "Content-Type": kind}, content=content)
+        assert response.status_code == 422 and response.json()["detail"].startswith("malformed request"), content
+    # No token and a bad body: the token is checked first.
+    assert httpx.post(label_url, headers={"Content-Type": "application/json"}, content=b"{oops").status_code == 401
+    response = httpx.post(f"{url}/api/pairs/{2**70}/label", headers=alice, json={"lease_id": 2**70, "choice": "tie"})
+    assert response.status_code == 422 and "path.pair_id" in response.json()["detail"]
     response = httpx.post(f"{url}/api/pairs/1%20OR%201=1/label", headers=alice, json={"lease_id": 1, "choice": "tie"})
     assert response.status_code == 422 and "path.pair_id" in response.json()["detail"]
     response = httpx.post(f"{url}/api/pairs/424242/label", headers=alice,
@@ -333,3 +382,35 @@ def test_the_labelling_page_in_chromium_labels_pairs_with_the_keyboard(served, s
     assert second_winner == "tie"
     _, skipped = store.query("SELECT annotator FROM label_leases WHERE outcome = 'skipped'")
     assert skipped == [("alice",)]
+
+
+def test_serve_enqueue_and_judge_mistakes_are_one_line_errors(store, tmp_path, capsys):
+    import socket
+
+    round_with_pairs(store, 1)
+    assert main(["label", "enqueue", "--db", str(store.path), "--round", "1"]) == 2
+    assert "has no judge yet" in capsys.readouterr().err
+    assert main(["label", "enqueue", "--db", str(store.path), "--round", "1", "--lease-minutes", "1e300"]) == 2
+    assert "at most 10080" in capsys.readouterr().err
+    assert main(["judge", "--judge", "human", "--db", str(store.path), "--round", "1"]) == 2
+    assert "people label through the queue" in capsys.readouterr().err
+    assert main(["label", "export", "--db", str(store.path), "--out", str(tmp_path / "no" / "such.jsonl")]) == 2
+    assert "cannot write" in capsys.readouterr().err
+    binary = tmp_path / "labels.jsonl"
+    binary.write_bytes(b"\xff\xfe\x00")
+    assert main(["label", "import", str(binary), "--db", str(store.path)]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["label", "serve", "--db", str(store.path), "--port", "70000"])
+    assert "must be in 1-65535" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:
+        main(["label", "enqueue", "--db", str(store.path), "--round", "1", "--lease-minutes", "-1"])
+    assert usage.value.code == 2 and "must be a number greater than 0" in capsys.readouterr().err
+    assert main(["label", "enqueue", "--db", str(store.path), "--round", "9"]) == 2
+    assert "round 9 has no pairs" in capsys.readouterr().err
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert main(["label", "serve", "--db", str(store.path), "--port", str(port)]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+    assert main(["label", "serve", "--db", str(store.path.with_name("missing.duckdb"))]) == 2
+    assert "no flywheel database" in capsys.readouterr().err

@@ -18,6 +18,7 @@ from flows.rounds import run_rounds
 from flywheel.cli import main
 from flywheel.config import EvalConfig, FlywheelConfig, JudgeConfig, TrainConfig
 from flywheel.demo_task import addition_score
+from flywheel.labelling import label_pairs
 from flywheel.rounds import Flywheel
 from queue_data import round_with_pairs
 from storage import queue
@@ -107,10 +108,13 @@ def test_eight_annotators_label_500_pairs_while_a_flow_round_writes(
     flywheel = make_flywheel(tmp_path, tiny_policy, demo_prompts, policy_sampler,
                              JudgeConfig(f"rule:{ADDITION}", {"name": "adder"}))
     store = flywheel.store
-    # An earlier round's 500 pairs, queued for people (k = 1) while the flow runs a new round.
+    # An earlier round's 500 pairs, labelled by the rule judge and queued for people (k = 1)
+    # to compare with it, while the flow runs a new round.
     old_round = round_with_pairs(store, 500)
     with store.transaction() as tx:
+        tx.claim_round_judge(old_round, flywheel.judge.name, flywheel.judge.version)
         tx.finish_step(old_round, "done")
+    label_pairs(store, flywheel.judge, old_round, batch_size=256, progress=False)
     assert main(["label", "enqueue", "--db", str(store.path), "--round", str(old_round)]) == 0
     names = [f"annotator-{i}" for i in range(8)]
     tokens = add_annotators(store.path, names, capsys)
@@ -158,6 +162,9 @@ def test_eight_annotators_label_500_pairs_while_a_flow_round_writes(
     assert per_pair == [] and store.count("labels", "annotator IS NOT NULL") == 500
     _, stored = store.query("SELECT label_id FROM labels WHERE annotator IS NOT NULL ORDER BY label_id")
     assert sorted(label for name in names for _, label in results[name]) == [row[0] for row in stored]
+    _, agreement = store.query("SELECT judge_b, pairs FROM judge_agreement WHERE judge_a = 'adder@1' "
+                               "AND judge_b LIKE 'human@1 (%' ORDER BY judge_b")
+    assert sum(pairs for _, pairs in agreement) == 500
     # And the flow's round finished with everything it wrote.
     assert round_ids == [old_round + 1] and store.get_round(old_round + 1).state == "done"
     _, summary = store.query(f"SELECT completions, labels = pairs FROM round_summary WHERE round_id = {old_round + 1}")
