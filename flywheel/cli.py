@@ -106,7 +106,9 @@ def command_run(args: argparse.Namespace) -> None:
         seed=args.seed,
         sample=SampleConfig(prompts_per_round=args.prompts_per_round, n=args.n, max_tokens=args.max_tokens),
         pair=PairConfig(strategy=args.pairing),
-        train=TrainConfig(beta=args.beta, learning_rate=args.lr, nll_weight=args.nll_weight),
+        train=TrainConfig(beta=args.beta, learning_rate=args.lr, nll_weight=args.nll_weight,
+                          loss_type=args.loss_type, label_smoothing=args.label_smoothing,
+                          length_normalised=args.length_normalised),
         eval=EvalConfig(accuracy_score=args.score, judge=eval_judge),
     )
     _run_flywheel(config, args.rounds, built_judge, built_eval_judge)
@@ -364,6 +366,7 @@ def _add_db_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from flywheel.config import LOSS_TYPES
     from flywheel.pairing import STRATEGIES
 
     parser = argparse.ArgumentParser(
@@ -416,6 +419,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--lr", type=float, default=3e-5, help="DPO learning rate (default: %(default)s)")
     run.add_argument("--nll-weight", type=float, default=0.0,
                      help="weight of the chosen-answer NLL term added to DPO (default: %(default)s = pure DPO)")
+    run.add_argument("--loss-type", choices=LOSS_TYPES, default="sigmoid",
+                     help="preference loss: sigmoid (DPO), ipo, hinge or robust (default: %(default)s)")
+    run.add_argument("--label-smoothing", type=float, default=0.0,
+                     help="assumed share of flipped labels, for sigmoid (conservative DPO) or robust "
+                     "(default: %(default)s)")
+    run.add_argument("--length-normalised", action="store_true",
+                     help="use per-token mean log-probs instead of sums")
     run.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     run.set_defaults(handler=command_run)
 

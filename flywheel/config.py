@@ -11,6 +11,11 @@ from flywheel.pairing import STRATEGIES
 from judges.loading import BUILT_IN, HUMAN
 
 
+# The preference losses `flywheel.dpo.dpo_loss` computes (defined here to keep torch out of
+# importing a config).
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+
+
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise UserError(message)
@@ -80,9 +85,19 @@ class TrainConfig:
     # 2024, Iterative Reasoning Preference Optimization, eq. 1). 0 is pure DPO. Without it,
     # DPO on the demo lowers the likelihood of right answers too and accuracy falls.
     nll_weight: float = 0.0
+    # The preference loss (`flywheel.dpo.dpo_loss`): sigmoid (DPO), ipo, hinge or robust.
+    loss_type: str = "sigmoid"
+    # The assumed share of flipped labels: conservative DPO for sigmoid, robust DPO for robust.
+    label_smoothing: float = 0.0
+    # Mean instead of summed completion log-probs, so length alone cannot move the loss.
+    length_normalised: bool = False
 
     def __post_init__(self) -> None:
         _require(self.nll_weight >= 0, f"train.nll_weight must be >= 0, got {self.nll_weight}")
+        _require(self.loss_type in LOSS_TYPES, f"train.loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        _require(0 <= self.label_smoothing < 0.5, f"train.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        _require(self.label_smoothing == 0 or self.loss_type in ("sigmoid", "robust"),
+                 f"train.label_smoothing applies to the sigmoid and robust losses, not {self.loss_type!r}")
         _require(self.beta > 0, f"train.beta must be > 0, got {self.beta}")
         _require(self.learning_rate > 0, f"train.learning_rate must be > 0, got {self.learning_rate}")
         _require(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")

@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from flywheel.config import LOSS_TYPES
 from storage.records import PreferenceTriple
 
 
@@ -21,27 +22,53 @@ def dpo_loss(
     reference_chosen_logps: torch.Tensor,
     reference_rejected_logps: torch.Tensor,
     beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-example DPO losses and the chosen and rejected implicit rewards, all `(batch,)`."""
-    policy_logratios = policy_chosen_logps - policy_rejected_logps
-    reference_logratios = reference_chosen_logps - reference_rejected_logps
-    losses = -F.logsigmoid(beta * (policy_logratios - reference_logratios))
+    """Per-example losses and the chosen and rejected implicit rewards, all `(batch,)`.
+
+    With h = (log pi(yw) - log pi(yl)) - (log ref(yw) - log ref(yl)) and eps = label_smoothing:
+      sigmoid  -(1 - eps) log s(beta h) - eps log s(-beta h)   Rafailov et al. 2023, eq. 7;
+               eps > 0 is conservative DPO (Mitchell 2023, "A note on DPO with noisy preferences")
+      robust   ((1 - eps)(-log s(beta h)) + eps log s(-beta h)) / (1 - 2 eps)
+               Chowdhury et al. 2024, "Provably robust DPO", eq. 8 (unbiased under label flips)
+      hinge    max(0, 1 - beta h)                           Liu et al. 2023 (RSO), eq. 8
+      ipo      (h - 1 / (2 beta))^2                          Azar et al. 2023 (IPO), eq. 17
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    logits = (policy_chosen_logps - policy_rejected_logps) - (reference_chosen_logps - reference_rejected_logps)
+    if loss_type == "sigmoid":
+        losses = (-(1 - label_smoothing) * F.logsigmoid(beta * logits)
+                  - label_smoothing * F.logsigmoid(-beta * logits))
+    elif loss_type == "robust":
+        losses = ((1 - label_smoothing) * -F.logsigmoid(beta * logits)
+                  + label_smoothing * F.logsigmoid(-beta * logits)) / (1 - 2 * label_smoothing)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * logits)
+    else:
+        losses = (logits - 1 / (2 * beta)) ** 2
     chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps).detach()
     rejected_rewards = beta * (policy_rejected_logps - reference_rejected_logps).detach()
     return losses, chosen_rewards, rejected_rewards
 
 
-def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
-    """Sum of log p(token) over completion tokens only, `(batch,)`.
+def sequence_logps(
+    logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor, average: bool = False
+) -> torch.Tensor:
+    """Sum (or, with `average`, mean) of log p(token) over completion tokens only, `(batch,)`.
 
     Logits at position t predict token t+1, so labels are the inputs shifted left; the
-    mask (1 on completion tokens, 0 on prompt and padding) is shifted the same way.
+    mask (1 on completion tokens, 0 on prompt and padding) is shifted the same way. The
+    mean is the length-normalised log-prob (the reference code's `average_log_prob`),
+    which keeps a longer completion from winning or losing on length alone.
     """
     logits = logits[:, :-1, :]
     labels = input_ids[:, 1:]
     mask = completion_mask[:, 1:].to(logits.dtype)
     token_logps = torch.gather(logits.log_softmax(-1), 2, labels.unsqueeze(2)).squeeze(2)
-    return (token_logps * mask).sum(-1)
+    total = (token_logps * mask).sum(-1)
+    return total / mask.sum(-1).clamp(min=1) if average else total
 
 
 def collate_concatenated(triples: Sequence[PreferenceTriple], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -74,9 +101,11 @@ def chosen_nll(chosen_logps: torch.Tensor, batch: dict[str, torch.Tensor]) -> to
     return -chosen_logps / chosen_tokens
 
 
-def concatenated_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def concatenated_logps(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], average: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward pass over chosen+rejected; returns (chosen_logps, rejected_logps)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logps = sequence_logps(logits.float(), batch["input_ids"], batch["completion_mask"])
+    logps = sequence_logps(logits.float(), batch["input_ids"], batch["completion_mask"], average)
     half = batch["input_ids"].shape[0] // 2
     return logps[:half], logps[half:]

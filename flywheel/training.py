@@ -48,14 +48,17 @@ def train_dpo(
             batch_triples = [triples[i] for i in indices]
             batch = collate_concatenated(batch_triples, tokenizer.pad_token_id)
             reference_chosen, reference_rejected = reference_chosen_all[indices], reference_rejected_all[indices]
-            policy_chosen, policy_rejected = concatenated_logps(policy, batch)
+            policy_chosen, policy_rejected = concatenated_logps(policy, batch, config.length_normalised)
             losses, chosen_rewards, rejected_rewards = dpo_loss(
-                policy_chosen, policy_rejected, reference_chosen, reference_rejected, config.beta
+                policy_chosen, policy_rejected, reference_chosen, reference_rejected, config.beta,
+                config.loss_type, config.label_smoothing,
             )
             loss = losses.mean()
             objective = loss
             if config.nll_weight > 0:
-                objective = loss + config.nll_weight * chosen_nll(policy_chosen, batch).mean()
+                # Length-normalised log-probs are already per token.
+                nll = -policy_chosen if config.length_normalised else chosen_nll(policy_chosen, batch)
+                objective = loss + config.nll_weight * nll.mean()
             objective.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
             optimizer.step()
@@ -84,7 +87,7 @@ def _reference_logps(
     chosen, rejected = [], []
     for start in range(0, len(triples), config.batch_size):
         batch = collate_concatenated(triples[start : start + config.batch_size], pad_token_id)
-        batch_chosen, batch_rejected = concatenated_logps(reference, batch)
+        batch_chosen, batch_rejected = concatenated_logps(reference, batch, config.length_normalised)
         chosen.append(batch_chosen)
         rejected.append(batch_rejected)
     return torch.cat(chosen), torch.cat(rejected)

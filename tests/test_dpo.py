@@ -42,6 +42,58 @@ def test_dpo_loss_gradient_raises_chosen_and_lowers_rejected():
     assert rejected.grad.item() == pytest.approx(0.05)
 
 
+# Two examples with beta = 0.5 and reference log-probs -2, -2:
+#   example 1: policy chosen -1, rejected -3, so h = (-1 - -3) - 0 =  2 and beta*h =  1
+#   example 2: policy chosen -3, rejected -1, so h = -2             and beta*h = -1
+# With -log s(1) = log(1 + e^-1) = 0.3132617 and -log s(-1) = log(1 + e) = 1.3132617:
+#   sigmoid, eps 0.1: 0.9 * 0.3132617 + 0.1 * 1.3132617 = 0.4132617, and 1.2132617
+#   robust,  eps 0.1: (0.9 * 0.3132617 - 0.1 * 1.3132617) / 0.8 = 0.1882617,
+#                     (0.9 * 1.3132617 - 0.1 * 0.3132617) / 0.8 = 1.4382617
+#   hinge: max(0, 1 - 1) = 0, max(0, 1 + 1) = 2
+#   ipo: (2 - 1/(2 * 0.5))^2 = 1, (-2 - 1)^2 = 9
+@pytest.mark.parametrize("loss_type, label_smoothing, expected", [
+    ("sigmoid", 0.0, [0.3132617, 1.3132617]),
+    ("sigmoid", 0.1, [0.4132617, 1.2132617]),
+    ("robust", 0.1, [0.1882617, 1.4382617]),
+    ("hinge", 0.0, [0.0, 2.0]),
+    ("ipo", 0.0, [1.0, 9.0]),
+])
+def test_each_loss_type_matches_its_formula_on_hand_computed_values(loss_type, label_smoothing, expected):
+    losses, chosen, rejected = dpo_loss(
+        torch.tensor([-1.0, -3.0]), torch.tensor([-3.0, -1.0]),
+        torch.tensor([-2.0, -2.0]), torch.tensor([-2.0, -2.0]), beta=0.5,
+        loss_type=loss_type, label_smoothing=label_smoothing,
+    )
+    assert losses.tolist() == pytest.approx(expected, abs=1e-6)
+    # The implicit rewards do not depend on the loss.
+    assert chosen.tolist() == pytest.approx([0.5, -0.5]) and rejected.tolist() == pytest.approx([-0.5, 0.5])
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "robust", "hinge", "ipo"])
+def test_every_loss_at_policy_equals_reference_raises_chosen_and_lowers_rejected(loss_type):
+    chosen = torch.tensor([-2.0], requires_grad=True)
+    rejected = torch.tensor([-5.0], requires_grad=True)
+    losses, _, _ = dpo_loss(chosen, rejected, torch.tensor([-2.0]), torch.tensor([-5.0]), beta=0.1,
+                            loss_type=loss_type, label_smoothing=0.1 if loss_type == "robust" else 0.0)
+    losses.sum().backward()
+    assert chosen.grad.item() < 0 < rejected.grad.item()
+    assert chosen.grad.item() == pytest.approx(-rejected.grad.item())
+
+
+def test_loss_settings_are_checked():
+    from flywheel.config import TrainConfig
+    from flywheel.errors import UserError
+
+    with pytest.raises(UserError, match="loss_type must be one of"):
+        TrainConfig(loss_type="kto")
+    with pytest.raises(UserError, match="applies to the sigmoid and robust losses"):
+        TrainConfig(loss_type="ipo", label_smoothing=0.1)
+    with pytest.raises(UserError, match=r"label_smoothing must be in \[0, 0.5\)"):
+        TrainConfig(loss_type="robust", label_smoothing=0.5)
+    with pytest.raises(ValueError, match="loss_type"):
+        dpo_loss(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1), beta=0.1, loss_type="kto")
+
+
 def test_sequence_logps_sums_completion_tokens_only():
     # Vocabulary of 2; uniform logits except where set. Sequence: [p, p, c, c] with two
     # prompt tokens; only the predictions of positions 2 and 3 count.
@@ -53,6 +105,8 @@ def test_sequence_logps_sums_completion_tokens_only():
     mask = torch.tensor([[0, 0, 1, 1]])
     expected = math.log(3 / 4) + math.log(4 / 5)
     assert sequence_logps(logits, input_ids, mask).item() == pytest.approx(expected, abs=1e-6)
+    # Length-normalised: the mean over the two completion tokens.
+    assert sequence_logps(logits, input_ids, mask, average=True).item() == pytest.approx(expected / 2, abs=1e-6)
 
 
 def test_collate_puts_chosen_first_and_masks_from_token_ids():
@@ -118,3 +172,15 @@ def test_training_pairs_each_triple_with_its_own_reference_logps(tiny_policy, tm
     assert metrics[0].rejected_reward == pytest.approx(0.0, abs=1e-6)
     assert metrics[-1].reward_margin > 0  # later steps move the policy away from the reference
     assert (tmp_path / "candidate" / "model.safetensors").is_file()
+
+
+def test_training_uses_the_configured_loss_on_length_normalised_logps(tiny_policy, tmp_path):
+    # Policy = reference at step 1, so h = 0 and IPO's loss is (0 - 1/(2 * 0.1))^2 = 25.
+    from flywheel.config import TrainConfig
+    from flywheel.training import train_dpo
+
+    triples = [PreferenceTriple(i, [1, 4 + i % 10, 14, 5, 15], [6 + i % 5, 2], [7 + i % 3, 4, 4, 2]) for i in range(4)]
+    config = TrainConfig(batch_size=4, learning_rate=1e-4, loss_type="ipo", length_normalised=True, nll_weight=0.5)
+    metrics = train_dpo(tiny_policy, tiny_policy, triples, config, tmp_path / "candidate", seed=0)
+    assert metrics[0].loss == pytest.approx(25.0, abs=1e-4)
+    assert metrics[0].chosen_reward == pytest.approx(0.0, abs=1e-6)
