@@ -108,7 +108,9 @@ def command_run(args: argparse.Namespace) -> None:
         pair=PairConfig(strategy=args.pairing),
         train=TrainConfig(beta=args.beta, learning_rate=args.lr, nll_weight=args.nll_weight,
                           loss_type=args.loss_type, label_smoothing=args.label_smoothing,
-                          length_normalised=args.length_normalised),
+                          length_normalised=args.length_normalised,
+                          gradient_accumulation_steps=args.gradient_accumulation_steps,
+                          warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule),
         eval=EvalConfig(accuracy_score=args.score, judge=eval_judge),
     )
     _run_flywheel(config, args.rounds, built_judge, built_eval_judge)
@@ -366,7 +368,7 @@ def _add_db_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from flywheel.config import LOSS_TYPES
+    from flywheel.config import LOSS_TYPES, LR_SCHEDULES
     from flywheel.pairing import STRATEGIES
 
     parser = argparse.ArgumentParser(
@@ -426,6 +428,12 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default: %(default)s)")
     run.add_argument("--length-normalised", action="store_true",
                      help="use per-token mean log-probs instead of sums")
+    run.add_argument("--gradient-accumulation-steps", type=positive_int, default=1,
+                     help="micro-batches per optimiser step of 32 pairs (default: %(default)s)")
+    run.add_argument("--warmup-steps", type=int, default=0,
+                     help="optimiser steps of linear learning-rate warm-up (default: %(default)s)")
+    run.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
+                     help="learning rate after warm-up (default: %(default)s)")
     run.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     run.set_defaults(handler=command_run)
 

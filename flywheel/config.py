@@ -14,6 +14,7 @@ from judges.loading import BUILT_IN, HUMAN
 # The preference losses `flywheel.dpo.dpo_loss` computes (defined here to keep torch out of
 # importing a config).
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -91,11 +92,25 @@ class TrainConfig:
     label_smoothing: float = 0.0
     # Mean instead of summed completion log-probs, so length alone cannot move the loss.
     length_normalised: bool = False
+    # `batch_size` pairs per optimiser step, run as this many equal micro-batches.
+    gradient_accumulation_steps: int = 1
+    # Linear warm-up over the first `warmup_steps` optimiser steps, then constant, linear
+    # or cosine decay to the last step (`flywheel.training.learning_rate_at`).
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"
 
     def __post_init__(self) -> None:
         _require(self.nll_weight >= 0, f"train.nll_weight must be >= 0, got {self.nll_weight}")
         _require(self.loss_type in LOSS_TYPES, f"train.loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
         _require(0 <= self.label_smoothing < 0.5, f"train.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        _require(self.gradient_accumulation_steps >= 1,
+                 f"train.gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}")
+        _require(self.batch_size % self.gradient_accumulation_steps == 0,
+                 f"train.batch_size ({self.batch_size}) must be a multiple of gradient_accumulation_steps "
+                 f"({self.gradient_accumulation_steps})")
+        _require(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _require(self.lr_schedule in LR_SCHEDULES,
+                 f"train.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         _require(self.label_smoothing == 0 or self.loss_type in ("sigmoid", "robust"),
                  f"train.label_smoothing applies to the sigmoid and robust losses, not {self.loss_type!r}")
         _require(self.beta > 0, f"train.beta must be > 0, got {self.beta}")

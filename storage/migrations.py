@@ -389,3 +389,9 @@ def m004_people_labelling(conn: duckdb.DuckDBPyConnection) -> None:
         ORDER BY r.round_id;
         """
     )
+
+
+@migration
+def m005_train_throughput(conn: duckdb.DuckDBPyConnection) -> None:
+    # Tokens per second of each DPO step (forward and backward over chosen and rejected).
+    conn.execute("ALTER TABLE train_steps ADD COLUMN tokens_per_second DOUBLE")

@@ -125,6 +125,7 @@ class StepMetrics:
     grad_norm: float
     learning_rate: float
     num_pairs: int
+    tokens_per_second: float  # prompt and completion tokens of chosen and rejected, through forward and backward
 
 
 @dataclass(frozen=True)

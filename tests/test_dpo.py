@@ -184,3 +184,41 @@ def test_training_uses_the_configured_loss_on_length_normalised_logps(tiny_polic
     metrics = train_dpo(tiny_policy, tiny_policy, triples, config, tmp_path / "candidate", seed=0)
     assert metrics[0].loss == pytest.approx(25.0, abs=1e-4)
     assert metrics[0].chosen_reward == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("schedule, expected", [
+    # peak 1e-3, 2 warm-up steps, 6 steps: 1e-3 * [1/2, 1], then decay from the peak with
+    # progress 0, 1/4, 1/2, 3/4 over the 4 remaining steps.
+    ("constant", [5e-4, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3]),
+    ("linear", [5e-4, 1e-3, 1e-3, 7.5e-4, 5e-4, 2.5e-4]),
+    # cosine: 1e-3 * (1 + cos(pi * progress)) / 2 = 1, 0.8535534, 0.5, 0.1464466 (x 1e-3)
+    ("cosine", [5e-4, 1e-3, 1e-3, 8.535534e-4, 5e-4, 1.464466e-4]),
+])
+def test_learning_rate_schedule_matches_hand_computed_values(schedule, expected):
+    from flywheel.config import TrainConfig
+    from flywheel.training import learning_rate_at
+
+    config = TrainConfig(learning_rate=1e-3, warmup_steps=2, lr_schedule=schedule)
+    assert [learning_rate_at(step, 6, config) for step in range(1, 7)] == pytest.approx(expected, abs=1e-9)
+
+
+def test_gradient_accumulation_gives_the_same_steps_as_one_big_batch(tiny_policy, tmp_path):
+    from safetensors.torch import load_file
+
+    from flywheel.config import TrainConfig
+    from flywheel.training import train_dpo
+
+    triples = [PreferenceTriple(i, [1, 4 + i % 10, 14, 5, 15], [6 + i % 5, 2], [7 + i % 3, 4, 2]) for i in range(6)]
+    runs = {}
+    for accumulation in (1, 3):
+        config = TrainConfig(batch_size=6, learning_rate=1e-3, epochs=2, nll_weight=0.5,
+                             gradient_accumulation_steps=accumulation, warmup_steps=1, lr_schedule="linear")
+        metrics = train_dpo(tiny_policy, tiny_policy, triples, config, tmp_path / str(accumulation), seed=0)
+        runs[accumulation] = (metrics, load_file(tmp_path / str(accumulation) / "model.safetensors"))
+    (one, weights_one), (three, weights_three) = runs[1], runs[3]
+    assert [m.learning_rate for m in one] == [m.learning_rate for m in three] == pytest.approx([1e-3, 1e-3])
+    for a, b in zip(one, three):
+        assert (a.loss, a.grad_norm, a.reward_margin) == pytest.approx((b.loss, b.grad_norm, b.reward_margin), abs=1e-5)
+        assert a.tokens_per_second > 0 and b.tokens_per_second > 0
+    for name, tensor in weights_one.items():
+        assert torch.allclose(tensor, weights_three[name], atol=1e-5), name
