@@ -24,6 +24,8 @@ def dpo_loss(
     beta: float,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-example losses and the chosen and rejected implicit rewards, all `(batch,)`.
 
@@ -34,10 +36,15 @@ def dpo_loss(
                Chowdhury et al. 2024, "Provably robust DPO", eq. 8 (unbiased under label flips)
       hinge    max(0, 1 - beta h)                           Liu et al. 2023 (RSO), eq. 8
       ipo      (h - 1 / (2 beta))^2                          Azar et al. 2023 (IPO), eq. 17
+    Given the completions' token counts, IPO divides each log-ratio by its length first, as
+    the IPO authors' results and TRL do (the squared loss would otherwise grow with length).
+    The implicit rewards are beta * (log pi - log ref) of the log-probs given, whatever the loss.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    logits = (policy_chosen_logps - policy_rejected_logps) - (reference_chosen_logps - reference_rejected_logps)
+    chosen_logratios = policy_chosen_logps - reference_chosen_logps
+    rejected_logratios = policy_rejected_logps - reference_rejected_logps
+    logits = chosen_logratios - rejected_logratios
     if loss_type == "sigmoid":
         losses = (-(1 - label_smoothing) * F.logsigmoid(beta * logits)
                   - label_smoothing * F.logsigmoid(-beta * logits))
@@ -47,9 +54,11 @@ def dpo_loss(
     elif loss_type == "hinge":
         losses = torch.relu(1 - beta * logits)
     else:
+        if chosen_lengths is not None and rejected_lengths is not None:
+            logits = chosen_logratios / chosen_lengths.clamp(min=1) - rejected_logratios / rejected_lengths.clamp(min=1)
         losses = (logits - 1 / (2 * beta)) ** 2
-    chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps).detach()
-    rejected_rewards = beta * (policy_rejected_logps - reference_rejected_logps).detach()
+    chosen_rewards = beta * chosen_logratios.detach()
+    rejected_rewards = beta * rejected_logratios.detach()
     return losses, chosen_rewards, rejected_rewards
 
 
@@ -99,6 +108,13 @@ def chosen_nll(chosen_logps: torch.Tensor, batch: dict[str, torch.Tensor]) -> to
     half = batch["input_ids"].shape[0] // 2
     chosen_tokens = batch["completion_mask"][:half, 1:].sum(-1).clamp(min=1)
     return -chosen_logps / chosen_tokens
+
+
+def completion_lengths(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Completion token counts of the chosen and rejected rows, `(batch,)` each."""
+    lengths = batch["completion_mask"].sum(-1)
+    half = lengths.shape[0] // 2
+    return lengths[:half], lengths[half:]
 
 
 def concatenated_logps(

@@ -12,7 +12,7 @@ import torch
 
 from flywheel.checkpoints import save_checkpoint
 from flywheel.config import TrainConfig
-from flywheel.dpo import chosen_nll, collate_concatenated, concatenated_logps, dpo_loss
+from flywheel.dpo import chosen_nll, collate_concatenated, completion_lengths, concatenated_logps, dpo_loss
 from storage.records import PreferenceTriple, StepMetrics
 
 
@@ -61,9 +61,11 @@ def train_dpo(
                 micro = indices[micro_start : micro_start + micro_size]
                 batch = collate_concatenated([triples[i] for i in micro], tokenizer.pad_token_id)
                 policy_chosen, policy_rejected = concatenated_logps(policy, batch, config.length_normalised)
+                # Length-normalised log-probs are already per token; IPO otherwise divides by length.
+                lengths = (None, None) if config.length_normalised else completion_lengths(batch)
                 losses, micro_chosen, micro_rejected = dpo_loss(
                     policy_chosen, policy_rejected, reference_chosen_all[micro], reference_rejected_all[micro],
-                    config.beta, config.loss_type, config.label_smoothing,
+                    config.beta, config.loss_type, config.label_smoothing, *lengths,
                 )
                 objective = losses.sum()
                 if config.nll_weight > 0:

@@ -69,6 +69,17 @@ def test_each_loss_type_matches_its_formula_on_hand_computed_values(loss_type, l
     assert chosen.tolist() == pytest.approx([0.5, -0.5]) and rejected.tolist() == pytest.approx([-0.5, 0.5])
 
 
+def test_ipo_divides_each_log_ratio_by_its_length_when_given_lengths():
+    # Chosen log-ratio (-1 - -2) = 1 over 2 tokens, rejected (-3 - -2) = -1 over 4 tokens:
+    # h = 1/2 - (-1/4) = 0.75, and with beta 0.5 the loss is (0.75 - 1)^2 = 0.0625. The
+    # rewards stay on the summed log-ratios: 0.5 * 1 and 0.5 * -1.
+    losses, chosen, rejected = dpo_loss(
+        torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]), beta=0.5,
+        loss_type="ipo", chosen_lengths=torch.tensor([2]), rejected_lengths=torch.tensor([4]),
+    )
+    assert losses.item() == pytest.approx(0.0625) and (chosen.item(), rejected.item()) == (0.5, -0.5)
+
+
 @pytest.mark.parametrize("loss_type", ["sigmoid", "robust", "hinge", "ipo"])
 def test_every_loss_at_policy_equals_reference_raises_chosen_and_lowers_rejected(loss_type):
     chosen = torch.tensor([-2.0], requires_grad=True)
