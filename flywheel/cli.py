@@ -110,7 +110,8 @@ def command_run(args: argparse.Namespace) -> None:
                           loss_type=args.loss_type, label_smoothing=args.label_smoothing,
                           length_normalised=args.length_normalised,
                           gradient_accumulation_steps=args.gradient_accumulation_steps,
-                          warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule),
+                          warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule,
+                          reference=args.reference, replay_fraction=args.replay_fraction),
         eval=EvalConfig(accuracy_score=args.score, judge=eval_judge),
     )
     _run_flywheel(config, args.rounds, built_judge, built_eval_judge)
@@ -368,7 +369,7 @@ def _add_db_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from flywheel.config import LOSS_TYPES, LR_SCHEDULES
+    from flywheel.config import LOSS_TYPES, LR_SCHEDULES, REFERENCES
     from flywheel.pairing import STRATEGIES
 
     parser = argparse.ArgumentParser(
@@ -434,6 +435,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="optimiser steps of linear learning-rate warm-up (default: %(default)s)")
     run.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
                      help="learning rate after warm-up (default: %(default)s)")
+    run.add_argument("--reference", choices=REFERENCES, default="initial",
+                     help="DPO's frozen reference: the initial model, or the previous round's promoted "
+                     "checkpoint (default: %(default)s)")
+    run.add_argument("--replay-fraction", type=float, default=0.0,
+                     help="share of each round's training pairs replayed from earlier rounds "
+                     "(default: %(default)s: only the round's fresh pairs)")
     run.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     run.set_defaults(handler=command_run)
 

@@ -15,6 +15,7 @@ from judges.loading import BUILT_IN, HUMAN
 # importing a config).
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 LR_SCHEDULES = ("constant", "linear", "cosine")
+REFERENCES = ("initial", "previous")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -98,6 +99,12 @@ class TrainConfig:
     # or cosine decay to the last step (`flywheel.training.learning_rate_at`).
     warmup_steps: int = 0
     lr_schedule: str = "constant"
+    # The frozen model DPO measures against: the initial (SFT) model every round, or the
+    # previous round's promoted checkpoint (the policy the round samples from).
+    reference: str = "initial"
+    # Share of the training set replayed from earlier rounds' preferences (0: only this
+    # round's fresh, on-policy pairs). Replayed pairs are off-policy but guard against forgetting.
+    replay_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         _require(self.nll_weight >= 0, f"train.nll_weight must be >= 0, got {self.nll_weight}")
@@ -108,6 +115,8 @@ class TrainConfig:
         _require(self.batch_size % self.gradient_accumulation_steps == 0,
                  f"train.batch_size ({self.batch_size}) must be a multiple of gradient_accumulation_steps "
                  f"({self.gradient_accumulation_steps})")
+        _require(0 <= self.replay_fraction < 1, f"train.replay_fraction must be in [0, 1), got {self.replay_fraction}")
+        _require(self.reference in REFERENCES, f"train.reference must be one of {REFERENCES}, got {self.reference!r}")
         _require(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
         _require(self.lr_schedule in LR_SCHEDULES,
                  f"train.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")

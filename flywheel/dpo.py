@@ -62,22 +62,19 @@ def dpo_loss(
     return losses, chosen_rewards, rejected_rewards
 
 
-def sequence_logps(
-    logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor, average: bool = False
-) -> torch.Tensor:
-    """Sum (or, with `average`, mean) of log p(token) over completion tokens only, `(batch,)`.
+def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+    """Sum of log p(token) over completion tokens only, `(batch,)`.
 
     Logits at position t predict token t+1, so labels are the inputs shifted left; the
-    mask (1 on completion tokens, 0 on prompt and padding) is shifted the same way. The
-    mean is the length-normalised log-prob (the reference code's `average_log_prob`),
-    which keeps a longer completion from winning or losing on length alone.
+    mask (1 on completion tokens, 0 on prompt and padding) is shifted the same way.
+    Divided by `completion_lengths` it is the length-normalised log-prob (the reference
+    code's `average_log_prob`).
     """
     logits = logits[:, :-1, :]
     labels = input_ids[:, 1:]
     mask = completion_mask[:, 1:].to(logits.dtype)
     token_logps = torch.gather(logits.log_softmax(-1), 2, labels.unsqueeze(2)).squeeze(2)
-    total = (token_logps * mask).sum(-1)
-    return total / mask.sum(-1).clamp(min=1) if average else total
+    return (token_logps * mask).sum(-1)
 
 
 def collate_concatenated(triples: Sequence[PreferenceTriple], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -86,12 +83,17 @@ def collate_concatenated(triples: Sequence[PreferenceTriple], pad_token_id: int)
     The completion mask comes from the stored token ids (prompt length is known exactly),
     never from re-tokenising text, as in TRL's preference collator.
     """
-    rows, masks = [], []
-    for side in ("chosen_token_ids", "rejected_token_ids"):
-        for triple in triples:
-            completion = getattr(triple, side)
-            rows.append(list(triple.prompt_token_ids) + list(completion))
-            masks.append([0] * len(triple.prompt_token_ids) + [1] * len(completion))
+    return collate_sequences(
+        [(t.prompt_token_ids, t.chosen_token_ids) for t in triples]
+        + [(t.prompt_token_ids, t.rejected_token_ids) for t in triples],
+        pad_token_id,
+    )
+
+
+def collate_sequences(sequences: Sequence[tuple[Sequence[int], Sequence[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """(prompt ids, completion ids) rows, right-padded, with a mask of completion tokens."""
+    rows = [list(prompt) + list(completion) for prompt, completion in sequences]
+    masks = [[0] * len(prompt) + [1] * len(completion) for prompt, completion in sequences]
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -111,17 +113,15 @@ def chosen_nll(chosen_logps: torch.Tensor, batch: dict[str, torch.Tensor]) -> to
 
 
 def completion_lengths(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Completion token counts of the chosen and rejected rows, `(batch,)` each."""
-    lengths = batch["completion_mask"].sum(-1)
+    """Completion token counts of the chosen and rejected rows, `(batch,)` each (at least 1)."""
+    lengths = batch["completion_mask"].sum(-1).clamp(min=1)
     half = lengths.shape[0] // 2
     return lengths[:half], lengths[half:]
 
 
-def concatenated_logps(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], average: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward pass over chosen+rejected; returns (chosen_logps, rejected_logps)."""
+def concatenated_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass over chosen+rejected; returns (chosen_logps, rejected_logps), summed."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logps = sequence_logps(logits.float(), batch["input_ids"], batch["completion_mask"], average)
+    logps = sequence_logps(logits.float(), batch["input_ids"], batch["completion_mask"])
     half = batch["input_ids"].shape[0] // 2
     return logps[:half], logps[half:]

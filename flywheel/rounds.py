@@ -20,7 +20,7 @@ from flywheel.labelling import label_pairs, score_completions
 from flywheel.pairing import NEEDS_SCORES, form_pairs
 from flywheel.prompts import load_prompts
 from flywheel.sampling import VLLMSampler
-from flywheel.training import train_dpo
+from flywheel.training import reference_logps_for, train_dpo
 from judges import HumanJudge, Judge, ScalarJudge, close_judge, import_object, load_judge
 from judges.human import ready_to_train, waiting_message
 from storage.queue import close_request, utc_now
@@ -107,6 +107,9 @@ class Flywheel:
             reference = tx.reference_checkpoint()
             if policy is None or reference is None:
                 raise UserError(f"{self.config.database} has no reference checkpoint: call initialise() first")
+            if self.config.train.reference == "previous":
+                # DPO against the incumbent: each round stays close to the last promoted policy.
+                reference = policy
             done = tx.count("rounds")
             return tx.start_round(
                 policy.checkpoint_id, reference.checkpoint_id,
@@ -218,12 +221,13 @@ class Flywheel:
             with self.store.transaction() as tx:
                 tx.finish_step(round_id, "trained")
             return None
+        triples += self._replayed(round_id, round_.seed, len(triples))
         policy = self.store.checkpoint(round_.policy_checkpoint_id)
         reference = self.store.checkpoint(round_.reference_checkpoint_id)
         output_dir = self.config.checkpoints_dir / f"round-{round_id:04d}"
-        metrics = train_dpo(
-            Path(policy.path), Path(reference.path), triples, self.config.train, output_dir, seed=round_.seed
-        )
+        reference_logps = reference_logps_for(self.store, triples, reference, self.config.train.batch_size)
+        metrics = train_dpo(Path(policy.path), reference_logps, triples, self.config.train, output_dir,
+                            seed=round_.seed)
         with self.store.transaction() as tx:
             candidate_id = tx.add_checkpoint(
                 str(output_dir), role="candidate", status="candidate",
@@ -233,6 +237,16 @@ class Flywheel:
             tx.finish_step(round_id, "trained", candidate_checkpoint_id=candidate_id)
         self.log(f"round {round_id}: trained {len(metrics)} DPO steps, final loss {metrics[-1].loss:.4f}")
         return candidate_id
+
+    def _replayed(self, round_id: int, seed: int, fresh: int) -> list:
+        """Earlier rounds' preferences to mix in, so that they make `replay_fraction` of the
+        training set: r / (fresh + r) = f, so r = fresh * f / (1 - f), as far as there are."""
+        fraction = self.config.train.replay_fraction
+        if fraction == 0:
+            return []
+        earlier = self.store.preference_triples(round_id, earlier_rounds=True)
+        wanted = min(round(fresh * fraction / (1 - fraction)), len(earlier))
+        return random.Random(seed).sample(earlier, wanted)
 
     def evaluate(self, round_id: int) -> None:
         """Sample held-out prompts from the candidate (and the incumbent, once) and compare."""

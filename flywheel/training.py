@@ -1,43 +1,71 @@
-"""DPO training against a frozen reference, the loop written out top to bottom."""
+"""DPO training against a frozen reference, the loop written out top to bottom.
+
+The reference's log-probs are computed once per completion and cached in the store
+(`reference_logps_for`), so training holds only the policy in memory.
+"""
 
 from __future__ import annotations
 
 import math
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
+from tqdm import tqdm
 
 from flywheel.checkpoints import save_checkpoint
 from flywheel.config import TrainConfig
-from flywheel.dpo import chosen_nll, collate_concatenated, completion_lengths, concatenated_logps, dpo_loss
-from storage.records import PreferenceTriple, StepMetrics
+from flywheel.dpo import (
+    chosen_nll,
+    collate_concatenated,
+    collate_sequences,
+    completion_lengths,
+    concatenated_logps,
+    dpo_loss,
+    sequence_logps,
+)
+from storage.records import Checkpoint, PreferenceTriple, StepMetrics
+from storage.store import Store
+
+
+@dataclass(frozen=True)
+class ReferenceLogps:
+    """The frozen reference's log-probs (sums over completion tokens) of each triple's
+    chosen and rejected completion, in triple order, `(len(triples),)` each."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
 
 
 def train_dpo(
     policy_path: Path,
-    reference_path: Path,
+    reference: Path | ReferenceLogps,
     triples: Sequence[PreferenceTriple],
     config: TrainConfig,
     output_dir: Path,
     seed: int,
 ) -> list[StepMetrics]:
-    """Train a copy of the policy on the triples; save it to `output_dir`; return per-step metrics."""
+    """Train a copy of the policy on the triples; save it to `output_dir`; return per-step metrics.
+
+    Given `ReferenceLogps` (cached, see `reference_logps_for`), only the policy is ever
+    loaded. Given the reference checkpoint's path, the reference runs beside the policy on
+    every micro-batch: the live path, which holds both models.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(policy_path)
     policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
-    reference = AutoModelForCausalLM.from_pretrained(reference_path, dtype=torch.float32)
-    reference.eval().requires_grad_(False)
+    live_reference = None
+    if not isinstance(reference, ReferenceLogps):
+        live_reference = AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32)
+        live_reference.eval().requires_grad_(False)
     # Dropout would make the policy's log-probs differ from the reference's at step 0.
     policy.eval()
     optimizer = torch.optim.AdamW(policy.parameters(), lr=config.learning_rate, weight_decay=0.0)
-    # The reference is frozen: its log-probs are computed once per triple, not every epoch.
-    reference_chosen_all, reference_rejected_all = _reference_logps(reference, triples, config, tokenizer.pad_token_id)
-    del reference
 
     order = list(range(len(triples)))
     rng = random.Random(seed)
@@ -60,17 +88,26 @@ def train_dpo(
             for micro_start in range(0, len(indices), micro_size):
                 micro = indices[micro_start : micro_start + micro_size]
                 batch = collate_concatenated([triples[i] for i in micro], tokenizer.pad_token_id)
-                policy_chosen, policy_rejected = concatenated_logps(policy, batch, config.length_normalised)
-                # Length-normalised log-probs are already per token; IPO otherwise divides by length.
-                lengths = (None, None) if config.length_normalised else completion_lengths(batch)
+                policy_chosen, policy_rejected = concatenated_logps(policy, batch)
+                if live_reference is None:
+                    reference_chosen, reference_rejected = reference.chosen[micro], reference.rejected[micro]
+                else:
+                    with torch.no_grad():
+                        reference_chosen, reference_rejected = concatenated_logps(live_reference, batch)
+                chosen_lengths, rejected_lengths = completion_lengths(batch)
+                nll = chosen_nll(policy_chosen, batch)
+                lengths = (chosen_lengths, rejected_lengths)  # IPO's per-token log-ratios
+                if config.length_normalised:
+                    policy_chosen, reference_chosen = policy_chosen / chosen_lengths, reference_chosen / chosen_lengths
+                    policy_rejected = policy_rejected / rejected_lengths
+                    reference_rejected = reference_rejected / rejected_lengths
+                    lengths = (None, None)  # already per token
                 losses, micro_chosen, micro_rejected = dpo_loss(
-                    policy_chosen, policy_rejected, reference_chosen_all[micro], reference_rejected_all[micro],
+                    policy_chosen, policy_rejected, reference_chosen, reference_rejected,
                     config.beta, config.loss_type, config.label_smoothing, *lengths,
                 )
                 objective = losses.sum()
                 if config.nll_weight > 0:
-                    # Length-normalised log-probs are already per token.
-                    nll = -policy_chosen if config.length_normalised else chosen_nll(policy_chosen, batch)
                     objective = objective + config.nll_weight * nll.sum()
                 (objective / len(indices)).backward()
                 loss_sum += losses.sum().item()
@@ -93,9 +130,54 @@ def train_dpo(
                 learning_rate=learning_rate,
                 num_pairs=len(indices),
                 tokens_per_second=tokens / elapsed,
+                pair_ids=tuple(triples[i].pair_id for i in indices),
             ))
     save_checkpoint(policy, tokenizer, output_dir)
     return metrics
+
+
+@torch.no_grad()
+def compute_reference_logps(
+    reference_path: Path, sequences: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int
+) -> list[float]:
+    """The reference's log-prob (sum over completion tokens) of each (prompt ids,
+    completion ids); loads the reference once and frees it on return."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    pad_token_id = AutoTokenizer.from_pretrained(reference_path).pad_token_id
+    reference = AutoModelForCausalLM.from_pretrained(reference_path, dtype=torch.float32).eval()
+    logps: list[float] = []
+    with tqdm(total=len(sequences), desc="reference log-probs", unit="completion", leave=False,
+              disable=not sequences) as bar:
+        for start in range(0, len(sequences), batch_size):
+            batch = collate_sequences(sequences[start : start + batch_size], pad_token_id)
+            logits = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logps.extend(sequence_logps(logits.float(), batch["input_ids"], batch["completion_mask"]).tolist())
+            bar.update(len(batch["input_ids"]))
+    return logps
+
+
+def reference_logps_for(
+    store: Store, triples: Sequence[PreferenceTriple], reference: Checkpoint, batch_size: int
+) -> ReferenceLogps:
+    """The reference's log-probs of the triples' completions, from the store's cache; those
+    not cached for this reference yet are computed (loading it) and stored first."""
+    sequences: dict[int, tuple[list[int], list[int]]] = {}
+    for t in triples:
+        sequences[t.chosen_completion_id] = (t.prompt_token_ids, t.chosen_token_ids)
+        sequences[t.rejected_completion_id] = (t.prompt_token_ids, t.rejected_token_ids)
+    cached = store.reference_logps(reference.checkpoint_id, list(sequences))
+    missing = [completion_id for completion_id in sequences if completion_id not in cached]
+    if missing:
+        computed = dict(zip(missing, compute_reference_logps(
+            Path(reference.path), [sequences[c] for c in missing], batch_size)))
+        with store.transaction() as tx:
+            tx.add_reference_logps(reference.checkpoint_id, computed)
+        cached.update(computed)
+    return ReferenceLogps(
+        chosen=torch.tensor([cached[t.chosen_completion_id] for t in triples], dtype=torch.float32),
+        rejected=torch.tensor([cached[t.rejected_completion_id] for t in triples], dtype=torch.float32),
+    )
 
 
 def learning_rate_at(step: int, total_steps: int, config: TrainConfig) -> float:
@@ -111,17 +193,3 @@ def learning_rate_at(step: int, total_steps: int, config: TrainConfig) -> float:
     if config.lr_schedule == "linear":
         return peak * (1 - progress)
     return peak * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-@torch.no_grad()
-def _reference_logps(
-    reference: torch.nn.Module, triples: Sequence[PreferenceTriple], config: TrainConfig, pad_token_id: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen, rejected) reference log-probs of every triple, in triple order, `(len(triples),)`."""
-    chosen, rejected = [], []
-    for start in range(0, len(triples), config.batch_size):
-        batch = collate_concatenated(triples[start : start + config.batch_size], pad_token_id)
-        batch_chosen, batch_rejected = concatenated_logps(reference, batch, config.length_normalised)
-        chosen.append(batch_chosen)
-        rejected.append(batch_rejected)
-    return torch.cat(chosen), torch.cat(rejected)

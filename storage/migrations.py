@@ -392,6 +392,43 @@ def m004_people_labelling(conn: duckdb.DuckDBPyConnection) -> None:
 
 
 @migration
-def m005_train_throughput(conn: duckdb.DuckDBPyConnection) -> None:
-    # Tokens per second of each DPO step (forward and backward over chosen and rejected).
-    conn.execute("ALTER TABLE train_steps ADD COLUMN tokens_per_second DOUBLE")
+def m005_training(conn: duckdb.DuckDBPyConnection) -> None:
+    conn.execute(
+        """
+        -- Tokens per second of each DPO step (forward and backward over chosen and rejected).
+        ALTER TABLE train_steps ADD COLUMN tokens_per_second DOUBLE;
+
+        -- The frozen reference's log-prob of each completion, computed once per reference:
+        -- training then holds only the policy. The sum over completion tokens; the
+        -- length-normalised value is logp / completions.num_tokens.
+        CREATE TABLE reference_logps (
+            completion_id  BIGINT NOT NULL,
+            checkpoint_id  BIGINT NOT NULL,
+            logp           DOUBLE NOT NULL,
+            created_at     TIMESTAMP NOT NULL DEFAULT current_timestamp,
+            PRIMARY KEY (completion_id, checkpoint_id)
+        );
+
+        -- Lineage: the pairs each training step of a checkpoint trained on.
+        CREATE TABLE train_pairs (
+            checkpoint_id  BIGINT NOT NULL,
+            step           INTEGER NOT NULL,
+            pair_id        BIGINT NOT NULL
+        );
+
+        -- Per trained round: the pairs it trained on, how many were its own fresh
+        -- (on-policy) pairs and how many were replayed from earlier rounds.
+        CREATE VIEW round_training_data AS
+        SELECT
+            ck.round_id,
+            count(DISTINCT tp.pair_id) AS pairs_trained,
+            count(DISTINCT tp.pair_id) FILTER (WHERE p.round_id = ck.round_id) AS on_policy_pairs,
+            count(DISTINCT tp.pair_id) FILTER (WHERE p.round_id <> ck.round_id) AS replayed_pairs,
+            on_policy_pairs / pairs_trained AS on_policy_share
+        FROM train_pairs tp
+        JOIN checkpoints ck ON ck.checkpoint_id = tp.checkpoint_id
+        JOIN pairs p ON p.pair_id = tp.pair_id
+        GROUP BY ck.round_id
+        ORDER BY ck.round_id;
+        """
+    )

@@ -110,6 +110,8 @@ class PreferenceTriple:
     prompt_token_ids: list[int]
     chosen_token_ids: list[int]
     rejected_token_ids: list[int]
+    chosen_completion_id: int | None = None
+    rejected_completion_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,7 @@ class StepMetrics:
     learning_rate: float
     num_pairs: int
     tokens_per_second: float  # prompt and completion tokens of chosen and rejected, through forward and backward
+    pair_ids: tuple[int, ...] = ()  # the pairs the step trained on (stored in train_pairs)
 
 
 @dataclass(frozen=True)

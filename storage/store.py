@@ -41,10 +41,11 @@ SCHEMA_VERSION = len(MIGRATIONS)
 # A round's training preferences: its pairs that the round's own judge gave a winner.
 # Labels other judges added later, for comparison, are not training data; nor are people's
 # labels given after the round stopped waiting for them (`label_requests.last_label_id`).
+# `{rounds}` picks the rounds: `pf.round_id = ?` (one round) or `pf.round_id < ?` (replay).
 _ROUND_PREFERENCES = (
     "SELECT pf.* FROM preferences pf JOIN rounds rd ON rd.round_id = pf.round_id "
     "LEFT JOIN label_requests rq ON rq.round_id = pf.round_id "
-    "WHERE pf.round_id = ? AND pf.judge = rd.judge_name AND pf.judge_version = rd.judge_version "
+    "WHERE {rounds} AND pf.judge = rd.judge_name AND pf.judge_version = rd.judge_version "
     "AND (rq.last_label_id IS NULL OR pf.label_id <= rq.last_label_id)"
 )
 
@@ -236,6 +237,7 @@ class StoreSession:
             "pairs_to_judge",
             "count_preferences",
             "preference_triples",
+            "reference_logps",
             "evaluation",
             "count",
         }
@@ -512,19 +514,38 @@ class StoreSession:
 
     def count_preferences(self, round_id: int) -> int:
         """How many of the round's pairs its own judge gave a winner."""
-        return self.conn.execute(f"SELECT count(*) FROM ({_ROUND_PREFERENCES})", [round_id]).fetchone()[0]
+        return self.conn.execute(
+            f"SELECT count(*) FROM ({_ROUND_PREFERENCES.format(rounds='pf.round_id = ?')})", [round_id]
+        ).fetchone()[0]
 
-    def preference_triples(self, round_id: int) -> list[PreferenceTriple]:
-        """The round's preferences (`_ROUND_PREFERENCES`) as token ids, what vLLM produced."""
+    def preference_triples(self, round_id: int, earlier_rounds: bool = False) -> list[PreferenceTriple]:
+        """The round's preferences (`_ROUND_PREFERENCES`) as token ids, what vLLM produced;
+        with `earlier_rounds`, those of every round before it instead (for replay)."""
+        rounds = "pf.round_id < ?" if earlier_rounds else "pf.round_id = ?"
         rows = self.conn.execute(
-            "SELECT pf.pair_id, c.prompt_token_ids, c.token_ids, r.token_ids "
-            f"FROM ({_ROUND_PREFERENCES}) pf "
+            "SELECT pf.pair_id, c.prompt_token_ids, c.token_ids, r.token_ids, c.completion_id, r.completion_id "
+            f"FROM ({_ROUND_PREFERENCES.format(rounds=rounds)}) pf "
             "JOIN completions c ON c.completion_id = pf.chosen_completion_id "
             "JOIN completions r ON r.completion_id = pf.rejected_completion_id "
             "ORDER BY pf.label_id",
             [round_id],
         ).fetchall()
         return [PreferenceTriple(*row) for row in rows]
+
+    def reference_logps(self, checkpoint_id: int, completion_ids: Sequence[int]) -> dict[int, float]:
+        """Cached reference log-probs (sums over completion tokens) of these completions."""
+        return dict(self.conn.execute(
+            "SELECT completion_id, logp FROM reference_logps WHERE checkpoint_id = ? "
+            "AND completion_id IN (SELECT unnest(?::BIGINT[]))",
+            [checkpoint_id, list(completion_ids)],
+        ).fetchall())
+
+    def add_reference_logps(self, checkpoint_id: int, logps: dict[int, float]) -> None:
+        self._insert_arrow("reference_logps", {
+            "completion_id": pa.array(list(logps), pa.int64()),
+            "checkpoint_id": pa.array([checkpoint_id] * len(logps), pa.int64()),
+            "logp": pa.array(list(logps.values()), pa.float64()),
+        })
 
     # -- training and evaluation ---------------------------------------------------------
 
@@ -536,8 +557,18 @@ class StoreSession:
             "checkpoint_id": pa.array([s.checkpoint_id for s in steps], pa.int64()),
         }
         for name in StepMetrics.__dataclass_fields__:
-            columns[name] = pa.array([getattr(s.metrics, name) for s in steps])
+            if name != "pair_ids":
+                columns[name] = pa.array([getattr(s.metrics, name) for s in steps])
         self._insert_arrow("train_steps", columns)
+        # Lineage: which pairs each step trained on.
+        lineage = [(s.checkpoint_id, s.metrics.step, pair_id) for s in steps for pair_id in s.metrics.pair_ids]
+        if lineage:
+            checkpoints, step_numbers, pair_ids = zip(*lineage)
+            self._insert_arrow("train_pairs", {
+                "checkpoint_id": pa.array(checkpoints, pa.int64()),
+                "step": pa.array(step_numbers, pa.int32()),
+                "pair_id": pa.array(pair_ids, pa.int64()),
+            })
 
     def add_evaluation(self, evaluation: Evaluation) -> int:
         fields = list(Evaluation.__dataclass_fields__)

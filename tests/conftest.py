@@ -28,6 +28,24 @@ def tiny_policy() -> Path:
 
 
 @pytest.fixture(scope="session")
+def perturbed_policy(tiny_policy, tmp_path_factory) -> Path:
+    """The tiny policy with small seeded noise on every weight: a second, different model
+    of the same architecture (a policy that is not its reference)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_policy, dtype=torch.float32)
+    noise = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.02 * torch.randn(parameter.shape, generator=noise))
+    path = tmp_path_factory.mktemp("perturbed")
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_policy).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def demo_prompts(tmp_path_factory) -> tuple[Path, Path]:
     return write_demo_prompts(tmp_path_factory.mktemp("prompts"), TEST_POLICY, num_train_prompts=256)
 

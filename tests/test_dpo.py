@@ -116,8 +116,6 @@ def test_sequence_logps_sums_completion_tokens_only():
     mask = torch.tensor([[0, 0, 1, 1]])
     expected = math.log(3 / 4) + math.log(4 / 5)
     assert sequence_logps(logits, input_ids, mask).item() == pytest.approx(expected, abs=1e-6)
-    # Length-normalised: the mean over the two completion tokens.
-    assert sequence_logps(logits, input_ids, mask, average=True).item() == pytest.approx(expected / 2, abs=1e-6)
 
 
 def test_collate_puts_chosen_first_and_masks_from_token_ids():

@@ -63,6 +63,12 @@ def test_flow_runs_rounds_and_records_everything(flywheel, prefect_harness):
     _, policies = store.query("SELECT policy_checkpoint_id FROM rounds ORDER BY round_id")
     expected = summary[0]["candidate_checkpoint_id"] if summary[0]["promoted"] else policies[0][0]
     assert policies[1][0] == expected
+    # The reference's log-probs of every trained completion were cached under the round's reference.
+    _, uncached = store.query(
+        "SELECT count(*) FROM preferences p JOIN rounds r ON r.round_id = p.round_id WHERE NOT EXISTS "
+        "(SELECT 1 FROM reference_logps x WHERE x.checkpoint_id = r.reference_checkpoint_id "
+        "AND x.completion_id IN (p.chosen_completion_id, p.rejected_completion_id) HAVING count(*) = 2)")
+    assert uncached == [(0,)] and store.count("reference_logps") > 0
     # Every completion says which checkpoint made it and how.
     _, bad = store.query("SELECT count(*) FROM completions WHERE checkpoint_id IS NULL OR sampling_params IS NULL")
     assert bad == [(0,)]

@@ -8,26 +8,10 @@ ids: ours get the ones TRL's own tokenisation produced.
 from __future__ import annotations
 
 import pytest
-import torch
 
 from flywheel.config import TrainConfig
 from flywheel.training import train_dpo
 from storage.records import PreferenceTriple
-
-
-@pytest.fixture(scope="module")
-def perturbed_policy(tiny_policy, tmp_path_factory):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_policy, dtype=torch.float32)
-    noise = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.02 * torch.randn(parameter.shape, generator=noise))
-    path = tmp_path_factory.mktemp("perturbed")
-    model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(tiny_policy).save_pretrained(path)
-    return path
 
 
 @pytest.mark.parametrize("loss_type, label_smoothing", [("sigmoid", 0.0), ("hinge", 0.0), ("ipo", 0.0),

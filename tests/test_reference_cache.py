@@ -1,0 +1,130 @@
+"""Reference log-probs cached in the store: the same training as the live reference,
+without ever loading the reference, and recomputed for another reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from flywheel.config import EvalConfig, FlywheelConfig, JudgeConfig, TrainConfig
+from flywheel.training import reference_logps_for, train_dpo
+from storage.records import PreferenceTriple
+from storage.store import Store
+
+
+def numbered_triples(count: int) -> list[PreferenceTriple]:
+    # Completion ids 2i+1 (chosen) and 2i+2 (rejected): the cache's keys.
+    return [PreferenceTriple(i, [1, 4 + i % 10, 13, 5 + i % 4, 14], [6 + i % 5, 2], [7 + i % 3, 4, 2],
+                             chosen_completion_id=2 * i + 1, rejected_completion_id=2 * i + 2)
+            for i in range(count)]
+
+
+@pytest.fixture
+def loads(monkeypatch) -> list[Path]:
+    """Every checkpoint `AutoModelForCausalLM.from_pretrained` loads, in order (a spy: the
+    real loader still runs)."""
+    from transformers import AutoModelForCausalLM
+
+    loaded: list[Path] = []
+    original = AutoModelForCausalLM.from_pretrained
+
+    def from_pretrained(path, *args, **kwargs):
+        loaded.append(Path(path))
+        return original(path, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    return loaded
+
+
+def test_cached_reference_logps_train_like_the_live_reference_without_loading_it(
+        tiny_policy, perturbed_policy, tmp_path, loads):
+    store = Store.create(tmp_path / "flywheel.duckdb")
+    with store.transaction() as tx:
+        reference = tx.checkpoint(tx.add_checkpoint(str(perturbed_policy), role="reference", status="promoted"))
+    triples = numbered_triples(7)
+    config = TrainConfig(batch_size=3, epochs=2, learning_rate=1e-3, nll_weight=0.5)
+
+    live = train_dpo(tiny_policy, perturbed_policy, triples, config, tmp_path / "live", seed=0)
+    assert loads == [tiny_policy, perturbed_policy]
+    cached = reference_logps_for(store, triples, reference, batch_size=4)
+    assert store.count("reference_logps", "checkpoint_id = ?", [reference.checkpoint_id]) == 14
+    loads.clear()
+    assert torch.equal(reference_logps_for(store, triples, reference, batch_size=4).chosen, cached.chosen)
+    from_cache = train_dpo(tiny_policy, cached, triples, config, tmp_path / "cached", seed=0)
+    assert loads == [tiny_policy]  # the policy only: the reference came from the store
+    assert len(live) == len(from_cache) == 6
+    for a, b in zip(live, from_cache):
+        assert (a.loss, a.chosen_reward, a.rejected_reward, a.grad_norm) == pytest.approx(
+            (b.loss, b.chosen_reward, b.rejected_reward, b.grad_norm), abs=1e-5)
+    assert live[0].loss != pytest.approx(0.6931, abs=1e-3)  # policy and reference differ
+
+
+def test_another_reference_gets_its_own_log_probs(tiny_policy, perturbed_policy, tmp_path, loads):
+    store = Store.create(tmp_path / "flywheel.duckdb")
+    with store.transaction() as tx:
+        first = tx.checkpoint(tx.add_checkpoint(str(tiny_policy), role="reference", status="promoted"))
+        second = tx.checkpoint(tx.add_checkpoint(str(perturbed_policy), role="candidate", status="promoted"))
+    triples = numbered_triples(3)
+    by_first = reference_logps_for(store, triples, first, batch_size=8)
+    by_second = reference_logps_for(store, triples, second, batch_size=8)
+    assert loads == [tiny_policy, perturbed_policy]
+    assert store.count("reference_logps") == 12
+    assert not torch.allclose(by_first.chosen, by_second.chosen)
+
+
+def test_the_reference_is_the_initial_model_or_the_previous_promoted_one(tiny_policy, demo_prompts, tmp_path):
+    from flywheel.rounds import Flywheel
+
+    prompts, heldout = demo_prompts
+    for choice in ("initial", "previous"):
+        config = FlywheelConfig(
+            workdir=tmp_path / choice, reference_model=tiny_policy, prompts=prompts, heldout_prompts=heldout,
+            judge=JudgeConfig("rule:flywheel.demo_task:addition_score"), train=TrainConfig(reference=choice),
+            eval=EvalConfig(accuracy_score="flywheel.demo_task:addition_score"))
+        flywheel = Flywheel(config)  # the vLLM engine starts only when something is sampled
+        flywheel.initialise()
+        with flywheel.store.transaction() as tx:
+            initial = tx.reference_checkpoint().checkpoint_id
+            promoted = tx.add_checkpoint("/models/round-1", role="candidate", status="promoted")
+        round_ = flywheel.store.get_round(flywheel.begin_round())
+        assert round_.policy_checkpoint_id == promoted
+        assert round_.reference_checkpoint_id == (initial if choice == "initial" else promoted)
+
+
+def test_a_round_trains_on_its_fresh_pairs_plus_the_replay_share_and_records_them(
+        tiny_policy, demo_prompts, tmp_path):
+    from flywheel.labelling import label_pairs
+    from flywheel.rounds import Flywheel
+    from queue_data import round_with_pairs
+
+    prompts, heldout = demo_prompts
+    config = FlywheelConfig(
+        workdir=tmp_path, reference_model=tiny_policy, prompts=prompts, heldout_prompts=heldout,
+        judge=JudgeConfig("rule:flywheel.demo_task:addition_score"),
+        train=TrainConfig(replay_fraction=0.25, batch_size=8, learning_rate=1e-4))
+    flywheel = Flywheel(config)
+    flywheel.initialise()
+    store = flywheel.store
+    rounds = []
+    for num_pairs, state in ((24, "done"), (12, "labelled")):
+        round_id = round_with_pairs(store, num_pairs)
+        with store.transaction() as tx:
+            tx.claim_round_judge(round_id, flywheel.judge.name, flywheel.judge.version)
+        label_pairs(store, flywheel.judge, round_id, batch_size=64, progress=False)
+        with store.transaction() as tx:
+            tx.finish_step(round_id, state)
+        rounds.append(round_id)
+    earlier, current = rounds
+    flywheel.train(current)
+    # 12 fresh pairs; replay r with r / (12 + r) = 0.25, so r = 4.
+    _, data = store.query("SELECT pairs_trained, on_policy_pairs, replayed_pairs, on_policy_share "
+                          "FROM round_training_data WHERE round_id = ?", [current])
+    assert data == [(16, 12, 4, 0.75)]
+    _, steps = store.query("SELECT step, num_pairs FROM train_steps ORDER BY step")
+    _, lineage = store.query("SELECT t.step, count(*), count(*) FILTER (WHERE p.round_id = ?) FROM train_pairs t "
+                             "JOIN pairs p USING (pair_id) GROUP BY t.step ORDER BY t.step", [earlier])
+    assert [(step, n) for step, n, _ in lineage] == steps and sum(old for *_, old in lineage) == 4
+    # Cached reference log-probs cover the replayed completions too.
+    assert store.count("reference_logps") == 2 * 16
