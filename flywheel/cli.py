@@ -111,7 +111,8 @@ def command_run(args: argparse.Namespace) -> None:
                           length_normalised=args.length_normalised,
                           gradient_accumulation_steps=args.gradient_accumulation_steps,
                           warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule,
-                          reference=args.reference, replay_fraction=args.replay_fraction),
+                          reference=args.reference, replay_fraction=args.replay_fraction,
+                          lora_rank=args.lora_rank),
         eval=EvalConfig(accuracy_score=args.score, judge=eval_judge),
     )
     _run_flywheel(config, args.rounds, built_judge, built_eval_judge)
@@ -441,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--replay-fraction", type=float, default=0.0,
                      help="share of each round's training pairs replayed from earlier rounds "
                      "(default: %(default)s: only the round's fresh pairs)")
+    run.add_argument("--lora-rank", type=int, default=0,
+                     help="train LoRA adapters of this rank on every linear layer, merged on save "
+                     "(default: %(default)s: full fine-tuning)")
     run.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     run.set_defaults(handler=command_run)
 

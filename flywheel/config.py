@@ -105,6 +105,10 @@ class TrainConfig:
     # Share of the training set replayed from earlier rounds' preferences (0: only this
     # round's fresh, on-policy pairs). Replayed pairs are off-policy but guard against forgetting.
     replay_fraction: float = 0.0
+    # LoRA (through peft) on every linear layer when > 0: only the adapters train, and they
+    # are merged into the weights on save, so the checkpoint loads in vLLM as it is.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
 
     def __post_init__(self) -> None:
         _require(self.nll_weight >= 0, f"train.nll_weight must be >= 0, got {self.nll_weight}")
@@ -115,6 +119,8 @@ class TrainConfig:
         _require(self.batch_size % self.gradient_accumulation_steps == 0,
                  f"train.batch_size ({self.batch_size}) must be a multiple of gradient_accumulation_steps "
                  f"({self.gradient_accumulation_steps})")
+        _require(self.lora_rank >= 0, f"train.lora_rank must be >= 0 (0: full fine-tuning), got {self.lora_rank}")
+        _require(self.lora_alpha > 0, f"train.lora_alpha must be > 0, got {self.lora_alpha}")
         _require(0 <= self.replay_fraction < 1, f"train.replay_fraction must be in [0, 1), got {self.replay_fraction}")
         _require(self.reference in REFERENCES, f"train.reference must be one of {REFERENCES}, got {self.reference!r}")
         _require(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")

@@ -63,9 +63,16 @@ def train_dpo(
     if not isinstance(reference, ReferenceLogps):
         live_reference = AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32)
         live_reference.eval().requires_grad_(False)
+    if config.lora_rank > 0:
+        from peft import LoraConfig, get_peft_model
+
+        # LoRA's B matrices start at zero, so the policy starts exactly at its base weights.
+        policy = get_peft_model(policy, LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha,
+                                                   lora_dropout=0.0, target_modules="all-linear"))
     # Dropout would make the policy's log-probs differ from the reference's at step 0.
     policy.eval()
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.learning_rate, weight_decay=0.0)
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
 
     order = list(range(len(triples)))
     rng = random.Random(seed)
@@ -114,7 +121,7 @@ def train_dpo(
                 tokens += int(batch["attention_mask"].sum())
                 chosen_rewards.append(micro_chosen)
                 rejected_rewards.append(micro_rejected)
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             elapsed = time.perf_counter() - started
@@ -132,6 +139,8 @@ def train_dpo(
                 tokens_per_second=tokens / elapsed,
                 pair_ids=tuple(triples[i].pair_id for i in indices),
             ))
+    if config.lora_rank > 0:
+        policy = policy.merge_and_unload()  # a plain checkpoint: no adapter files to serve
     save_checkpoint(policy, tokenizer, output_dir)
     return metrics
 

@@ -231,3 +231,26 @@ def test_gradient_accumulation_gives_the_same_steps_as_one_big_batch(tiny_policy
         assert a.tokens_per_second > 0 and b.tokens_per_second > 0
     for name, tensor in weights_one.items():
         assert torch.allclose(tensor, weights_three[name], atol=1e-5), name
+
+
+def test_lora_trains_only_adapters_and_saves_merged_plain_weights(tiny_policy, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from flywheel.config import TrainConfig
+    from flywheel.training import train_dpo
+
+    triples = [PreferenceTriple(i, [1, 4 + i % 10, 14, 5, 15], [6 + i % 5, 2], [7 + i % 3, 4, 2]) for i in range(8)]
+    config = TrainConfig(batch_size=4, epochs=3, learning_rate=1e-2, lora_rank=4)
+    metrics = train_dpo(tiny_policy, tiny_policy, triples, config, tmp_path / "lora", seed=0)
+    assert metrics[0].loss == pytest.approx(math.log(2), abs=1e-6)  # B = 0: the policy starts as the reference
+    assert metrics[-1].reward_margin > 0
+    saved = sorted(p.name for p in (tmp_path / "lora").iterdir())
+    assert "adapter_config.json" not in saved and "model.safetensors" in saved
+    before, after = load_file(tiny_policy / "model.safetensors"), load_file(tmp_path / "lora" / "model.safetensors")
+    assert set(after) == set(before)  # the same tensors as a plain checkpoint, adapters merged in
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    # LoRA touches linear layers only: the projections changed, embeddings and norms did not.
+    assert changed and all(name.endswith(("proj.weight", "lm_head.weight")) for name in changed)
+    assert not any("norm" in name or "embed" in name for name in changed)
+    AutoModelForCausalLM.from_pretrained(tmp_path / "lora")  # loads with no peft at all

@@ -135,3 +135,16 @@ def test_a_custom_judge_named_by_import_path_labels_a_round(flywheel, tmp_path):
     assert labels == pairs > 0 and store.get_round(round_id).judge_name == "longer-answer"
     custom.close()  # leaves the shared engine running
     assert flywheel.sampler._llm is not None
+
+
+def test_vllm_samples_from_a_lora_trained_checkpoint(flywheel, tmp_path):
+    from flywheel.training import train_dpo
+    from storage.records import PreferenceTriple
+
+    triples = [PreferenceTriple(i, [1, 4 + i % 10, 14, 5, 15], [6 + i % 5, 2], [7 + i % 3, 4, 2]) for i in range(8)]
+    path = tmp_path / "lora"
+    train_dpo(flywheel.config.reference_model, flywheel.config.reference_model, triples,
+              TrainConfig(batch_size=8, learning_rate=1e-2, lora_rank=4), path, seed=0)
+    prompts = flywheel.store.prompts("heldout")[:4]
+    completions = flywheel.sampler.sample(path, 10_000, prompts, n=2, temperature=1.0, seed=1, purpose="eval")
+    assert len(completions) == 8 and all(c.checkpoint_id == 10_000 for c in completions)
