@@ -112,7 +112,7 @@ def command_run(args: argparse.Namespace) -> None:
                           gradient_accumulation_steps=args.gradient_accumulation_steps,
                           warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule,
                           reference=args.reference, replay_fraction=args.replay_fraction,
-                          lora_rank=args.lora_rank),
+                          lora_rank=args.lora_rank, num_processes=args.num_processes),
         eval=EvalConfig(accuracy_score=args.score, judge=eval_judge),
     )
     _run_flywheel(config, args.rounds, built_judge, built_eval_judge)
@@ -445,6 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--lora-rank", type=int, default=0,
                      help="train LoRA adapters of this rank on every linear layer, merged on save "
                      "(default: %(default)s: full fine-tuning)")
+    run.add_argument("--num-processes", type=positive_int, default=1,
+                     help="data-parallel training processes under `accelerate launch`, one per GPU "
+                     "(default: %(default)s: train in this process)")
     run.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     run.set_defaults(handler=command_run)
 

@@ -109,6 +109,9 @@ class TrainConfig:
     # are merged into the weights on save, so the checkpoint loads in vLLM as it is.
     lora_rank: int = 0
     lora_alpha: float = 16.0
+    # Data-parallel processes under `accelerate launch` (one per GPU on a GPU host);
+    # 1 trains in the flywheel's own process.
+    num_processes: int = 1
 
     def __post_init__(self) -> None:
         _require(self.nll_weight >= 0, f"train.nll_weight must be >= 0, got {self.nll_weight}")
@@ -119,6 +122,7 @@ class TrainConfig:
         _require(self.batch_size % self.gradient_accumulation_steps == 0,
                  f"train.batch_size ({self.batch_size}) must be a multiple of gradient_accumulation_steps "
                  f"({self.gradient_accumulation_steps})")
+        _require(self.num_processes >= 1, f"train.num_processes must be >= 1, got {self.num_processes}")
         _require(self.lora_rank >= 0, f"train.lora_rank must be >= 0 (0: full fine-tuning), got {self.lora_rank}")
         _require(self.lora_alpha > 0, f"train.lora_alpha must be > 0, got {self.lora_alpha}")
         _require(0 <= self.replay_fraction < 1, f"train.replay_fraction must be in [0, 1), got {self.replay_fraction}")

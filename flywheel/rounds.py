@@ -20,6 +20,7 @@ from flywheel.labelling import label_pairs, score_completions
 from flywheel.pairing import NEEDS_SCORES, form_pairs
 from flywheel.prompts import load_prompts
 from flywheel.sampling import VLLMSampler
+from flywheel.train_job import launch, write_job
 from flywheel.training import reference_logps_for, train_dpo
 from judges import HumanJudge, Judge, ScalarJudge, close_judge, import_object, load_judge
 from judges.human import ready_to_train, waiting_message
@@ -226,8 +227,13 @@ class Flywheel:
         reference = self.store.checkpoint(round_.reference_checkpoint_id)
         output_dir = self.config.checkpoints_dir / f"round-{round_id:04d}"
         reference_logps = reference_logps_for(self.store, triples, reference, self.config.train.batch_size)
-        metrics = train_dpo(Path(policy.path), reference_logps, triples, self.config.train, output_dir,
-                            seed=round_.seed)
+        if self.config.train.num_processes > 1:
+            job = write_job(self.config.workdir / "jobs" / f"round-{round_id:04d}", Path(policy.path),
+                            reference_logps, triples, self.config.train, output_dir, round_.seed)
+            metrics = launch(job, self.config.train.num_processes)
+        else:
+            metrics = train_dpo(Path(policy.path), reference_logps, triples, self.config.train, output_dir,
+                                seed=round_.seed)
         with self.store.transaction() as tx:
             candidate_id = tx.add_checkpoint(
                 str(output_dir), role="candidate", status="candidate",

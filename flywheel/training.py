@@ -53,15 +53,22 @@ def train_dpo(
     Given `ReferenceLogps` (cached, see `reference_logps_for`), only the policy is ever
     loaded. Given the reference checkpoint's path, the reference runs beside the policy on
     every micro-batch: the live path, which holds both models.
+
+    Under `accelerate launch` (see `flywheel.train_job`) every process runs this same
+    function: each takes its share of every batch, and the gradients are summed across
+    processes before the step, so N processes take exactly the steps one process would.
     """
+    from accelerate import Accelerator
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    rank, world = accelerator.process_index, accelerator.num_processes
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(policy_path)
-    policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
+    policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32).to(accelerator.device)
     live_reference = None
     if not isinstance(reference, ReferenceLogps):
-        live_reference = AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32)
+        live_reference = AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32).to(accelerator.device)
         live_reference.eval().requires_grad_(False)
     if config.lora_rank > 0:
         from peft import LoraConfig, get_peft_model
@@ -75,7 +82,7 @@ def train_dpo(
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
 
     order = list(range(len(triples)))
-    rng = random.Random(seed)
+    rng = random.Random(seed)  # the same shuffle in every process
     total_steps = config.epochs * math.ceil(len(triples) / config.batch_size)
     metrics: list[StepMetrics] = []
     step = 0
@@ -88,16 +95,20 @@ def train_dpo(
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate
             started = time.perf_counter()
-            # Each micro-batch adds its share of the batch mean, so the summed gradient is
-            # exactly the full batch's whatever the number of micro-batches.
-            micro_size = math.ceil(len(indices) / config.gradient_accumulation_steps)
-            loss_sum, tokens, chosen_rewards, rejected_rewards = 0.0, 0, [], []
-            for micro_start in range(0, len(indices), micro_size):
-                micro = indices[micro_start : micro_start + micro_size]
-                batch = collate_concatenated([triples[i] for i in micro], tokenizer.pad_token_id)
+            # This process's share, in micro-batches. Each adds its part of the batch mean,
+            # so the gradients summed over micro-batches and processes are the full batch's.
+            share = indices[rank::world]
+            micro_size = max(math.ceil(len(share) / config.gradient_accumulation_steps), 1)
+            # loss, chosen reward, rejected reward, correctly ranked pairs, tokens
+            totals = torch.zeros(5, dtype=torch.float64)
+            for micro_start in range(0, len(share), micro_size):
+                micro = share[micro_start : micro_start + micro_size]
+                batch = {k: v.to(accelerator.device) for k, v in
+                         collate_concatenated([triples[i] for i in micro], tokenizer.pad_token_id).items()}
                 policy_chosen, policy_rejected = concatenated_logps(policy, batch)
                 if live_reference is None:
-                    reference_chosen, reference_rejected = reference.chosen[micro], reference.rejected[micro]
+                    reference_chosen = reference.chosen[micro].to(accelerator.device)
+                    reference_rejected = reference.rejected[micro].to(accelerator.device)
                 else:
                     with torch.no_grad():
                         reference_chosen, reference_rejected = concatenated_logps(live_reference, batch)
@@ -109,7 +120,7 @@ def train_dpo(
                     policy_rejected = policy_rejected / rejected_lengths
                     reference_rejected = reference_rejected / rejected_lengths
                     lengths = (None, None)  # already per token
-                losses, micro_chosen, micro_rejected = dpo_loss(
+                losses, chosen_rewards, rejected_rewards = dpo_loss(
                     policy_chosen, policy_rejected, reference_chosen, reference_rejected,
                     config.beta, config.loss_type, config.label_smoothing, *lengths,
                 )
@@ -117,22 +128,28 @@ def train_dpo(
                 if config.nll_weight > 0:
                     objective = objective + config.nll_weight * nll.sum()
                 (objective / len(indices)).backward()
-                loss_sum += losses.sum().item()
-                tokens += int(batch["attention_mask"].sum())
-                chosen_rewards.append(micro_chosen)
-                rejected_rewards.append(micro_rejected)
+                totals += torch.tensor([losses.sum().item(), chosen_rewards.sum().item(),
+                                        rejected_rewards.sum().item(),
+                                        (chosen_rewards > rejected_rewards).sum().item(),
+                                        batch["attention_mask"].sum().item()], dtype=torch.float64)
+            if world > 1:
+                for parameter in trainable:
+                    if parameter.grad is None:  # a process whose share was empty
+                        parameter.grad = torch.zeros_like(parameter)
+                    parameter.grad = accelerator.reduce(parameter.grad, reduction="sum")
+                totals = accelerator.reduce(totals, reduction="sum")
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             elapsed = time.perf_counter() - started
-            chosen, rejected = torch.cat(chosen_rewards), torch.cat(rejected_rewards)
+            loss_sum, chosen_sum, rejected_sum, correct, tokens = totals.tolist()
             metrics.append(StepMetrics(
                 step=step,
                 loss=loss_sum / len(indices),  # the DPO part, comparable with log 2 at step 1
-                chosen_reward=chosen.mean().item(),
-                rejected_reward=rejected.mean().item(),
-                reward_margin=(chosen - rejected).mean().item(),
-                accuracy=(chosen > rejected).float().mean().item(),
+                chosen_reward=chosen_sum / len(indices),
+                rejected_reward=rejected_sum / len(indices),
+                reward_margin=(chosen_sum - rejected_sum) / len(indices),
+                accuracy=correct / len(indices),
                 grad_norm=grad_norm.item(),
                 learning_rate=learning_rate,
                 num_pairs=len(indices),
@@ -141,7 +158,9 @@ def train_dpo(
             ))
     if config.lora_rank > 0:
         policy = policy.merge_and_unload()  # a plain checkpoint: no adapter files to serve
-    save_checkpoint(policy, tokenizer, output_dir)
+    if accelerator.is_main_process:
+        save_checkpoint(policy, tokenizer, output_dir)
+    accelerator.wait_for_everyone()
     return metrics
 
 

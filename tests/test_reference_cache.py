@@ -128,3 +128,27 @@ def test_a_round_trains_on_its_fresh_pairs_plus_the_replay_share_and_records_the
     assert [(step, n) for step, n, _ in lineage] == steps and sum(old for *_, old in lineage) == 4
     # Cached reference log-probs cover the replayed completions too.
     assert store.count("reference_logps") == 2 * 16
+
+
+def test_two_processes_under_accelerate_take_the_steps_of_one(tiny_policy, perturbed_policy, tmp_path):
+    from safetensors.torch import load_file
+
+    from flywheel.train_job import launch, write_job
+
+    store = Store.create(tmp_path / "flywheel.duckdb")
+    with store.transaction() as tx:
+        reference = tx.checkpoint(tx.add_checkpoint(str(perturbed_policy), role="reference", status="promoted"))
+    triples = numbered_triples(9)  # batches of 4, 4 and 1: the last leaves one process without a pair
+    reference_logps = reference_logps_for(store, triples, reference, batch_size=8)
+    config = TrainConfig(batch_size=4, learning_rate=1e-3, nll_weight=0.5, num_processes=2)
+    one = train_dpo(tiny_policy, reference_logps, triples, config, tmp_path / "one", seed=0)
+    job = write_job(tmp_path / "job", tiny_policy, reference_logps, triples, config, tmp_path / "two", seed=0)
+    two = launch(job, num_processes=2)
+    assert [m.pair_ids for m in two] == [m.pair_ids for m in one] and len(two) == 3
+    for a, b in zip(one, two):
+        assert (a.loss, a.chosen_reward, a.reward_margin, a.accuracy, a.grad_norm) == pytest.approx(
+            (b.loss, b.chosen_reward, b.reward_margin, b.accuracy, b.grad_norm), abs=1e-5)
+    weights_one, weights_two = load_file(tmp_path / "one" / "model.safetensors"), load_file(
+        tmp_path / "two" / "model.safetensors")
+    for name, tensor in weights_one.items():
+        assert torch.allclose(tensor, weights_two[name], atol=1e-5), name
