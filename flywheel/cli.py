@@ -112,7 +112,8 @@ def command_run(args: argparse.Namespace) -> None:
                           gradient_accumulation_steps=args.gradient_accumulation_steps,
                           warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule,
                           reference=args.reference, replay_fraction=args.replay_fraction,
-                          lora_rank=args.lora_rank, num_processes=args.num_processes),
+                          lora_rank=args.lora_rank, num_processes=args.num_processes, bf16=args.bf16,
+                          gradient_checkpointing=args.gradient_checkpointing),
         eval=EvalConfig(accuracy_score=args.score, judge=eval_judge),
     )
     _run_flywheel(config, args.rounds, built_judge, built_eval_judge)
@@ -448,6 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--num-processes", type=positive_int, default=1,
                      help="data-parallel training processes under `accelerate launch`, one per GPU "
                      "(default: %(default)s: train in this process)")
+    run.add_argument("--bf16", action="store_true", help="bf16 autocast for the policy's forward pass")
+    run.add_argument("--gradient-checkpointing", action="store_true",
+                     help="recompute activations in the backward pass: less memory, more time")
     run.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     run.set_defaults(handler=command_run)
 

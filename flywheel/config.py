@@ -112,6 +112,10 @@ class TrainConfig:
     # Data-parallel processes under `accelerate launch` (one per GPU on a GPU host);
     # 1 trains in the flywheel's own process.
     num_processes: int = 1
+    # bf16 autocast for the policy's forward (log-probs and the loss stay fp32), and
+    # gradient checkpointing (recompute activations in backward): memory for time, mostly on GPU.
+    bf16: bool = False
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         _require(self.nll_weight >= 0, f"train.nll_weight must be >= 0, got {self.nll_weight}")

@@ -78,6 +78,13 @@ def train_dpo(
                                                    lora_dropout=0.0, target_modules="all-linear"))
     # Dropout would make the policy's log-probs differ from the reference's at step 0.
     policy.eval()
+    if config.gradient_checkpointing:
+        # transformers checkpoints only in training mode; with every dropout off, training
+        # mode computes exactly what eval mode does (as TRL's disable_dropout).
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _disable_dropout(policy)
+        policy.train()
+    autocast = torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=config.bf16)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
 
@@ -105,7 +112,8 @@ def train_dpo(
                 micro = share[micro_start : micro_start + micro_size]
                 batch = {k: v.to(accelerator.device) for k, v in
                          collate_concatenated([triples[i] for i in micro], tokenizer.pad_token_id).items()}
-                policy_chosen, policy_rejected = concatenated_logps(policy, batch)
+                with autocast:
+                    policy_chosen, policy_rejected = concatenated_logps(policy, batch)
                 if live_reference is None:
                     reference_chosen = reference.chosen[micro].to(accelerator.device)
                     reference_rejected = reference.rejected[micro].to(accelerator.device)
@@ -162,6 +170,15 @@ def train_dpo(
         save_checkpoint(policy, tokenizer, output_dir)
     accelerator.wait_for_everyone()
     return metrics
+
+
+def _disable_dropout(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    for name in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if hasattr(model.config, name):  # dropout applied functionally from the config
+            setattr(model.config, name, 0.0)
 
 
 @torch.no_grad()

@@ -254,3 +254,18 @@ def test_lora_trains_only_adapters_and_saves_merged_plain_weights(tiny_policy, t
     assert changed and all(name.endswith(("proj.weight", "lm_head.weight")) for name in changed)
     assert not any("norm" in name or "embed" in name for name in changed)
     AutoModelForCausalLM.from_pretrained(tmp_path / "lora")  # loads with no peft at all
+
+
+def test_gradient_checkpointing_takes_the_same_steps_and_bf16_nearly(tiny_policy, tmp_path):
+    from flywheel.config import TrainConfig
+    from flywheel.training import train_dpo
+
+    triples = [PreferenceTriple(i, [1, 4 + i % 10, 14, 5, 15], [6 + i % 5, 2], [7 + i % 3, 4, 2]) for i in range(8)]
+    runs = {}
+    for name, options in {"plain": {}, "checkpointed": {"gradient_checkpointing": True}, "bf16": {"bf16": True}}.items():
+        config = TrainConfig(batch_size=4, epochs=2, learning_rate=1e-3, **options)
+        runs[name] = train_dpo(tiny_policy, tiny_policy, triples, config, tmp_path / name, seed=0)
+    for plain, checkpointed, bf16 in zip(runs["plain"], runs["checkpointed"], runs["bf16"]):
+        assert (plain.loss, plain.grad_norm) == pytest.approx((checkpointed.loss, checkpointed.grad_norm), abs=1e-6)
+        assert bf16.loss == pytest.approx(plain.loss, abs=0.02) and bf16.loss != plain.loss
+    assert runs["plain"][0].loss == pytest.approx(math.log(2), abs=1e-6)  # train mode changed nothing
