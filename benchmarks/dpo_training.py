@@ -1,12 +1,12 @@
 """DPO training benchmarks: peak memory (cached vs live reference) and throughput (ours vs TRL).
 
-    .venv/bin/python benchmarks/dpo_training.py [--layers 4] [--hidden 256] [--steps 8]
+    .venv/bin/python benchmarks/dpo_training.py [--layers 8] [--hidden 512] [--steps 8]
 
 Builds one Llama policy (random weights, the demo's character tokenizer) and one batch
 shape, then prints ratios measured in this run:
-- memory: peak resident memory of training steps with cached reference log-probs, over
-  the live-reference path, each in a fresh process, both counted above the process's
-  memory after imports;
+- memory: peak resident memory of training with cached reference log-probs, over the
+  live-reference path, each in a fresh process, counted above the process's memory once
+  the libraries are imported; for full fine-tuning, and for LoRA with gradient checkpointing;
 - throughput: tokens per second of our DPO steps over TRL's DPOTrainer steps, on the same
   model, data, batch shape, beta and loss.
 Targets (issue 5): memory ratio <= 0.60, throughput ratio >= 1.0.
@@ -67,14 +67,18 @@ def make_data(model: Path, count: int, prompt_len: int, completion_len: int):
     return rows, triples
 
 
-def memory_child(model: Path, path_kind: str, steps: int, batch: int, prompt_len: int, completion_len: int) -> dict:
-    """Runs in a fresh process: one training run on one path; reports peak RSS above the start."""
+def memory_child(model: Path, path_kind: str, steps: int, batch: int, prompt_len: int, completion_len: int,
+                 lora_rank: int, gradient_checkpointing: bool) -> dict:
+    """Runs in a fresh process: one training run on one path; reports peak RSS above the
+    process's memory once every library is imported and the data is built."""
+    import accelerate  # noqa: F401 - imported before the start mark, like everything else
+    import peft  # noqa: F401
     import torch
+    import transformers  # noqa: F401
 
     from flywheel.config import TrainConfig
     from flywheel.training import ReferenceLogps, train_dpo
 
-    start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     _, triples = make_data(model, batch * steps, prompt_len, completion_len)
     if path_kind == "cached":
         # What the flywheel does before training: in a separate process, so this one never
@@ -86,7 +90,9 @@ def memory_child(model: Path, path_kind: str, steps: int, batch: int, prompt_len
         reference = ReferenceLogps(torch.tensor(logps[0::2]), torch.tensor(logps[1::2]))
     else:
         reference = model
-    config = TrainConfig(batch_size=batch, learning_rate=1e-5)
+    config = TrainConfig(batch_size=batch, learning_rate=1e-5, lora_rank=lora_rank,
+                         gradient_checkpointing=gradient_checkpointing)
+    start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     train_dpo(model, reference, triples, config, Path(tempfile.mkdtemp()) / "out", seed=0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"peak_above_start_mib": (peak - start) / 1024}
@@ -139,13 +145,13 @@ def ours_steps_per_second(model: Path, triples, batch: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=16, help="pairs per step")
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=8, help="pairs per step")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--completion-len", type=int, default=64)
-    parser.add_argument("--memory-child", nargs=2, metavar=("MODEL", "PATH"), help=argparse.SUPPRESS)
+    parser.add_argument("--memory-child", nargs=4, metavar=("MODEL", "PATH", "LORA", "CKPT"), help=argparse.SUPPRESS)
     parser.add_argument("--reference-logps", metavar="MODEL", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.reference_logps:
@@ -154,19 +160,20 @@ def main() -> None:
         print(json.dumps(compute_reference_logps(Path(args.reference_logps), json.load(sys.stdin), 64)))
         return
     if args.memory_child:
-        model, kind = args.memory_child
+        model, kind, lora_rank, checkpointing = args.memory_child
         print(json.dumps(memory_child(Path(model), kind, args.steps, args.batch, args.prompt_len,
-                                      args.completion_len)))
+                                      args.completion_len, int(lora_rank), checkpointing == "1")))
         return
 
     model = build_model(Path(tempfile.mkdtemp()) / "policy", args.layers, args.hidden)
     shape = ["--steps", str(args.steps), "--batch", str(args.batch), "--prompt-len", str(args.prompt_len),
              "--completion-len", str(args.completion_len)]
     memory = {}
-    for kind in ("cached", "live"):
-        run = subprocess.run([sys.executable, __file__, "--memory-child", str(model), kind, *shape],
-                             capture_output=True, text=True, check=True)
-        memory[kind] = json.loads(run.stdout.strip().splitlines()[-1])["peak_above_start_mib"]
+    for setting, (lora_rank, checkpointing) in {"full": ("0", "0"), "lora": ("16", "1")}.items():
+        for kind in ("cached", "live"):
+            run = subprocess.run([sys.executable, __file__, "--memory-child", str(model), kind, lora_rank,
+                                  checkpointing, *shape], capture_output=True, text=True, check=True)
+            memory[setting, kind] = json.loads(run.stdout.strip().splitlines()[-1])["peak_above_start_mib"]
 
     rows, triples = make_data(model, args.batch * args.steps, args.prompt_len, args.completion_len)
     ours = ours_steps_per_second(model, triples, args.batch)
@@ -175,8 +182,10 @@ def main() -> None:
     tokens = args.batch * 2 * (args.prompt_len + args.completion_len)
     print(f"model: Llama {args.layers} layers, hidden {args.hidden}; {args.batch} pairs per step, "
           f"prompt {args.prompt_len} + completion {args.completion_len} tokens; fp32 on CPU")
-    print(f"peak memory above start: cached reference {memory['cached']:.0f} MiB, "
-          f"live reference {memory['live']:.0f} MiB, ratio {memory['cached'] / memory['live']:.2f} (target <= 0.60)")
+    for setting, words in (("full", "full fine-tuning, AdamW"), ("lora", "LoRA r=16 + gradient checkpointing")):
+        cached, live = memory[setting, "cached"], memory[setting, "live"]
+        print(f"peak memory of training ({words}): cached reference {cached:.0f} MiB, live reference "
+              f"{live:.0f} MiB, ratio {cached / live:.2f} (target <= 0.60)")
     print(f"throughput: ours (cached reference) {ours * tokens:.0f} tokens/s; TRL DPOTrainer "
           f"{theirs * tokens:.0f} tokens/s (live reference), ratio {ours / theirs:.2f}; "
           f"{theirs_precomputed * tokens:.0f} tokens/s (precompute_ref_log_probs), ratio "

@@ -269,3 +269,25 @@ def test_gradient_checkpointing_takes_the_same_steps_and_bf16_nearly(tiny_policy
         assert (plain.loss, plain.grad_norm) == pytest.approx((checkpointed.loss, checkpointed.grad_norm), abs=1e-6)
         assert bf16.loss == pytest.approx(plain.loss, abs=0.02) and bf16.loss != plain.loss
     assert runs["plain"][0].loss == pytest.approx(math.log(2), abs=1e-6)  # train mode changed nothing
+
+
+def test_with_policy_equal_to_reference_the_first_gradient_raises_chosen_and_lowers_rejected(tiny_policy):
+    # A gradient check on the real model: a small step against the DPO gradient at
+    # policy = reference raises the chosen completions' log-probs and lowers the rejected ones'.
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_policy, dtype=torch.float32).eval()
+    triples = [PreferenceTriple(i, [1, 4 + i % 10, 14, 5, 15], [6 + i % 5, 2], [9 - i % 3, 4, 2]) for i in range(6)]
+    batch = collate_concatenated(triples, pad_token_id=0)
+    with torch.no_grad():
+        reference_chosen, reference_rejected = concatenated_logps(model, batch)
+    chosen, rejected = concatenated_logps(model, batch)
+    losses, _, _ = dpo_loss(chosen, rejected, reference_chosen, reference_rejected, beta=0.1)
+    assert losses.mean().item() == pytest.approx(math.log(2), abs=1e-6)
+    losses.mean().backward()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter -= 1e-2 * parameter.grad
+        after_chosen, after_rejected = concatenated_logps(model, batch)
+    assert after_chosen.sum() > reference_chosen.sum()
+    assert after_rejected.sum() < reference_rejected.sum()
