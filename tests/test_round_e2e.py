@@ -146,5 +146,6 @@ def test_vllm_samples_from_a_lora_trained_checkpoint(flywheel, tmp_path):
     train_dpo(flywheel.config.reference_model, flywheel.config.reference_model, triples,
               TrainConfig(batch_size=8, learning_rate=1e-2, lora_rank=4), path, seed=0)
     prompts = flywheel.store.prompts("heldout")[:4]
-    completions = flywheel.sampler.sample(path, 10_000, prompts, n=2, temperature=1.0, seed=1, purpose="eval")
+    completions = flywheel.sampler.sample(path, 10_000, prompts, n=2, temperature=1.0, seed=1, purpose="eval",
+                                          round_id=None)
     assert len(completions) == 8 and all(c.checkpoint_id == 10_000 for c in completions)
