@@ -4,11 +4,11 @@
 
 Builds one Llama policy (random weights, the demo's character tokenizer) and one batch
 shape, then prints ratios measured in this run:
-- memory: peak resident memory of loading the model(s) and taking the training steps
-  (sampled every millisecond, up to saving the checkpoint) with cached reference
-  log-probs, over the live-reference path, each in a fresh process, counted above the
-  process's memory once the libraries are imported and the data is built; for full
-  fine-tuning, and for LoRA with gradient checkpointing;
+- memory: peak tensor memory of a training run (torch.profiler's allocation events,
+  summed in time order: weights, gradients, optimiser states, activations) with cached
+  reference log-probs, over the live-reference path, each in a fresh process, on a larger
+  model than the throughput one; for full fine-tuning, and for LoRA with gradient
+  checkpointing;
 - throughput: tokens per second of our DPO steps over TRL's DPOTrainer steps, on the same
   model, data, batch shape, beta and loss.
 Targets (issue 5): memory ratio <= 0.60, throughput ratio >= 1.0.
@@ -21,7 +21,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -71,12 +70,8 @@ def make_data(model: Path, count: int, prompt_len: int, completion_len: int):
 
 def memory_child(model: Path, path_kind: str, steps: int, batch: int, prompt_len: int, completion_len: int,
                  lora_rank: int, gradient_checkpointing: bool) -> dict:
-    """Runs in a fresh process: one training run on one path; reports peak RSS above the
-    process's memory once every library is imported and the data is built."""
-    import accelerate  # noqa: F401 - imported before the start mark, like everything else
-    import peft  # noqa: F401
+    """Runs in a fresh process: one training run on one path; reports its peak tensor memory."""
     import torch
-    import transformers  # noqa: F401
 
     from flywheel.config import TrainConfig
     from flywheel.training import ReferenceLogps, train_dpo
@@ -92,40 +87,22 @@ def memory_child(model: Path, path_kind: str, steps: int, batch: int, prompt_len
         reference = ReferenceLogps(torch.tensor(logps[0::2]), torch.tensor(logps[1::2]))
     else:
         reference = model
-    import flywheel.training
+    from torch.profiler import ProfilerActivity, profile
 
     config = TrainConfig(batch_size=batch, learning_rate=1e-5, lora_rank=lora_rank,
                          gradient_checkpointing=gradient_checkpointing)
-    # Resident memory sampled every millisecond until the checkpoint starts saving: the
-    # peak of loading the model(s) and taking the steps, not of writing the result.
-    saving = threading.Event()
-    peak = [0]
-
-    def sample_rss() -> None:
-        while not saving.is_set():
-            peak[0] = max(peak[0], _rss_kib())
-            time.sleep(0.001)
-
-    save_checkpoint = flywheel.training.save_checkpoint
-
-    def save_after_marking(*args, **kwargs):
-        saving.set()
-        return save_checkpoint(*args, **kwargs)
-
-    flywheel.training.save_checkpoint = save_after_marking
-    start = _rss_kib()
-    sampler = threading.Thread(target=sample_rss, daemon=True)
-    sampler.start()
-    train_dpo(model, reference, triples, config, Path(tempfile.mkdtemp()) / "out", seed=0)
-    sampler.join()
-    return {"peak_above_start_mib": (peak[0] - start) / 1024}
-
-
-def _rss_kib() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    # Tensor memory, not resident memory: the profiler records every allocation and free,
+    # and their running sum peaks where training holds the most (weights, gradients,
+    # optimiser states and activations; a second model on the live path).
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        train_dpo(model, reference, triples, config, Path(tempfile.mkdtemp()) / "out", seed=0)
+    changes = sorted((e.start_ns(), e.nbytes()) for e in profiler.profiler.kineto_results.events()
+                     if e.name() == "[memory]")
+    held = peak = 0
+    for _, change in changes:
+        held += change
+        peak = max(peak, held)
+    return {"peak_mib": peak / 2**20}
 
 
 def trl_steps_per_second(model: Path, rows, batch: int, steps: int, precompute: bool) -> float:
@@ -161,10 +138,10 @@ def ours_steps_per_second(model: Path, triples, batch: int) -> float:
     import torch
 
     from flywheel.config import TrainConfig
-    from flywheel.training import ReferenceLogps, compute_reference_logps, train_dpo
+    from flywheel.training import ReferenceLogps, completion_logps, train_dpo
 
     sequences = [(t.prompt_token_ids, c) for t in triples for c in (t.chosen_token_ids, t.rejected_token_ids)]
-    logps = compute_reference_logps(model, sequences, batch_size=2 * batch)
+    logps = completion_logps(model, sequences, batch_size=2 * batch)
     reference = ReferenceLogps(torch.tensor(logps[0::2]), torch.tensor(logps[1::2]))
     metrics = train_dpo(model, reference, triples, TrainConfig(batch_size=batch, learning_rate=1e-5),
                         Path(tempfile.mkdtemp()) / "out", seed=0)
@@ -178,16 +155,19 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--batch", type=int, default=8, help="pairs per step")
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=8, help="steps timed for throughput")
+    parser.add_argument("--memory-layers", type=int, default=12, help="layers of the model for memory")
+    parser.add_argument("--memory-hidden", type=int, default=1024, help="hidden size of the model for memory")
+    parser.add_argument("--memory-steps", type=int, default=2, help="steps taken for memory")
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--completion-len", type=int, default=64)
     parser.add_argument("--memory-child", nargs=4, metavar=("MODEL", "PATH", "LORA", "CKPT"), help=argparse.SUPPRESS)
     parser.add_argument("--reference-logps", metavar="MODEL", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.reference_logps:
-        from flywheel.training import compute_reference_logps
+        from flywheel.training import completion_logps
 
-        print(json.dumps(compute_reference_logps(Path(args.reference_logps), json.load(sys.stdin), 64)))
+        print(json.dumps(completion_logps(Path(args.reference_logps), json.load(sys.stdin), 64)))
         return
     if args.memory_child:
         model, kind, lora_rank, checkpointing = args.memory_child
@@ -196,27 +176,30 @@ def main() -> None:
         return
 
     model = build_model(Path(tempfile.mkdtemp()) / "policy", args.layers, args.hidden)
-    shape = ["--steps", str(args.steps), "--batch", str(args.batch), "--prompt-len", str(args.prompt_len),
+    memory_model = build_model(Path(tempfile.mkdtemp()) / "memory", args.memory_layers, args.memory_hidden)
+    shape = ["--steps", str(args.memory_steps), "--batch", str(args.batch), "--prompt-len", str(args.prompt_len),
              "--completion-len", str(args.completion_len)]
     memory = {}
     for setting, (lora_rank, checkpointing) in {"full": ("0", "0"), "lora": ("16", "1")}.items():
         for kind in ("cached", "live"):
-            run = subprocess.run([sys.executable, __file__, "--memory-child", str(model), kind, lora_rank,
+            run = subprocess.run([sys.executable, __file__, "--memory-child", str(memory_model), kind, lora_rank,
                                   checkpointing, *shape], capture_output=True, text=True, check=True)
-            memory[setting, kind] = json.loads(run.stdout.strip().splitlines()[-1])["peak_above_start_mib"]
+            memory[setting, kind] = json.loads(run.stdout.strip().splitlines()[-1])["peak_mib"]
 
     rows, triples = make_data(model, args.batch * args.steps, args.prompt_len, args.completion_len)
     ours = ours_steps_per_second(model, triples, args.batch)
     theirs = trl_steps_per_second(model, rows, args.batch, args.steps, precompute=False)
     theirs_precomputed = trl_steps_per_second(model, rows, args.batch, args.steps, precompute=True)
     tokens = args.batch * 2 * (args.prompt_len + args.completion_len)
-    print(f"model: Llama {args.layers} layers, hidden {args.hidden}; {args.batch} pairs per step, "
-          f"prompt {args.prompt_len} + completion {args.completion_len} tokens; fp32 on CPU")
+    print(f"{args.batch} pairs per step, prompt {args.prompt_len} + completion {args.completion_len} tokens; "
+          "fp32 on CPU")
+    print(f"memory: Llama {args.memory_layers} layers, hidden {args.memory_hidden}, {args.memory_steps} steps")
     for setting, words in (("full", "full fine-tuning, AdamW"), ("lora", "LoRA r=16 + gradient checkpointing")):
         cached, live = memory[setting, "cached"], memory[setting, "live"]
-        print(f"peak memory of training ({words}): cached reference {cached:.0f} MiB, live reference "
+        print(f"  peak tensor memory ({words}): cached reference {cached:.0f} MiB, live reference "
               f"{live:.0f} MiB, ratio {cached / live:.2f} (target <= 0.60)")
-    print(f"throughput: ours (cached reference) {ours * tokens:.0f} tokens/s; TRL DPOTrainer "
+    print(f"throughput: Llama {args.layers} layers, hidden {args.hidden}, {args.steps} steps")
+    print(f"  ours (cached reference) {ours * tokens:.0f} tokens/s; TRL DPOTrainer "
           f"{theirs * tokens:.0f} tokens/s (live reference), ratio {ours / theirs:.2f}; "
           f"{theirs_precomputed * tokens:.0f} tokens/s (precompute_ref_log_probs), ratio "
           f"{ours / theirs_precomputed:.2f} (target >= 1.0)")

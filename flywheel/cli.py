@@ -47,30 +47,14 @@ def _run_flywheel(config, rounds: int, judge=None, eval_judge=None) -> None:
 
 
 def command_demo(args: argparse.Namespace) -> None:
-    from flywheel.config import EvalConfig, FlywheelConfig, JudgeConfig, PairConfig, SampleConfig, TrainConfig
-    from flywheel.demo_task import DemoPolicyConfig, build_demo_policy, write_demo_prompts
+    from flywheel.demo_task import DemoPolicyConfig, demo_flywheel_config
 
     started = time.monotonic()
     workdir = args.dir.resolve()
-    policy_config = DemoPolicyConfig(seed=args.seed)
     cache = Path(os.environ.get("FLYWHEEL_CACHE", Path.home() / ".cache" / "flywheel"))
     _log(f"demo policy: noisy-SFT tiny Llama on two-number addition (cache {cache})")
-    reference = build_demo_policy(cache, policy_config, log=_log)
-    prompts, heldout = write_demo_prompts(workdir, policy_config, num_train_prompts=4096)
-    config = FlywheelConfig(
-        workdir=workdir,
-        reference_model=reference,
-        prompts=prompts,
-        heldout_prompts=heldout,
-        judge=JudgeConfig("rule:flywheel.demo_task:addition_score", {"name": "addition-verifier"}),
-        seed=args.seed,
-        # A model this small gains nothing from torch.compile, which costs ~30 s per start.
-        sample=SampleConfig(prompts_per_round=512, n=4, max_tokens=8, dtype="float32", enforce_eager=True),
-        train=TrainConfig(beta=args.beta, learning_rate=args.lr, batch_size=32, epochs=2,
-                          nll_weight=args.nll_weight),
-        pair=PairConfig(strategy=args.pairing),
-        eval=EvalConfig(samples_per_prompt=4, accuracy_score="flywheel.demo_task:addition_score"),
-    )
+    config = demo_flywheel_config(workdir, DemoPolicyConfig(seed=args.seed), cache, _log, beta=args.beta,
+                                  learning_rate=args.lr, nll_weight=args.nll_weight, pairing=args.pairing)
     _log(f"running {args.rounds} rounds in {workdir}")
     _run_flywheel(config, args.rounds)
     _print_round_table(config.database)
@@ -79,30 +63,40 @@ def command_demo(args: argparse.Namespace) -> None:
 
 
 def command_run(args: argparse.Namespace) -> None:
-    from flywheel.checkpoints import require_checkpoint
-    from flywheel.config import EvalConfig, FlywheelConfig, JudgeConfig, PairConfig, SampleConfig, TrainConfig
-    from flywheel.prompts import load_prompts
-    from judges import import_object, load_judge
+    config, rounds = _run_config_from_file(args) if args.config is not None else _run_config_from_flags(args)
+    judge, eval_judge = _check_inputs(config)
+    _run_flywheel(config, rounds, judge, eval_judge)
+    _print_round_table(config.database)
 
+
+def _run_config_from_file(args: argparse.Namespace):
+    from flywheel.config import load_config_file
+
+    # Every flag but --rounds is a key of the file: refuse both, rather than pick one.
+    defaults = vars(build_parser().parse_args(["run"]))
+    given = [f"--{dest.replace('_', '-')}" for dest, value in vars(args).items()
+             if dest not in ("config", "rounds", "verbose") and value != defaults[dest]]
+    if given:
+        raise UserError(f"{', '.join(given)} cannot be given with --config: set "
+                        f"{'them' if len(given) > 1 else 'it'} in {args.config} (only --rounds overrides the file)")
+    run_file = load_config_file(args.config)
+    return run_file.config, args.rounds or run_file.rounds or 1
+
+
+def _run_config_from_flags(args: argparse.Namespace):
+    from flywheel.config import EvalConfig, FlywheelConfig, JudgeConfig, PairConfig, SampleConfig, TrainConfig
+
+    missing = [flag for flag in ("--model", "--prompts", "--heldout", "--workdir") if getattr(args, flag[2:]) is None]
+    if missing:
+        raise UserError(f"run needs {', '.join(missing)} (or --config FILE)")
     if args.judge is None and args.score is None:
         raise UserError("give --judge SPEC, or --score for a rule judge (or both)")
-    # Check every input before anything slow starts (engine, Prefect API).
-    require_checkpoint(args.model)
-    load_prompts(args.prompts)
-    load_prompts(args.heldout)
-    if args.score is not None and not callable(import_object(args.score, "score function")):
-        raise UserError(f"score function {args.score!r} is not callable")
-    judge = JudgeConfig(args.judge or f"rule:{args.score}", _judge_options(args.judge_option))
-    eval_judge = JudgeConfig(args.eval_judge) if args.eval_judge else None
-    # Built now, so a judge that cannot be built fails in one line before anything slow.
-    built_judge = load_judge(judge.spec, judge.options)
-    built_eval_judge = load_judge(eval_judge.spec) if eval_judge is not None else None
     config = FlywheelConfig(
         workdir=args.workdir,
         reference_model=args.model,
         prompts=args.prompts,
         heldout_prompts=args.heldout,
-        judge=judge,
+        judge=JudgeConfig(args.judge or f"rule:{args.score}", _judge_options(args.judge_option)),
         seed=args.seed,
         sample=SampleConfig(prompts_per_round=args.prompts_per_round, n=args.n, max_tokens=args.max_tokens),
         pair=PairConfig(strategy=args.pairing),
@@ -114,10 +108,28 @@ def command_run(args: argparse.Namespace) -> None:
                           reference=args.reference, replay_fraction=args.replay_fraction,
                           lora_rank=args.lora_rank, num_processes=args.num_processes, bf16=args.bf16,
                           gradient_checkpointing=args.gradient_checkpointing),
-        eval=EvalConfig(accuracy_score=args.score, judge=eval_judge),
+        eval=EvalConfig(accuracy_score=args.score, judge=JudgeConfig(args.eval_judge) if args.eval_judge else None),
     )
-    _run_flywheel(config, args.rounds, built_judge, built_eval_judge)
-    _print_round_table(config.database)
+    return config, args.rounds or 1
+
+
+def _check_inputs(config):
+    """Check every input before anything slow starts (engine, Prefect API); returns the
+    judge and eval judge (None: the round's own), built now so a judge that cannot be
+    built fails in one line."""
+    from flywheel.checkpoints import require_checkpoint
+    from flywheel.prompts import load_prompts
+    from judges import import_object, load_judge
+
+    require_checkpoint(config.reference_model)
+    load_prompts(config.prompts)
+    load_prompts(config.heldout_prompts)
+    score = config.eval.accuracy_score
+    if score is not None and not callable(import_object(score, "score function")):
+        raise UserError(f"score function {score!r} is not callable")
+    judge = load_judge(config.judge.spec, config.judge.options)
+    eval_judge = load_judge(config.eval.judge.spec, config.eval.judge.options) if config.eval.judge else None
+    return judge, eval_judge
 
 
 def command_judge(args: argparse.Namespace) -> None:
@@ -291,6 +303,58 @@ def _read_label_lines(path: Path, default_annotator: str | None) -> list:
     return labels
 
 
+def command_serve(args: argparse.Namespace) -> None:
+    from flows.rounds import deployment_name, serve_rounds
+    from flows.server import check_cron, find_or_start_server
+    from flywheel.config import load_config_file
+
+    check_cron(args.cron)
+    run_file = load_config_file(args.config)
+    rounds = args.rounds or run_file.rounds or 1
+    from judges import close_judge
+
+    # Each scheduled run builds its own judges; these were built only to check them now.
+    for judge in _check_inputs(run_file.config):
+        if judge is not None:
+            close_judge(judge)
+
+    api_url, server = find_or_start_server(args.server_host, args.server_port,
+                                           run_file.config.workdir / "prefect-server.log", _log)
+    name = f"flywheel-scheduled/{deployment_name(args.config)}"
+    _log(f"serving {name}: {rounds} round(s) of {args.config} on cron {args.cron!r} (UTC), never two at once. "
+         f"Ctrl-C stops serving and {'leaves the schedule on' if args.keep_schedule else 'pauses the schedule'}. "
+         f"Run one now: PREFECT_API_URL={api_url} prefect deployment run '{name}'")
+    try:
+        serve_rounds(api_url, args.config.resolve(), args.cron, rounds, pause_on_shutdown=not args.keep_schedule)
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=30)
+
+
+def command_promote(args: argparse.Namespace) -> None:
+    from flywheel.promotion import promote_checkpoint
+    from storage.store import Store
+
+    promote_checkpoint(Store.open(args.db), args.checkpoint, args.by, args.reason)
+    _log(f"checkpoint {args.checkpoint} is now the policy (promoted by {args.by}); the next round samples from it")
+
+
+def command_rollback(args: argparse.Namespace) -> None:
+    from flywheel.promotion import roll_back
+    from storage.store import Store
+
+    policy = roll_back(Store.open(args.db), args.by, args.reason)
+    _log(f"rolled back by {args.by}: checkpoint {policy} is the policy again")
+
+
+def _add_override_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_db_argument(parser)
+    parser.add_argument("--by", default=os.environ.get("USER") or "unknown",
+                        help="who decided, recorded in the promotions table (default: $USER, %(default)s)")
+    parser.add_argument("--reason", help="why, recorded in the promotions table")
+
+
 def command_sql(args: argparse.Namespace) -> None:
     from storage.store import Store
 
@@ -298,15 +362,29 @@ def command_sql(args: argparse.Namespace) -> None:
     _print_table(columns, rows)
 
 
-def _print_round_table(database: Path) -> None:
+def command_status(args: argparse.Namespace) -> None:
+    from flywheel.report import display_rows, plot_rounds, recent_promotions, status_lines
     from storage.store import Store
 
-    columns, rows = Store.open(database).query(
-        "SELECT round_id AS round, pairs, preferences, round(final_train_loss, 4) AS train_loss, "
-        "round(incumbent_accuracy, 3) AS incumbent_acc, round(candidate_accuracy, 3) AS heldout_acc, "
-        "round(win_rate, 3) AS win_rate, promoted FROM round_summary ORDER BY round_id"
-    )
-    _print_table(columns, rows, title="flywheel rounds (held-out accuracy at temperature 1)")
+    store = Store.open(args.db)
+    _print_round_table(store)
+    for line in status_lines(store):
+        print(line)
+    columns, rows = recent_promotions(store)
+    if rows:
+        _print_table(columns, display_rows(rows), title="last promotion decisions (newest first)")
+    if args.plot is not None:
+        _log(f"plot: {plot_rounds(store, args.plot)}")
+
+
+def _print_round_table(database) -> None:
+    """The per-round table (`flywheel.report.round_table`) of a database path or open Store."""
+    from flywheel.report import ROUND_TABLE_TITLE, display_rows, round_table
+    from storage.store import Store
+
+    store = database if isinstance(database, Store) else Store.open(database)
+    columns, rows = round_table(store)
+    _print_table(columns, display_rows(rows), title=ROUND_TABLE_TITLE)
 
 
 def _print_table(columns: Sequence[str], rows: Sequence[tuple], title: str | None = None) -> None:
@@ -401,12 +479,15 @@ def build_parser() -> argparse.ArgumentParser:
         "run", help="run rounds on your own model, prompts and judge",
         description="Run flywheel rounds on a save_pretrained checkpoint. Pairs are labelled by "
         "--judge, or by a rule judge made from --score, a Python function "
-        "score(prompt, completion) -> float, which also gives held-out accuracy.",
+        "score(prompt, completion) -> float, which also gives held-out accuracy. Or give every "
+        "setting in a YAML file with --config FILE (see the README), and no other flag but --rounds.",
         epilog=JUDGE_SPECS, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    run.add_argument("--model", type=Path, required=True, help="reference (SFT) checkpoint directory")
-    run.add_argument("--prompts", type=Path, required=True, help="train prompts: .jsonl, .csv or .parquet with a 'prompt' column")
-    run.add_argument("--heldout", type=Path, required=True, help="held-out prompts, same format")
+    run.add_argument("--config", type=Path, metavar="FILE",
+                     help="YAML file with every setting (see the README); no other flag but --rounds with it")
+    run.add_argument("--model", type=Path, help="reference (SFT) checkpoint directory (required without --config)")
+    run.add_argument("--prompts", type=Path, help="train prompts: .jsonl, .csv or .parquet with a 'prompt' column")
+    run.add_argument("--heldout", type=Path, help="held-out prompts, same format")
     run.add_argument("--score", help="verifier 'package.module:function' for held-out accuracy (and the judge if no --judge)")
     _add_judge_arguments(run, required=False)
     run.add_argument("--eval-judge", metavar="SPEC",
@@ -415,8 +496,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--pairing", choices=STRATEGIES, default="random",
                      help="how completions of a prompt become pairs (default: %(default)s; "
                      "best_vs_worst needs a rule or reward-model judge)")
-    run.add_argument("--workdir", type=Path, required=True, help="where the database and checkpoints go")
-    run.add_argument("--rounds", type=positive_int, default=1, help="rounds to run (default: %(default)s)")
+    run.add_argument("--workdir", type=Path, help="where the database and checkpoints go")
+    run.add_argument("--rounds", type=positive_int,
+                     help="rounds to run (default: the config file's rounds, else 1)")
     run.add_argument("--prompts-per-round", type=int, default=512, help="prompts sampled per round (default: %(default)s)")
     run.add_argument("--n", type=int, default=4, help="completions per prompt (default: %(default)s)")
     run.add_argument("--max-tokens", type=int, default=64, help="completion length limit (default: %(default)s)")
@@ -529,6 +611,39 @@ def build_parser() -> argparse.ArgumentParser:
     import_.add_argument("--annotator", help="annotator for lines that name none")
     import_.set_defaults(handler=command_label_import)
 
+    scheduled = commands.add_parser(
+        "serve", help="run rounds on a cron schedule (a Prefect deployment)",
+        description="Serve the flywheel as a Prefect deployment that runs --rounds rounds of the config "
+        "file on a cron schedule, until stopped. Schedules need a Prefect server: the one PREFECT_API_URL "
+        "names, else one at --server-host:--server-port, else flywheel starts `prefect server start` there "
+        "(and stops it on exit). A run that comes due while one is going is cancelled, so rounds never "
+        "overlap. Stopping pauses the schedule unless --keep-schedule.")
+    scheduled.add_argument("--config", type=Path, required=True, help="YAML config file (as for `flywheel run --config`)")
+    scheduled.add_argument("--cron", required=True, help='when to run, e.g. "0 3 * * *" (every day at 03:00 UTC)')
+    scheduled.add_argument("--rounds", type=positive_int, help="rounds per scheduled run (default: the file's, else 1)")
+    scheduled.add_argument("--keep-schedule", action="store_true",
+                       help="leave the schedule active after stopping (for a server that outlives this command)")
+    scheduled.add_argument("--server-host", default="127.0.0.1", help="where to find or start a Prefect server "
+                       "when PREFECT_API_URL is not set (default: %(default)s)")
+    scheduled.add_argument("--server-port", type=port_number, default=4200, help="its port (default: %(default)s)")
+    scheduled.set_defaults(handler=command_serve)
+
+    promote = commands.add_parser(
+        "promote", help="make a checkpoint the policy, overriding the gate",
+        description="Make a checkpoint (for example a candidate the gate kept but did not promote) "
+        "the current policy: the next round samples from it. Recorded in the promotions table "
+        "with --by and --reason.")
+    promote.add_argument("--checkpoint", type=positive_int, required=True, metavar="ID",
+                         help="checkpoint id (see the checkpoints table)")
+    _add_override_arguments(promote)
+    promote.set_defaults(handler=command_promote)
+    rollback = commands.add_parser(
+        "rollback", help="retire the current policy; the one promoted before it takes over",
+        description="Mark the current policy rejected, so the checkpoint promoted before it is the "
+        "policy again. Recorded in the promotions table with --by and --reason.")
+    _add_override_arguments(rollback)
+    rollback.set_defaults(handler=command_rollback)
+
     sql = commands.add_parser(
         "sql", help="read-only SQL against a flywheel database",
         description="Run one read-only SQL statement (SELECT or EXPLAIN) and print a table. "
@@ -539,6 +654,18 @@ def build_parser() -> argparse.ArgumentParser:
     sql.add_argument("query", help='e.g. "SELECT * FROM round_summary"')
     _add_db_argument(sql)
     sql.set_defaults(handler=command_sql)
+
+    status = commands.add_parser(
+        "status", help="where a flywheel stands: rounds, policy, unfinished round, run lease",
+        description="Print the per-round table (the one printed after a run), then the current "
+        "policy checkpoint, any unfinished round and its last finished step, who holds the run "
+        "lease, and the last promotion decisions. Read-only: safe while rounds run. With --plot, "
+        "also write a PNG of accuracy, win rate, KL to the reference and completion length "
+        "across the evaluated rounds.",
+    )
+    _add_db_argument(status)
+    status.add_argument("--plot", type=Path, metavar="PATH", help="also write the curves across rounds as a PNG here")
+    status.set_defaults(handler=command_status)
     return parser
 
 

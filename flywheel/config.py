@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import re
+import types
+from collections.abc import Mapping
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import yaml
 
 from flywheel.errors import UserError
 from flywheel.pairing import STRATEGIES
@@ -15,6 +20,9 @@ from judges.loading import BUILT_IN, HUMAN
 # importing a config).
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 LR_SCHEDULES = ("constant", "linear", "cosine")
+# Which model a round samples its training pairs from: the current (promoted) policy,
+# which is online DPO, or always the initial model, which is offline DPO fed in chunks.
+SAMPLE_SOURCES = ("current", "initial")
 REFERENCES = ("initial", "previous")
 
 
@@ -26,6 +34,10 @@ def _require(condition: bool, message: str) -> None:
 @dataclass(frozen=True)
 class SampleConfig:
     prompts_per_round: int = 512
+    # Prompts per engine call, each call's completions stored in one transaction: a
+    # crash mid-sampling loses at most this many prompts' work.
+    batch_prompts: int = 256
+    source: str = "current"
     n: int = 4
     temperature: float = 1.0
     top_p: float = 1.0
@@ -38,6 +50,8 @@ class SampleConfig:
 
     def __post_init__(self) -> None:
         _require(self.prompts_per_round >= 1, f"sample.prompts_per_round must be >= 1, got {self.prompts_per_round}")
+        _require(self.source in SAMPLE_SOURCES, f"sample.source must be one of {SAMPLE_SOURCES}, got {self.source!r}")
+        _require(self.batch_prompts >= 1, f"sample.batch_prompts must be >= 1, got {self.batch_prompts}")
         _require(self.n >= 2, f"sample.n must be >= 2 to form pairs, got {self.n}")
         _require(self.temperature > 0, f"sample.temperature must be > 0, got {self.temperature}")
         _require(0 < self.top_p <= 1, f"sample.top_p must be in (0, 1], got {self.top_p}")
@@ -194,3 +208,158 @@ class FlywheelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+
+# -- config files -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunFile:
+    """A config file: the flywheel's config, and `rounds` (the default for `--rounds`)."""
+
+    config: FlywheelConfig
+    rounds: int | None = None
+
+
+# Keys of the top level that are not FlywheelConfig fields.
+RUN_FILE_KEYS = ("rounds",)
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML that refuses duplicate keys and reads `3e-5` as a number (as YAML 1.2
+    does; PyYAML's YAML 1.1 reads it as a string)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key_node.value!r}",
+                                                            key_node.start_mark)
+                seen.add(key_node.value)
+        return super().construct_mapping(node, deep)
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
+
+
+def load_config_file(path: Path) -> RunFile:
+    """Read a YAML config file into a validated `RunFile`. Relative paths in it are taken
+    from the file's directory. Every mistake is a one-line UserError naming the file and
+    the key (`flywheel.yaml: unknown key 'train.betta' (train takes: beta, ...)`)."""
+    path = Path(path).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"cannot read config file {path}: {getattr(error, 'strerror', None) or error}") from error
+    try:
+        data = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise UserError(f"{path}: not valid YAML ({where}{problem})") from None
+    if data is None:
+        raise UserError(f"{path}: the file is empty; it needs at least "
+                        f"{', '.join(_required_keys(FlywheelConfig))}")
+    if not isinstance(data, Mapping):
+        raise UserError(f"{path}: the top level must be a mapping of keys "
+                        f"({', '.join([*_keys(FlywheelConfig), *RUN_FILE_KEYS])}), "
+                        f"got {_shown(data)}")
+    data = dict(data)
+    try:
+        rounds = _convert(data.pop("rounds"), int, "rounds", path.parent) if "rounds" in data else None
+        _require(rounds is None or rounds >= 1, f"rounds must be >= 1, got {rounds}")
+        config = config_from_mapping(FlywheelConfig, data, base=path.parent, extra_keys=RUN_FILE_KEYS)
+    except UserError as error:
+        raise UserError(f"{path}: {error}") from None
+    return RunFile(config, rounds)
+
+
+def config_from_mapping(cls: type, data: Mapping[str, Any], where: str = "", base: Path = Path("."),
+                        extra_keys: tuple[str, ...] = ()) -> Any:
+    """Build the config dataclass `cls` from a mapping (parsed YAML or JSON), checking every
+    value against the field's type hint; `where` is the dotted path for messages, `base`
+    the directory relative paths start from. The class's own validation runs last."""
+    keys = _keys(cls)
+    for key in data:
+        if key not in keys:
+            raise UserError(f"unknown key {_dotted(where, key)!r} "
+                            f"({where or 'the top level'} takes: {', '.join([*keys, *extra_keys])})")
+    missing = [_dotted(where, key) for key in _required_keys(cls) if key not in data]
+    if missing:
+        raise UserError(f"missing required key{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}")
+    hints = get_type_hints(cls)
+    values = {key: _convert(value, hints[key], _dotted(where, key), base) for key, value in data.items()}
+    try:
+        return cls(**values)
+    except UserError as error:
+        # A nested class names itself by its usual key: `judge.spec` is `eval.judge.spec` there.
+        message, leaf = str(error), where.rpartition(".")[2]
+        if leaf != where and message.startswith(leaf + "."):
+            message = where + message[len(leaf):]
+        raise UserError(message) from None
+
+
+def _convert(value: Any, hint: Any, where: str, base: Path) -> Any:
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):
+        options = [arg for arg in get_args(hint) if arg is not type(None)]
+        if value is None and len(options) < len(get_args(hint)):
+            return None
+        if len(options) != 1:
+            raise TypeError(f"{where}: only `X | None` unions are supported, got {hint}")
+        hint, origin = options[0], get_origin(options[0])
+    if hint is Any:
+        return value
+    if hint is JudgeConfig and isinstance(value, str):
+        value = {"spec": value}  # `judge: SPEC` is short for `judge: {spec: SPEC}`
+    if is_dataclass(hint):
+        _require(isinstance(value, Mapping), f"{where} must be a mapping, got {_shown(value)}")
+        return config_from_mapping(hint, value, where, base)
+    expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+                Path: "a path (a string)", dict: "a mapping with string keys"}.get(origin or hint)
+    if expected is None:
+        raise TypeError(f"{where}: no conversion for type {hint}")
+    ok = {bool: isinstance(value, bool),
+          int: isinstance(value, int) and not isinstance(value, bool),
+          float: isinstance(value, (int, float)) and not isinstance(value, bool),
+          str: isinstance(value, str), Path: isinstance(value, str) and bool(value),
+          dict: isinstance(value, Mapping) and all(isinstance(key, str) for key in value)}[origin or hint]
+    _require(ok, f"{where} must be {expected}, got {_shown(value)}")
+    if hint is float:
+        return float(value)
+    if hint is Path:
+        return base / Path(value).expanduser()
+    if origin is dict:
+        return dict(value)
+    return value
+
+
+def _keys(cls: type) -> list[str]:
+    return [f.name for f in fields(cls) if f.init]
+
+
+def _required_keys(cls: type) -> list[str]:
+    return [f.name for f in fields(cls) if f.init and f.default is MISSING and f.default_factory is MISSING]
+
+
+def _dotted(where: str, key: Any) -> str:
+    return f"{where}.{key}" if where else str(key)
+
+
+def _shown(value: Any) -> str:
+    """A value as a message shows it: YAML's words for null and booleans, a kind for collections."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, Mapping):
+        return "a mapping"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

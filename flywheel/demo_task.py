@@ -18,10 +18,13 @@ import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from flywheel.checkpoints import save_checkpoint
 from flywheel.errors import UserError
+
+if TYPE_CHECKING:
+    from flywheel.config import FlywheelConfig
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 ALPHABET = "0123456789+= "
@@ -196,3 +199,38 @@ def write_demo_prompts(directory: Path, config: DemoPolicyConfig, num_train_prom
         path.write_text("".join(json.dumps({"prompt": addition_prompt(a, b)}) + "\n" for a, b in operands))
         paths.append(path)
     return paths[0], paths[1]
+
+
+def demo_flywheel_config(
+    workdir: Path,
+    policy_config: DemoPolicyConfig,
+    cache: Path,
+    log: Callable[[str], None],
+    beta: float = 0.1,
+    learning_rate: float = 3e-4,
+    nll_weight: float = 1.0,
+    pairing: str = "random",
+    seed: int | None = None,
+    **sample_options,
+) -> FlywheelConfig:
+    """The demo flywheel's config: the (cached) noisy policy, its prompts in `workdir`, the
+    rule judge that checks the sum, and the demo's sampling, training and evaluation.
+    The flywheel's seed is the policy's unless given."""
+    from flywheel.config import EvalConfig, FlywheelConfig, JudgeConfig, PairConfig, SampleConfig, TrainConfig
+
+    reference = build_demo_policy(cache, policy_config, log=log)
+    prompts, heldout = write_demo_prompts(workdir, policy_config, num_train_prompts=4096)
+    return FlywheelConfig(
+        workdir=workdir,
+        reference_model=reference,
+        prompts=prompts,
+        heldout_prompts=heldout,
+        judge=JudgeConfig("rule:flywheel.demo_task:addition_score", {"name": "addition-verifier"}),
+        seed=policy_config.seed if seed is None else seed,
+        # A model this small gains nothing from torch.compile, which costs ~30 s per start.
+        sample=SampleConfig(**{"prompts_per_round": 512, "n": 4, "max_tokens": 8, "dtype": "float32",
+                               "enforce_eager": True, **sample_options}),
+        train=TrainConfig(beta=beta, learning_rate=learning_rate, batch_size=32, epochs=2, nll_weight=nll_weight),
+        pair=PairConfig(strategy=pairing),
+        eval=EvalConfig(samples_per_prompt=4, accuracy_score="flywheel.demo_task:addition_score"),
+    )

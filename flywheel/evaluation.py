@@ -6,7 +6,7 @@ from statistics import mean
 from typing import Callable, Sequence
 
 from judges import Judge, JudgeError, PairToJudge, Verdict, judge_batch
-from storage.records import Completion, Prompt
+from storage.records import Completion, Evaluation, Prompt
 
 
 def heldout_accuracy(
@@ -48,3 +48,11 @@ def promote_if_better(
     if candidate_accuracy is not None and incumbent_accuracy is not None:
         return candidate_accuracy > incumbent_accuracy + margin
     return candidate_win_rate > 0.5 + margin
+
+
+def gate_reason(evaluation: Evaluation, margin: float) -> str:
+    """The gate's comparison in words, recorded with its decision."""
+    if evaluation.accuracy is not None and evaluation.incumbent_accuracy is not None:
+        return (f"held-out accuracy {evaluation.accuracy:.3f} vs incumbent {evaluation.incumbent_accuracy:.3f}, "
+                f"margin {margin}")
+    return f"win rate {evaluation.win_rate:.3f} vs 0.5, margin {margin}"

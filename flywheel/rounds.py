@@ -12,16 +12,19 @@ import random
 from pathlib import Path
 from typing import Callable
 
+from tqdm.auto import tqdm
+
 from flywheel.checkpoints import require_checkpoint
 from flywheel.config import FlywheelConfig
 from flywheel.errors import UserError
-from flywheel.evaluation import heldout_accuracy, promote_if_better, win_rate
+from flywheel.evaluation import gate_reason, heldout_accuracy, promote_if_better, win_rate
 from flywheel.labelling import label_pairs, score_completions
+from flywheel.lease import RoundLease
 from flywheel.pairing import NEEDS_SCORES, form_pairs
-from flywheel.prompts import load_prompts
+from flywheel.prompts import read_prompts, usable_prompts
 from flywheel.sampling import VLLMSampler
 from flywheel.train_job import launch, write_job
-from flywheel.training import reference_logps_for, train_dpo
+from flywheel.training import completion_logps, reference_logps_for, train_dpo
 from judges import HumanJudge, Judge, ScalarJudge, close_judge, import_object, load_judge
 from judges.human import ready_to_train, waiting_message
 from storage.queue import close_request, utc_now
@@ -62,6 +65,7 @@ class Flywheel:
             self.accuracy_score = import_object(config.eval.accuracy_score, "eval.accuracy_score")
         self.eval_judge = eval_judge if eval_judge is not None else self._build_eval_judge()
         self.store = Store.create(config.database)
+        self.lease = RoundLease(self.store, log)
         self._owns_sampler = sampler is None
         self.sampler = sampler if sampler is not None else VLLMSampler(config.sample, seed=config.seed)
 
@@ -78,6 +82,7 @@ class Flywheel:
         return load_judge(f"rule:{self.config.eval.accuracy_score}")
 
     def close(self) -> None:
+        self.lease.release()
         if self._owns_sampler:
             self.sampler.close()
         close_judge(self.judge)
@@ -87,18 +92,47 @@ class Flywheel:
     # -- set-up --------------------------------------------------------------------------
 
     def initialise(self) -> None:
-        """Register the reference checkpoint and load prompts; safe to call every run."""
+        """Register the reference checkpoint and load prompts; safe to call every run.
+
+        Empty prompts, and prompts too long for the sampler's context, are skipped and
+        recorded in `skipped_prompts` rather than failing a round later.
+        """
         require_checkpoint(self.config.reference_model)
-        train = load_prompts(self.config.prompts)
-        heldout = load_prompts(self.config.heldout_prompts)
+        self.lease.acquire()
+        count_tokens = self._token_counter()
+        # vLLM refuses a prompt that leaves no room for one new token in max_model_len.
+        max_prompt_tokens = self.config.sample.max_model_len - 1
+        splits = {"train": self.config.prompts, "heldout": self.config.heldout_prompts}
+        usable = {split: usable_prompts(read_prompts(path), count_tokens, max_prompt_tokens)
+                  for split, path in splits.items()}
+        for split, (texts, skipped) in usable.items():
+            if not texts:
+                raise UserError(f"every prompt in {splits[split]} is longer than the context "
+                                f"(sample.max_model_len {self.config.sample.max_model_len} tokens)")
+            if skipped:
+                self.log(f"{splits[split]}: skipped {len(skipped)} of {len(texts) + len(skipped)} prompts "
+                         f"(empty or longer than {max_prompt_tokens} tokens; see the skipped_prompts table)")
         with self.store.transaction() as tx:
-            tx.add_prompts(train, "train", source=str(self.config.prompts))
-            tx.add_prompts(heldout, "heldout", source=str(self.config.heldout_prompts))
+            for split, (texts, skipped) in usable.items():
+                tx.add_prompts(texts, split, source=str(splits[split]))
+                tx.add_skipped_prompts(str(splits[split]), split, skipped)
             if tx.reference_checkpoint() is None:
                 tx.add_checkpoint(str(self.config.reference_model), role="reference", status="promoted")
 
+    def _token_counter(self) -> Callable[[str], int]:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(self.config.reference_model)
+        except (OSError, ValueError) as error:
+            raise UserError(f"cannot load the tokenizer of {self.config.reference_model}: "
+                            f"{str(error).strip().splitlines()[0]}") from error
+        return lambda text: len(tokenizer(text)["input_ids"])
+
     def begin_round(self) -> int:
-        """The unfinished round if a previous run stopped inside one, else a new round."""
+        """The unfinished round if a previous run stopped inside one, else a new round.
+        Takes this database's run lease first: one process runs rounds at a time."""
+        self.lease.acquire()
         with self.store.transaction() as tx:
             unfinished = tx.unfinished_round()
             if unfinished is not None:
@@ -120,24 +154,44 @@ class Flywheel:
     # -- the steps -----------------------------------------------------------------------
 
     def sample(self, round_id: int) -> int:
-        """Fresh completions of this round's prompts from the current policy."""
+        """Fresh completions of this round's prompts from the current policy.
+
+        Prompts go to the engine `sample.batch_prompts` at a time and each batch is stored
+        in its own transaction, so a crash loses at most the batch in flight; a rerun
+        samples only the prompts without completions (each prompt has its own seed, so
+        they are the completions the first run would have drawn).
+        """
         round_ = self.store.get_round(round_id)
         if round_.has_finished("sampled"):
             return self.store.count("completions", "round_id = ? AND purpose = 'train'", [round_id])
-        policy = self.store.checkpoint(round_.policy_checkpoint_id)
+        if self.config.sample.source == "current":
+            policy = self.store.checkpoint(round_.policy_checkpoint_id)
+        else:  # offline: every round's pairs come from the initial model
+            policy = self.store.reference_checkpoint()
         prompts = self.store.prompts("train")
         count = min(self.config.sample.prompts_per_round, len(prompts))
         chosen = random.Random(round_.seed).sample(prompts, count)
-        completions = self.sampler.sample(
-            Path(policy.path), policy.checkpoint_id, chosen,
-            n=self.config.sample.n, temperature=self.config.sample.temperature,
-            seed=round_.seed, purpose="train", round_id=round_id,
-        )
+        done = self.store.sampled_prompt_ids(round_id)
+        todo = [p for p in chosen if p.prompt_id not in done]
+        batch_size = self.config.sample.batch_prompts
+        with tqdm(total=count, initial=count - len(todo), desc=f"round {round_id}: sampling", unit="prompt",
+                  disable=None) as bar:
+            for start in range(0, len(todo), batch_size):
+                batch = todo[start : start + batch_size]
+                completions = self.sampler.sample(
+                    Path(policy.path), policy.checkpoint_id, batch,
+                    n=self.config.sample.n, temperature=self.config.sample.temperature,
+                    seed=round_.seed, purpose="train", round_id=round_id, progress=False,
+                )
+                with self.store.transaction() as tx:
+                    tx.add_completions(completions)
+                bar.update(len(batch))
         with self.store.transaction() as tx:
-            tx.add_completions(completions)
             tx.finish_step(round_id, "sampled")
-        self.log(f"round {round_id}: sampled {len(completions)} completions of {count} prompts")
-        return len(completions)
+        total = self.store.count("completions", "round_id = ? AND purpose = 'train'", [round_id])
+        resumed = f" ({count - len(todo)} sampled before a restart)" if len(todo) < count else ""
+        self.log(f"round {round_id}: sampled {total} completions of {count} prompts{resumed}")
+        return total
 
     def pair(self, round_id: int) -> int:
         round_ = self.store.get_round(round_id)
@@ -288,6 +342,7 @@ class Flywheel:
             incumbent_accuracy=incumbent_accuracy,
             win_rate=win_rate(candidate_samples, incumbent_samples, by_id, self.eval_judge),
             mean_length=sum(len(c.token_ids) for c in candidate_samples) / len(candidate_samples),
+            kl_to_reference=self._kl_to_reference(candidate, round_.reference_checkpoint_id, candidate_samples),
         )
         with self.store.transaction() as tx:
             tx.add_completions(new_incumbent_samples + candidate_samples)
@@ -296,6 +351,16 @@ class Flywheel:
         if accuracy is not None:
             self.log(f"round {round_id}: held-out accuracy {accuracy:.3f} vs incumbent {incumbent_accuracy:.3f}")
         self.log(f"round {round_id}: win rate against the incumbent {evaluation.win_rate:.3f}")
+
+    def _kl_to_reference(self, candidate, reference_checkpoint_id: int, samples) -> float:
+        """KL(candidate || reference) ~ mean over y ~ candidate of log pi(y|x) - log ref(y|x)
+        (the unbiased k1 estimator), both log-probs from the same transformers forward."""
+        reference = self.store.checkpoint(reference_checkpoint_id)
+        sequences = [(c.prompt_token_ids, c.token_ids) for c in samples]
+        batch_size = self.config.train.batch_size
+        policy_logps = completion_logps(Path(candidate.path), sequences, batch_size)
+        reference_logps = completion_logps(Path(reference.path), sequences, batch_size)
+        return sum(p - r for p, r in zip(policy_logps, reference_logps)) / len(sequences)
 
     def _sample_heldout(self, checkpoint, heldout, round_id):
         return self.sampler.sample(
@@ -321,6 +386,11 @@ class Flywheel:
         )
         with self.store.transaction() as tx:
             tx.set_checkpoint_status(round_.candidate_checkpoint_id, "promoted" if promoted else "rejected")
+            tx.record_promotion(
+                round_.candidate_checkpoint_id, "promote" if promoted else "reject", "gate",
+                gate_reason(evaluation, self.config.eval.promotion_margin), round_id,
+                policy_before=round_.policy_checkpoint_id,
+            )
             tx.finish_step(round_id, "done")
         self.log(f"round {round_id}: candidate {'promoted' if promoted else 'kept, not promoted'}")
         return promoted

@@ -60,6 +60,7 @@ class VLLMSampler:
         seed: int,
         purpose: str,
         round_id: int | None,
+        progress: bool = True,
     ) -> list[Completion]:
         from vllm import SamplingParams
 
@@ -69,7 +70,7 @@ class VLLMSampler:
         )
         # One seed per prompt, so a prompt's samples do not depend on its batch neighbours.
         sampling = [SamplingParams(**params, seed=seed + p.prompt_id) for p in prompts]
-        outputs = self._llm.generate([p.text for p in prompts], sampling, use_tqdm=True)
+        outputs = self._llm.generate([p.text for p in prompts], sampling, use_tqdm=progress)
         records = []
         for prompt, output in zip(prompts, outputs):
             for index, sample in enumerate(output.outputs):

@@ -93,6 +93,8 @@ def train_dpo(
     total_steps = config.epochs * math.ceil(len(triples) / config.batch_size)
     metrics: list[StepMetrics] = []
     step = 0
+    # One bar, in the main process; None: shown only on a terminal.
+    bar = tqdm(total=total_steps, desc="DPO training", unit="step", disable=None if rank == 0 else True)
     for _ in range(config.epochs):
         rng.shuffle(order)
         for start in range(0, len(order), config.batch_size):
@@ -162,8 +164,12 @@ def train_dpo(
                 learning_rate=learning_rate,
                 num_pairs=len(indices),
                 tokens_per_second=tokens / elapsed,
+                seconds=elapsed,
                 pair_ids=tuple(triples[i].pair_id for i in indices),
             ))
+            bar.set_postfix(loss=f"{metrics[-1].loss:.4f}", refresh=False)
+            bar.update(1)
+    bar.close()
     if config.lora_rank > 0:
         policy = policy.merge_and_unload()  # a plain checkpoint: no adapter files to serve
     if accelerator.is_main_process:
@@ -182,21 +188,22 @@ def _disable_dropout(model: torch.nn.Module) -> None:
 
 
 @torch.no_grad()
-def compute_reference_logps(
-    reference_path: Path, sequences: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int
+def completion_logps(
+    checkpoint_path: Path, sequences: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int
 ) -> list[float]:
-    """The reference's log-prob (sum over completion tokens) of each (prompt ids,
-    completion ids); loads the reference once and frees it on return."""
+    """A checkpoint's log-prob (sum over completion tokens) of each (prompt ids,
+    completion ids); loads it once and frees it on return. For DPO's reference, and for
+    the KL of a candidate to it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    pad_token_id = AutoTokenizer.from_pretrained(reference_path).pad_token_id
-    reference = AutoModelForCausalLM.from_pretrained(reference_path, dtype=torch.float32).eval()
+    pad_token_id = AutoTokenizer.from_pretrained(checkpoint_path).pad_token_id
+    model = AutoModelForCausalLM.from_pretrained(checkpoint_path, dtype=torch.float32).eval()
     logps: list[float] = []
-    with tqdm(total=len(sequences), desc="reference log-probs", unit="completion", leave=False,
+    with tqdm(total=len(sequences), desc=f"log-probs under {Path(checkpoint_path).name}", unit="completion", leave=False,
               disable=not sequences) as bar:
         for start in range(0, len(sequences), batch_size):
             batch = collate_sequences(sequences[start : start + batch_size], pad_token_id)
-            logits = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             logps.extend(sequence_logps(logits.float(), batch["input_ids"], batch["completion_mask"]).tolist())
             bar.update(len(batch["input_ids"]))
     return logps
@@ -214,7 +221,7 @@ def reference_logps_for(
     cached = store.reference_logps(reference.checkpoint_id, list(sequences))
     missing = [completion_id for completion_id in sequences if completion_id not in cached]
     if missing:
-        computed = dict(zip(missing, compute_reference_logps(
+        computed = dict(zip(missing, completion_logps(
             Path(reference.path), [sequences[c] for c in missing], batch_size)))
         with store.transaction() as tx:
             tx.add_reference_logps(reference.checkpoint_id, computed)

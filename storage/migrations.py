@@ -432,3 +432,208 @@ def m005_training(conn: duckdb.DuckDBPyConnection) -> None:
         ORDER BY ck.round_id;
         """
     )
+
+
+@migration
+def m006_operations(conn: duckdb.DuckDBPyConnection) -> None:
+    conn.execute(
+        """
+        -- Who runs rounds on this database: one row while a flywheel process holds it.
+        -- The holder refreshes heartbeat_at; a row whose process is gone (same host) or
+        -- whose heartbeat is older than its ttl may be taken over.
+        CREATE TABLE run_lease (
+            lease_key     VARCHAR PRIMARY KEY CHECK (lease_key = 'rounds'),
+            holder        VARCHAR NOT NULL,
+            host          VARCHAR NOT NULL,
+            pid           INTEGER NOT NULL,
+            ttl_seconds   DOUBLE NOT NULL,
+            acquired_at   TIMESTAMP NOT NULL,
+            heartbeat_at  TIMESTAMP NOT NULL
+        );
+
+        -- Every promotion decision: the gate's, and a person's override or rollback,
+        -- with who and why, and the policy before and after it.
+        CREATE SEQUENCE promotion_ids START 1;
+        CREATE TABLE promotions (
+            promotion_id   BIGINT PRIMARY KEY DEFAULT nextval('promotion_ids'),
+            checkpoint_id  BIGINT NOT NULL,
+            action         VARCHAR NOT NULL CHECK (action IN ('promote', 'reject', 'rollback')),
+            decided_by     VARCHAR NOT NULL,
+            reason         VARCHAR,
+            round_id       BIGINT,
+            policy_before  BIGINT,
+            policy_after   BIGINT,
+            decided_at     TIMESTAMP NOT NULL DEFAULT current_timestamp
+        );
+        INSERT INTO promotions (checkpoint_id, action, decided_by, reason, round_id, decided_at)
+        SELECT checkpoint_id, CASE status WHEN 'promoted' THEN 'promote' ELSE 'reject' END, 'gate',
+               'recorded before promotions were logged', round_id, coalesce(promoted_at, created_at)
+        FROM checkpoints WHERE role = 'candidate' AND status IN ('promoted', 'rejected');
+
+        -- Prompts that were read but not used: empty, or too long for the model's context.
+        CREATE TABLE skipped_prompts (
+            source       VARCHAR NOT NULL,
+            split        VARCHAR NOT NULL,
+            row_number   INTEGER NOT NULL,
+            reason       VARCHAR NOT NULL,
+            token_count  INTEGER,
+            recorded_at  TIMESTAMP NOT NULL DEFAULT current_timestamp,
+            PRIMARY KEY (source, split, row_number)
+        );
+
+        -- KL(candidate || reference) on held-out prompts, estimated from the candidate's own
+        -- samples: the mean of log pi(y|x) - log ref(y|x) over y ~ pi (Schulman's k1).
+        ALTER TABLE evals ADD COLUMN kl_to_reference DOUBLE;
+
+        -- Each DPO step's wall time (forward, backward, optimiser step), in seconds.
+        ALTER TABLE train_steps ADD COLUMN seconds DOUBLE;
+
+        -- The same columns plus KL, computed with one aggregate per table instead of a
+        -- subquery per round, so it stays fast at millions of pairs.
+        CREATE OR REPLACE VIEW round_summary AS
+        WITH
+        round_completions AS (
+            SELECT round_id, count(*) AS completions FROM completions
+            WHERE purpose = 'train' GROUP BY round_id),
+        round_pairs AS (SELECT round_id, count(*) AS pairs FROM pairs GROUP BY round_id),
+        round_labels AS (
+            SELECT p.round_id, count(*) AS labels,
+                   count(*) FILTER (WHERE l.winner IN ('a', 'b')) AS preferences
+            FROM labels l JOIN pairs p USING (pair_id) JOIN rounds r ON r.round_id = p.round_id
+            WHERE l.judge_name = r.judge_name AND l.judge_version = r.judge_version
+            GROUP BY p.round_id),
+        round_failures AS (
+            SELECT p.round_id, count(*) AS judge_failures
+            FROM judge_failures f JOIN pairs p USING (pair_id) JOIN rounds r ON r.round_id = p.round_id
+            WHERE f.judge_name = r.judge_name AND f.judge_version = r.judge_version
+            GROUP BY p.round_id),
+        round_steps AS (
+            SELECT round_id, count(*) AS train_steps, avg(loss) AS mean_train_loss,
+                   arg_max(loss, step) AS final_train_loss
+            FROM train_steps GROUP BY round_id)
+        SELECT
+            r.round_id,
+            r.state,
+            r.policy_checkpoint_id,
+            r.candidate_checkpoint_id,
+            r.judge_name || '@' || r.judge_version AS judge,
+            coalesce(c.completions, 0) AS completions,
+            coalesce(p.pairs, 0) AS pairs,
+            coalesce(l.labels, 0) AS labels,
+            coalesce(l.preferences, 0) AS preferences,
+            coalesce(f.judge_failures, 0) AS judge_failures,
+            coalesce(s.train_steps, 0) AS train_steps,
+            s.mean_train_loss,
+            s.final_train_loss,
+            e.incumbent_accuracy,
+            e.accuracy AS candidate_accuracy,
+            e.win_rate,
+            e.kl_to_reference,
+            e.mean_length,
+            coalesce(ck.status = 'promoted', false) AS promoted,
+            r.started_at,
+            r.finished_at
+        FROM rounds r
+        LEFT JOIN round_completions c ON c.round_id = r.round_id
+        LEFT JOIN round_pairs p ON p.round_id = r.round_id
+        LEFT JOIN round_labels l ON l.round_id = r.round_id
+        LEFT JOIN round_failures f ON f.round_id = r.round_id
+        LEFT JOIN round_steps s ON s.round_id = r.round_id
+        LEFT JOIN evals e
+               ON e.round_id = r.round_id AND e.checkpoint_id = r.candidate_checkpoint_id
+        LEFT JOIN checkpoints ck ON ck.checkpoint_id = r.candidate_checkpoint_id
+        ORDER BY r.round_id;
+        """
+    )
+
+
+@migration
+def m007_round_summary_by_blocks(conn: duckdb.DuckDBPyConnection) -> None:
+    conn.execute(
+        """
+        -- The same columns and counts as m006's round_summary, without joining every label to
+        -- its pair: at 10M pairs that hash join took most of the 1-3 s the view cost.
+        -- Pair ids are cut into blocks of 256 (pair_id >> 8). A block holding 256 pairs of
+        -- one round is full: pair ids are unique, so every id in it is a pair of that round,
+        -- and its labels are counted per block (a few rows per block). Labels and judge
+        -- failures in other blocks (where rounds meet, gaps) are joined pair by pair as before.
+        CREATE OR REPLACE VIEW round_summary AS
+        WITH
+        round_completions AS (
+            SELECT round_id, count(*) AS completions FROM completions
+            WHERE purpose = 'train' GROUP BY round_id),
+        pair_blocks AS (
+            SELECT pair_id >> 8 AS block, round_id, count(*) AS pairs FROM pairs GROUP BY ALL),
+        round_pairs AS (
+            SELECT round_id, sum(pairs)::BIGINT AS pairs FROM pair_blocks GROUP BY round_id),
+        -- round_id of a full block, NULL for a block with pairs of several rounds or gaps
+        block_rounds AS (
+            SELECT block, CASE WHEN count(*) = 1 AND sum(pairs) = 256 THEN min(round_id) END AS round_id
+            FROM pair_blocks GROUP BY block),
+        partial_pairs AS (
+            SELECT p.pair_id, p.round_id FROM pairs p
+            JOIN block_rounds b ON b.block = p.pair_id >> 8 AND b.round_id IS NULL),
+        label_blocks AS (
+            SELECT pair_id >> 8 AS block, judge_name, judge_version, winner, count(*) AS n
+            FROM labels GROUP BY ALL),
+        round_labelled AS (
+            SELECT b.round_id, lb.judge_name, lb.judge_version, lb.winner, lb.n
+            FROM label_blocks lb JOIN block_rounds b ON b.block = lb.block AND b.round_id IS NOT NULL
+            UNION ALL
+            SELECT pp.round_id, l.judge_name, l.judge_version, l.winner, 1
+            FROM labels l JOIN partial_pairs pp ON pp.pair_id = l.pair_id),
+        round_labels AS (
+            SELECT l.round_id, sum(l.n)::BIGINT AS labels,
+                   coalesce(sum(l.n) FILTER (WHERE l.winner IN ('a', 'b')), 0)::BIGINT AS preferences
+            FROM round_labelled l JOIN rounds r ON r.round_id = l.round_id
+            WHERE l.judge_name = r.judge_name AND l.judge_version = r.judge_version
+            GROUP BY l.round_id),
+        round_failed AS (
+            SELECT b.round_id, f.judge_name, f.judge_version
+            FROM judge_failures f JOIN block_rounds b ON b.block = f.pair_id >> 8 AND b.round_id IS NOT NULL
+            UNION ALL
+            SELECT pp.round_id, f.judge_name, f.judge_version
+            FROM judge_failures f JOIN partial_pairs pp ON pp.pair_id = f.pair_id),
+        round_failures AS (
+            SELECT f.round_id, count(*) AS judge_failures
+            FROM round_failed f JOIN rounds r ON r.round_id = f.round_id
+            WHERE f.judge_name = r.judge_name AND f.judge_version = r.judge_version
+            GROUP BY f.round_id),
+        round_steps AS (
+            SELECT round_id, count(*) AS train_steps, avg(loss) AS mean_train_loss,
+                   arg_max(loss, step) AS final_train_loss
+            FROM train_steps GROUP BY round_id)
+        SELECT
+            r.round_id,
+            r.state,
+            r.policy_checkpoint_id,
+            r.candidate_checkpoint_id,
+            r.judge_name || '@' || r.judge_version AS judge,
+            coalesce(c.completions, 0) AS completions,
+            coalesce(p.pairs, 0) AS pairs,
+            coalesce(l.labels, 0) AS labels,
+            coalesce(l.preferences, 0) AS preferences,
+            coalesce(f.judge_failures, 0) AS judge_failures,
+            coalesce(s.train_steps, 0) AS train_steps,
+            s.mean_train_loss,
+            s.final_train_loss,
+            e.incumbent_accuracy,
+            e.accuracy AS candidate_accuracy,
+            e.win_rate,
+            e.kl_to_reference,
+            e.mean_length,
+            coalesce(ck.status = 'promoted', false) AS promoted,
+            r.started_at,
+            r.finished_at
+        FROM rounds r
+        LEFT JOIN round_completions c ON c.round_id = r.round_id
+        LEFT JOIN round_pairs p ON p.round_id = r.round_id
+        LEFT JOIN round_labels l ON l.round_id = r.round_id
+        LEFT JOIN round_failures f ON f.round_id = r.round_id
+        LEFT JOIN round_steps s ON s.round_id = r.round_id
+        LEFT JOIN evals e
+               ON e.round_id = r.round_id AND e.checkpoint_id = r.candidate_checkpoint_id
+        LEFT JOIN checkpoints ck ON ck.checkpoint_id = r.candidate_checkpoint_id
+        ORDER BY r.round_id;
+        """
+    )

@@ -128,6 +128,7 @@ class StepMetrics:
     learning_rate: float
     num_pairs: int
     tokens_per_second: float  # prompt and completion tokens of chosen and rejected, through forward and backward
+    seconds: float = 0.0  # the step's wall time: its forward and backward passes and the optimiser step
     pair_ids: tuple[int, ...] = ()  # the pairs the step trained on (stored in train_pairs)
 
 
@@ -149,3 +150,5 @@ class Evaluation:
     incumbent_accuracy: float | None
     win_rate: float
     mean_length: float
+    # Mean of log pi(y|x) - log ref(y|x) over the candidate's held-out samples.
+    kl_to_reference: float | None = None

@@ -21,7 +21,7 @@ def assert_one_line_error(result, fragment):
     assert fragment in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("command", [[], ["demo"], ["run"], ["judge"], ["sql"]])
+@pytest.mark.parametrize("command", [[], ["demo"], ["run"], ["judge"], ["sql"], ["status"]])
 def test_every_command_has_help(command):
     result = flywheel(*command, "--help")
     assert result.returncode == 0 and "usage: flywheel" in result.stdout

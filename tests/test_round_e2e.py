@@ -80,6 +80,17 @@ def test_flow_runs_rounds_and_records_everything(flywheel, prefect_harness):
         "JOIN completions b ON b.completion_id = p.completion_b_id "
         "WHERE a.prompt_id <> p.prompt_id OR b.prompt_id <> p.prompt_id")
     assert mismatched == [(0,)]
+    # Each round published the rounds table as a markdown artifact and redrew the plot.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["flywheel-rounds"])))
+    latest = max(artifacts, key=lambda a: a.created)
+    assert len(artifacts) >= 2 and "after round 2" in latest.data
+    table_rows = [line for line in latest.data.splitlines() if line.startswith("| ") and line[2:3].isdigit()]
+    assert [row.split("|")[1].strip() for row in table_rows] == [str(r) for r in round_ids]
+    assert (flywheel.config.workdir / "rounds.png").read_bytes()[:4] == b"\x89PNG"
     # The candidate is a save_pretrained checkpoint with a tokenizer, reloadable as is.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -1,0 +1,379 @@
+"""Online versus offline DPO on the demo task, at equal label budget (issue 7).
+
+    .venv/bin/python benchmarks/online_vs_offline.py [--rounds 4] [--seeds 0 1 2]
+        [--prompts-per-round 512] [--out-dir DIR] [--quick]
+
+Two variants of the demo flywheel (`flywheel demo`'s config: rule judge, random pairing,
+DPO + NLL, lr 3e-4, 2 epochs a round, promotion by held-out accuracy), each run for
+`--rounds` rounds with each seed:
+- online: every round samples its pairs from the current (promoted) policy
+  (`sample.source = "current"`, the flywheel's default);
+- offline: every round samples its pairs from the initial (SFT) policy
+  (`sample.source = "initial"`), so all the pairs it ever trains on are from the policy
+  it started with. Everything else is the same: prompts per round, pairing, judge,
+  epochs per round, evaluation and promotion gate.
+
+Both variants label every pair a round forms; random pairing forms a pair per two
+distinct answers, so a peaked policy forms fewer pairs and the online variant's label
+budget is at most the offline one's. Labels, decisive labels (preferences) and DPO steps
+are counted from the store and printed, so the budgets can be compared.
+
+Accuracy is that of the policy the flywheel holds after each round (the promoted
+checkpoint), at temperature 1, on the demo's 256 held-out sums x 4 samples; round 0 is
+the initial policy. All flywheels use the same cached demo policy
+(`DemoPolicyConfig(seed=0)`); the seed goes into `FlywheelConfig.seed` (which prompts each
+round draws, sampling, pairing, training order and the evaluation samples). One vLLM
+engine is shared by every flywheel in the process.
+
+Prints a table per run and the means per round, and writes a markdown table and a PNG
+(docs/online_vs_offline.md and .png; with --quick, into the output directory). A killed
+run resumes: rerun with the same --out-dir and finished rounds are not run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+VARIANTS = {"online": "current", "offline": "initial"}
+
+
+@dataclass
+class Run:
+    variant: str
+    seed: int
+    accuracy: list[float] = field(default_factory=list)  # held policy, after round 0..R
+    candidate_accuracy: list[float] = field(default_factory=list)  # round 1..R, before the gate
+    label_curve: list[int] = field(default_factory=list)  # cumulative labels after round 0..R
+    kl: float = 0.0  # the final held policy's KL to the initial policy, on held-out prompts
+    labels: int = 0
+    preferences: int = 0
+    steps: int = 0
+    promoted: int = 0
+    seconds: float = 0.0
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def quiet_libraries() -> None:
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def make_config(workdir: Path, policy_config, cache: Path, seed: int, source: str, prompts_per_round: int,
+                memory_share: float):
+    """`flywheel demo`'s config, with the flywheel seed, the sample source and the shared
+    engine's memory share (every flywheel's engine settings must match the shared engine's)."""
+    from flywheel.demo_task import demo_flywheel_config
+
+    return demo_flywheel_config(workdir, policy_config, cache, log, seed=seed, source=source,
+                                prompts_per_round=prompts_per_round, gpu_memory_utilization=memory_share)
+
+
+def finished_rounds(database: Path) -> int:
+    import duckdb
+
+    if not database.exists():
+        return 0
+    with duckdb.connect(str(database), read_only=True) as conn:
+        return conn.execute("SELECT count(*) FROM rounds WHERE state = 'done'").fetchone()[0]
+
+
+def run_flywheel(config, rounds: int, sampler) -> None:
+    from flywheel.rounds import Flywheel
+
+    flywheel = Flywheel(config, log=log, sampler=sampler)
+    try:
+        flywheel.initialise()
+        for _ in range(rounds - finished_rounds(config.database)):
+            flywheel.run_round()
+    finally:
+        flywheel.close()
+
+
+def read_run(database: Path, variant: str, seed: int, rounds: int) -> Run:
+    import duckdb
+
+    with duckdb.connect(str(database), read_only=True) as conn:
+        rows = conn.execute(
+            "SELECT labels, preferences, train_steps, incumbent_accuracy, candidate_accuracy, promoted, "
+            "kl_to_reference "
+            "FROM round_summary WHERE state = 'done' ORDER BY round_id LIMIT ?", [rounds]).fetchall()
+    if len(rows) < rounds:
+        raise RuntimeError(f"{database}: {len(rows)} finished rounds, expected {rounds}")
+    run = Run(variant, seed)
+    held = rows[0][3]
+    run.accuracy.append(held)
+    run.label_curve.append(0)
+    for labels, preferences, steps, incumbent, candidate, promoted, kl in rows:
+        run.labels += labels
+        run.label_curve.append(run.labels)
+        run.preferences += preferences
+        run.steps += steps
+        run.promoted += bool(promoted)
+        if candidate is not None:
+            run.candidate_accuracy.append(candidate)
+        if promoted:
+            held = candidate
+            run.kl = kl
+        run.accuracy.append(held)
+    return run
+
+
+def mean(values) -> float:
+    return statistics.fmean(values)
+
+
+def spread(values) -> str:
+    return f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
+
+
+def tables(runs: list[Run], rounds: int) -> dict[str, tuple[list[str], list[list[str]]]]:
+    """The per-run table, the means per round and their difference, as text cells."""
+    heads = [f"r{r}" for r in range(rounds + 1)]
+    per_run = (["variant", "seed", *heads, "labels", "preferences", "DPO steps", "promoted", "KL"],
+               [[run.variant, str(run.seed), *(f"{a:.3f}" for a in run.accuracy), str(run.labels),
+                 str(run.preferences), str(run.steps), f"{run.promoted}/{rounds}", f"{run.kl:.3f}"]
+                for run in runs])
+    by_variant = {v: [run for run in runs if run.variant == v] for v in VARIANTS}
+    means_rows = []
+    for variant, group in by_variant.items():
+        means_rows.append([variant, *(f"{mean(r.accuracy[i] for r in group):.3f}" for i in range(rounds + 1)),
+                           f"{mean(r.labels for r in group):.0f}", f"{mean(r.preferences for r in group):.0f}",
+                           f"{mean(r.steps for r in group):.0f}", f"{mean(r.kl for r in group):.3f}"])
+    online = sorted(by_variant["online"], key=lambda r: r.seed)
+    offline = sorted(by_variant["offline"], key=lambda r: r.seed)
+    means_rows.append(["online - offline",
+                       *(f"{mean(r.accuracy[i] for r in online) - mean(r.accuracy[i] for r in offline):+.3f}"
+                         for i in range(rounds + 1)),
+                       f"{mean(r.labels for r in online) - mean(r.labels for r in offline):+.0f}",
+                       f"{mean(r.preferences for r in online) - mean(r.preferences for r in offline):+.0f}",
+                       f"{mean(r.steps for r in online) - mean(r.steps for r in offline):+.0f}",
+                       f"{mean(r.kl for r in online) - mean(r.kl for r in offline):+.3f}"])
+    # Random pairing gives a peaked policy fewer distinct answers to pair, so online labels
+    # fewer pairs a round. Offline's accuracy at online's label count, per seed and round:
+    # linear between offline's rounds (which, the curve being concave, errs low by a little).
+    matched = [[interpolate(on.label_curve[i], off.label_curve, off.accuracy) for i in range(rounds + 1)]
+               for on, off in zip(online, offline)]
+    means_rows.append(["offline at online's labels", *(f"{mean(m[i] for m in matched):.3f}" for i in range(rounds + 1)),
+                       f"{mean(r.labels for r in online):.0f}", "", "", ""])
+    means_rows.append(["online - that", *(f"{mean(r.accuracy[i] for r in online) - mean(m[i] for m in matched):+.3f}"
+                                          for i in range(rounds + 1)), "", "", "", ""])
+    means = (["mean of seeds", *heads, "labels", "preferences", "DPO steps", "KL"], means_rows)
+    candidate_rows = [[variant, *(f"{mean(r.candidate_accuracy[i] for r in group):.3f}"
+                                  f"{spread([r.candidate_accuracy[i] for r in group])}" for i in range(rounds))]
+                      for variant, group in by_variant.items()]
+    candidates = (["candidate accuracy (before the gate)", *heads[1:]], candidate_rows)
+    return {"runs": per_run, "means": means, "candidates": candidates}
+
+
+def interpolate(x: float, xs: list[int], ys: list[float]) -> float:
+    """ys at x, linear between the points (xs increasing), held flat past the last one."""
+    for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+        if x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return ys[-1]
+
+
+def text_table(columns: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+             for cells in [columns, *rows]]
+    return "\n".join(lines)
+
+
+def markdown_table(columns: list[str], rows: list[list[str]]) -> str:
+    align = [":---"] + ["---:"] * (len(columns) - 1)
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in [columns, align, *rows])
+
+
+def machine() -> str:
+    import torch
+    import vllm
+
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, {memory:.0f} GiB RAM, "
+            f"Python {platform.python_version()}, torch {torch.__version__}, vLLM {vllm.__version__}")
+
+
+def plot(runs: list[Run], rounds: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"online": "tab:blue", "offline": "tab:orange"}
+    x = list(range(rounds + 1))
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for variant, colour in colours.items():
+        group = [run for run in runs if run.variant == variant]
+        for run in group:
+            axes[0].plot(x, run.accuracy, color=colour, alpha=0.35, linewidth=0.9)
+        axes[0].plot(x, [mean(r.accuracy[i] for r in group) for i in x], color=colour, linewidth=2.4,
+                     marker="o", label=f"{variant} (mean of {len(group)} seed{'s' if len(group) > 1 else ''})")
+    axes[0].set_xlabel("round")
+    axes[0].set_ylabel("held-out accuracy at temperature 1")
+    axes[0].set_title("policy held after each round (thin: one seed)")
+    axes[0].set_xticks(x)
+    axes[0].grid(alpha=0.3)
+    axes[0].legend()
+    for variant, colour in colours.items():
+        group = [run for run in runs if run.variant == variant]
+        for run in group:
+            axes[1].plot(run.label_curve, run.accuracy, color=colour, alpha=0.35, linewidth=0.9, marker=".")
+        axes[1].plot([mean(r.label_curve[i] for r in group) for i in x],
+                     [mean(r.accuracy[i] for r in group) for i in x], color=colour, linewidth=2.4, marker="o",
+                     label=variant)
+    axes[1].set_xlabel("labels used (cumulative)")
+    axes[1].set_ylabel("held-out accuracy at temperature 1")
+    axes[1].set_title("the same against the label budget")
+    axes[1].grid(alpha=0.3)
+    axes[1].legend()
+    figure.suptitle("Online vs offline DPO on the demo task")
+    figure.tight_layout()
+    temporary = path.with_suffix(".tmp.png")
+    figure.savefig(temporary, dpi=120)
+    plt.close(figure)
+    temporary.replace(path)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Online vs offline DPO on the demo task at equal label budget: the same demo flywheel "
+        "sampling each round's pairs from the current policy (online) or from the initial one (offline).")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds per flywheel (default: 4; 2 with --quick)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="flywheel seeds, one online and one offline flywheel each "
+                        "(default: 0 1 2; 0 with --quick)")
+    parser.add_argument("--prompts-per-round", type=int, default=None,
+                        help="train prompts sampled per round, 4 completions each (default: 512; 128 with --quick)")
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help="where the flywheels' workdirs go; rerun with the same one to resume "
+                        "(default: a new temporary directory)")
+    parser.add_argument("--docs-dir", type=Path, default=None,
+                        help="where online_vs_offline.md and .png go (default: docs/; the out dir with --quick)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.15,
+                        help="vLLM's share of GPU memory (on CPU: of RAM) for its one engine (default: %(default)s)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a development run: 2 rounds, 128 prompts per round, seed 0")
+    args = parser.parse_args(argv)
+    rounds = args.rounds or (2 if args.quick else 4)
+    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    prompts_per_round = args.prompts_per_round or (128 if args.quick else 512)
+    out_dir = (args.out_dir or Path(tempfile.mkdtemp(prefix="online-vs-offline-"))).resolve()
+    docs_dir = (args.docs_dir or (out_dir if args.quick else ROOT / "docs")).resolve()
+    quiet_libraries()
+
+    from flywheel.demo_task import DemoPolicyConfig, build_demo_policy
+    from flywheel.sampling import VLLMSampler
+
+    started = time.monotonic()
+    policy_config = DemoPolicyConfig(seed=0)
+    cache = Path(os.environ.get("FLYWHEEL_CACHE", Path.home() / ".cache" / "flywheel"))
+    reference = build_demo_policy(cache, policy_config, log=log)
+    log(f"policy {reference}; {rounds} rounds x {prompts_per_round} prompts, seeds {seeds}; flywheels in {out_dir}")
+    runs = []
+    sampler = None
+    try:
+        for seed in seeds:
+            for variant, source in VARIANTS.items():
+                workdir = out_dir / f"{variant}-seed{seed}"
+                config = make_config(workdir, policy_config, cache, seed, source, prompts_per_round,
+                                     args.gpu_memory_utilization)
+                # One engine for all flywheels: its start costs ~40 s on CPU.
+                sampler = sampler or VLLMSampler(config.sample, seed=0)
+                log(f"== {variant}, seed {seed} ({workdir})")
+                begun = time.monotonic()
+                run_flywheel(config, rounds, sampler)
+                run = read_run(config.database, variant, seed, rounds)
+                run.seconds = time.monotonic() - begun
+                runs.append(run)
+                log(f"== {variant}, seed {seed}: accuracy {' '.join(f'{a:.3f}' for a in run.accuracy)}, "
+                    f"{run.labels} labels, {run.steps} DPO steps, {run.seconds:.0f} s")
+    finally:
+        if sampler is not None:
+            sampler.close()
+    elapsed = time.monotonic() - started
+
+    command = " ".join(["benchmarks/online_vs_offline.py", *(argv if argv is not None else sys.argv[1:])]).strip()
+    parts = tables(runs, rounds)
+    print(f"\nOnline vs offline DPO on the demo task: {rounds} rounds x {prompts_per_round} prompts "
+          f"(4 samples each), seeds {' '.join(map(str, seeds))}")
+    print("Held-out accuracy (temperature 1) of the policy held after each round; r0 is the initial policy.\n")
+    print(text_table(*parts["runs"]))
+    print()
+    print(text_table(*parts["means"]))
+    print()
+    print(text_table(*parts["candidates"]))
+    print(f"\nran in {elapsed / 60:.1f} min; flywheels in {out_dir}")
+
+    docs_dir.mkdir(parents=True, exist_ok=True)
+    markdown = docs_dir / "online_vs_offline.md"
+    png = docs_dir / "online_vs_offline.png"
+    plot(runs, rounds, png)
+    markdown.write_text(render_markdown(parts, rounds, prompts_per_round, seeds, command, elapsed, runs))
+    print(f"wrote {markdown} and {png}")
+    return 0
+
+
+def render_markdown(parts, rounds, prompts_per_round, seeds, command, elapsed, runs) -> str:
+    today = datetime.date.today().isoformat()
+    return f"""# Online versus offline DPO on the demo task
+
+Reproduce: `.venv/bin/python {command}` ({elapsed / 60:.1f} min, {today}, on {machine()}).
+
+The demo flywheel (`flywheel demo`'s config: rule judge, random pairing, DPO with an NLL
+term, lr 3e-4, 2 epochs per round, promotion by held-out accuracy) for {rounds} rounds of
+{prompts_per_round} prompts x 4 completions, seeds {', '.join(map(str, seeds))}, one
+flywheel per variant and seed, all starting from the same cached demo policy
+(`DemoPolicyConfig(seed=0)`):
+
+- **online**: each round samples its pairs from the current (promoted) policy
+  (`sample.source: current`);
+- **offline**: each round samples its pairs from the initial policy
+  (`sample.source: initial`); everything else is the same.
+
+Accuracy: the policy each flywheel holds after the round (the last promoted checkpoint)
+at temperature 1 on 256 held-out sums x 4 samples; r0 is the initial policy. Labels:
+pairs the judge labelled over all rounds; preferences: labels with a winner (the rest are
+ties, both wrong); DPO steps: optimiser steps over all rounds (2 epochs of the round's
+preferences in batches of 32); KL: the final policy's KL to the initial policy on held-out
+prompts (nats per completion). Random pairing pairs distinct answers only, so a peaked policy
+forms fewer pairs: online labels fewer pairs per round. "offline at online's labels" is
+offline's accuracy at the online run's cumulative label count (same seed), linear between
+offline's rounds; its curve is concave, so this errs a little low. Both variants of a seed
+start from the same policy, evaluated with the same seeds, so their r0 difference is only
+vLLM's run-to-run noise (its CPU sampling is not bit-for-bit repeatable): a yardstick for
+the other differences.
+
+## Each run
+
+{markdown_table(*parts["runs"])}
+
+## Means over seeds
+
+{markdown_table(*parts["means"])}
+
+Candidates' own accuracy, before the promotion gate (mean ± standard deviation over seeds):
+
+{markdown_table(*parts["candidates"])}
+
+![held-out accuracy per round, online vs offline](online_vs_offline.png)
+"""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

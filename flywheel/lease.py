@@ -1,0 +1,150 @@
+"""One flywheel process runs rounds on a database at a time.
+
+The process that starts a round takes the lease (a row in `run_lease`) and refreshes its
+heartbeat from a background thread until it closes. Another process that finds a live
+lease refuses to start with a one-line error. A lease is stale, and is taken over, when
+its process is gone (same host) or its heartbeat is older than its ttl (any host, e.g. a
+machine that died), so a SIGKILLed run never blocks the next one.
+
+A SIGKILLed run also leaves its vLLM engine processes behind (vLLM's engine process does
+not watch its parent), holding memory and, on a GPU host, the GPU. So the holder's id is
+put in this process's environment, which the engine processes it starts inherit, and
+whoever takes over a dead holder's lease on the same host kills what it left.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import uuid
+from datetime import datetime
+from pathlib import Path
+from typing import Callable
+
+from flywheel.errors import UserError
+from storage.lease import RunLease, current_lease, refresh_lease, release_lease, take_lease
+from storage.queue import utc_now
+from storage.store import Store, StoreError
+
+DEFAULT_TTL_SECONDS = 60.0
+# Set to the lease holder's id in the holder's environment; its engine processes inherit it.
+HOLDER_ENV = "FLYWHEEL_LEASE_HOLDER"
+
+
+class LeaseHeldError(UserError):
+    """Another live flywheel process runs rounds on this database."""
+
+
+def process_is_alive(pid: int) -> bool:
+    """Whether `pid` runs on this host (a zombie, killed but not yet reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("State:"):
+                return "zombie" not in line
+    except OSError:
+        pass
+    return True
+
+
+def kill_leftovers(holder: str) -> list[int]:
+    """SIGKILL the processes on this host that a dead lease holder started (its vLLM
+    engine processes, orphaned when it was killed); returns their pids."""
+    tag = f"{HOLDER_ENV}={holder}".encode()
+    killed = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if tag not in (proc / "environ").read_bytes().split(b"\0"):
+                continue
+            os.kill(int(proc.name), 9)
+            killed.append(int(proc.name))
+        except (OSError, ValueError):  # gone meanwhile, or not ours to read
+            continue
+    return killed
+
+
+def stale_because(lease: RunLease, now: datetime, host: str) -> str | None:
+    """Why `lease` may be taken over, or None while its holder looks alive."""
+    if lease.host == host and lease.pid == os.getpid():
+        return "it was this process's"
+    if lease.host == host and not process_is_alive(lease.pid):
+        return f"process {lease.pid} is gone"
+    silent = (now - lease.heartbeat_at).total_seconds()
+    if silent > lease.ttl_seconds:
+        return f"its heartbeat stopped {silent:.0f} s ago"
+    return None
+
+
+class RoundLease:
+    """This process's claim on a database's rounds: `acquire` (idempotent), `release`."""
+
+    def __init__(self, store: Store, log: Callable[[str], None], ttl_seconds: float = DEFAULT_TTL_SECONDS) -> None:
+        self.store = store
+        self.log = log
+        self.ttl_seconds = ttl_seconds
+        self.host = socket.gethostname()
+        self.holder = f"{self.host}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._heartbeat is not None
+
+    def acquire(self) -> None:
+        if self.held:
+            return
+        now = utc_now()
+        with self.store.transaction() as tx:
+            lease = current_lease(tx)
+            if lease is not None and lease.holder != self.holder:
+                because = stale_because(lease, now, self.host)
+                if because is None:
+                    raise LeaseHeldError(
+                        f"{self.store.path} is in use by another flywheel (pid {lease.pid} on {lease.host}, "
+                        f"running since {lease.acquired_at:%Y-%m-%d %H:%M:%S} UTC, last heartbeat "
+                        f"{(now - lease.heartbeat_at).total_seconds():.0f} s ago); wait for it to finish or "
+                        "stop it, then run again"
+                    )
+                self.log(f"taking over the run lease of {lease.holder}: {because}")
+                if lease.host == self.host and lease.pid != os.getpid():
+                    left = kill_leftovers(lease.holder)
+                    if left:
+                        self.log(f"stopped {len(left)} process(es) it left running (pids {', '.join(map(str, left))})")
+            take_lease(tx, RunLease(self.holder, self.host, os.getpid(), self.ttl_seconds, now, now))
+        os.environ[HOLDER_ENV] = self.holder
+        self._stop.clear()
+        self._heartbeat = threading.Thread(target=self._beat, name="flywheel-lease-heartbeat", daemon=True)
+        self._heartbeat.start()
+
+    def _beat(self) -> None:
+        # Four beats per ttl: a few slow or locked beats in a row do not make the lease stale.
+        while not self._stop.wait(self.ttl_seconds / 4):
+            try:
+                with self.store.transaction() as tx:
+                    still_ours = refresh_lease(tx, self.holder, utc_now())
+            except StoreError as error:
+                self.log(f"run lease heartbeat failed, will retry: {error}")
+                continue
+            if not still_ours:
+                self.log("warning: another process took over this database's run lease")
+                return
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self._stop.set()
+        self._heartbeat.join()
+        self._heartbeat = None
+        with self.store.transaction() as tx:
+            release_lease(tx, self.holder)
+        os.environ.pop(HOLDER_ENV, None)
+

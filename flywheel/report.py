@@ -1,0 +1,234 @@
+"""What a flywheel has done so far, for people: the per-round table, a markdown rendering
+of it, a PNG of the curves across rounds, and the few lines `flywheel status` prints.
+
+Everything here only reads the store (`Store.query`, read-only connections), so it is
+safe to call while another process runs rounds, and from any orchestrator: the CLI after
+a run, `flywheel status`, a Prefect markdown artifact. matplotlib is imported only by
+`plot_rounds`, and only its Agg backend is used (no display, no pyplot state).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Sequence
+
+from flywheel.errors import UserError
+from storage.store import Store
+
+ROUND_TABLE_TITLE = "flywheel rounds (held-out accuracy at temperature 1)"
+
+# The table users see, one row per round. `promoted` is NULL until the round has made its
+# promotion decision (round_summary says false for a round still running, which misleads).
+_ROUND_TABLE_SQL = """
+SELECT
+    round_id AS round,
+    state,
+    pairs,
+    preferences,
+    round(final_train_loss, 4) AS train_loss,
+    round(incumbent_accuracy, 3) AS incumbent_acc,
+    round(candidate_accuracy, 3) AS heldout_acc,
+    round(win_rate, 3) AS win_rate,
+    round(kl_to_reference, 4) AS kl,
+    round(mean_length, 1) AS mean_len,
+    CASE WHEN promoted OR state = 'done' THEN promoted END AS promoted
+FROM round_summary
+ORDER BY round_id
+"""
+
+# What the plot needs: only rounds with an evaluation of their candidate.
+_PLOT_SQL = """
+SELECT round_id, candidate_accuracy, incumbent_accuracy, win_rate, kl_to_reference, mean_length, promoted
+FROM round_summary
+WHERE win_rate IS NOT NULL
+ORDER BY round_id
+"""
+
+PROMOTIONS_SHOWN = 5
+
+
+def round_table(store: Store) -> tuple[list[str], list[tuple]]:
+    """The per-round table (columns, rows), oldest round first.
+
+    Columns: round, state, pairs, preferences, train_loss (the final step's, 4 decimals),
+    incumbent_acc, heldout_acc (the candidate's held-out accuracy), win_rate (candidate
+    against incumbent), kl (KL to the reference, 4 decimals), mean_len (mean completion
+    length of the candidate, in tokens), promoted. A value the round has not produced yet
+    (no evaluation, no verifier, no KL recorded, no promotion decision) is None.
+    """
+    return store.query(_ROUND_TABLE_SQL)
+
+
+def format_value(value: Any) -> str:
+    """One table cell as text: None is empty, booleans are yes/no."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, datetime):
+        return value.isoformat(sep=" ", timespec="seconds")
+    return str(value)
+
+
+def display_rows(rows: Sequence[Sequence[Any]]) -> list[tuple[str, ...]]:
+    """Rows with every cell formatted by `format_value`."""
+    return [tuple(format_value(value) for value in row) for row in rows]
+
+
+def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub-flavoured markdown table. None is an empty cell, booleans are yes/no, and
+    `|` (and line breaks) inside a cell are escaped so that a cell stays one cell."""
+
+    def cell(value: Any) -> str:
+        text = format_value(value).replace("\\", "\\\\").replace("|", "\\|")
+        return " ".join(text.splitlines())
+
+    lines = ["| " + " | ".join(cell(c) for c in columns) + " |",
+             "| " + " | ".join("---" for _ in columns) + " |"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot_rounds(store: Store, path: str | os.PathLike) -> Path:
+    """Write a PNG of the flywheel's curves across rounds to `path`; return the path.
+
+    Four panels: held-out accuracy of candidate and incumbent ("no verifier" when no round
+    has an accuracy), win rate against the incumbent (with the 0.5 line), KL to the
+    reference, and mean completion length. Rounds whose candidate was promoted are marked
+    in every panel. Rounds without an evaluation yet are left out. With no evaluated round
+    at all it still writes a PNG that says so, rather than raising: a flow may call this
+    after every round, including one that stopped before evaluating.
+
+    The PNG is written to a temporary file in the same directory and renamed over `path`,
+    so a crash leaves the previous PNG or none, never half of one. A path that cannot be
+    written raises UserError.
+    """
+    # The Agg canvas directly, not pyplot: no display and no global pyplot state.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    path = Path(path)
+    _, rows = store.query(_PLOT_SQL)
+    rounds = [row[0] for row in rows]
+    candidate_acc, incumbent_acc, win_rates, kls, lengths = ([row[i] for row in rows] for i in range(1, 6))
+    promoted = [row[0] for row in rows if row[6]]
+
+    figure = Figure(figsize=(11, 7.5), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    if not rows:
+        figure.suptitle("flywheel rounds")
+        figure.text(0.5, 0.5, "no evaluated rounds yet", ha="center", va="center", fontsize=16, color="0.4")
+    else:
+        figure.suptitle(f"flywheel rounds: {len(rounds)} evaluated, {len(promoted)} promoted")
+        axes = figure.subplots(2, 2, sharex=True)
+        panels = [
+            (axes[0][0], "held-out accuracy", [("candidate", candidate_acc), ("incumbent", incumbent_acc)],
+             "no verifier"),
+            (axes[0][1], "win rate against the incumbent", [("candidate", win_rates)], None),
+            (axes[1][0], "KL to reference", [("candidate", kls)], "no KL recorded"),
+            (axes[1][1], "mean completion length (tokens)", [("candidate", lengths)], None),
+        ]
+        for ax, title, series, when_empty in panels:
+            ax.set_title(title)
+            ax.grid(True, alpha=0.3)
+            if len(rounds) <= 15:
+                ax.set_xticks(rounds)
+            else:
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            for number, round_id in enumerate(promoted):
+                ax.axvline(round_id, color="tab:green", alpha=0.25, linewidth=6,
+                           label="promoted" if number == 0 else None)
+            drawn = False
+            for label, values in series:
+                points = [(r, v) for r, v in zip(rounds, values) if v is not None]
+                if not points:
+                    continue
+                drawn = True
+                style = "o-" if label == "candidate" else "s--"
+                ax.plot([p[0] for p in points], [p[1] for p in points], style, label=label,
+                        color="tab:blue" if label == "candidate" else "tab:gray")
+            if not drawn and when_empty:
+                ax.text(0.5, 0.5, when_empty, transform=ax.transAxes, ha="center", va="center",
+                        fontsize=13, color="0.4")
+            if title.startswith("win rate"):
+                ax.axhline(0.5, color="tab:red", linestyle=":", linewidth=1, label="0.5")
+                ax.set_ylim(0, 1)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(loc="best", fontsize=8)
+        for ax in axes[1]:
+            ax.set_xlabel("round")
+        # Half a round of room each side, so the first and last promoted marks show whole.
+        axes[0][0].set_xlim(rounds[0] - 0.5, rounds[-1] + 0.5)
+    return _save_atomically(figure, path)
+
+
+def _save_atomically(figure: Any, path: Path) -> Path:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    except OSError as error:
+        raise UserError(f"cannot write {path}: {error.strerror or error}") from error
+    temporary = Path(handle.name)
+    try:
+        with handle:
+            figure.savefig(handle, format="png")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temporary, 0o644)  # NamedTemporaryFile makes it 0600; a plot is for reading
+        os.replace(temporary, path)
+    except BaseException as error:
+        temporary.unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise UserError(f"cannot write {path}: {error.strerror or error}") from error
+        raise
+    return path
+
+
+# -- the lines of `flywheel status` ---------------------------------------------------------
+
+
+def status_lines(store: Store, now: datetime | None = None) -> list[str]:
+    """One line each: the current policy, unfinished rounds, and who holds the run lease.
+    `now` is naive UTC (the store's time), for the heartbeat's age; default the clock."""
+    from storage.queue import utc_now
+
+    now = now or utc_now()
+    lines = []
+    _, policy = store.query(
+        "SELECT checkpoint_id, path, role, round_id, promoted_at FROM checkpoints WHERE status = 'promoted' "
+        "ORDER BY promoted_at DESC, checkpoint_id DESC LIMIT 1")
+    if policy:
+        checkpoint_id, checkpoint_path, role, round_id, promoted_at = policy[0]
+        origin = "the reference model" if role == "reference" else f"candidate of round {round_id}"
+        lines.append(f"policy: checkpoint {checkpoint_id} ({origin}) at {checkpoint_path}, "
+                     f"promoted {format_value(promoted_at)}")
+    else:
+        lines.append("policy: none yet (no checkpoint is promoted)")
+    _, unfinished = store.query("SELECT round_id, state FROM rounds WHERE state <> 'done' ORDER BY round_id")
+    if unfinished:
+        lines += [f"unfinished round: {round_id} (finished step: {state}); the next run resumes it"
+                  for round_id, state in unfinished]
+    else:
+        lines.append("unfinished round: none")
+    _, lease = store.query("SELECT holder, host, pid, ttl_seconds, heartbeat_at FROM run_lease ORDER BY lease_key")
+    if lease:
+        holder, host, pid, ttl_seconds, heartbeat_at = lease[0]
+        silent = (now - heartbeat_at).total_seconds()
+        stale = f"; stale (older than its {ttl_seconds:.0f} s ttl)" if silent > ttl_seconds else ""
+        lines.append(f"run lease: held by {holder} (pid {pid} on {host}), last heartbeat "
+                     f"{format_value(heartbeat_at)} UTC, {silent:.0f} s ago{stale}")
+    else:
+        lines.append("run lease: free (no flywheel process is running rounds)")
+    return lines
+
+
+def recent_promotions(store: Store, limit: int = PROMOTIONS_SHOWN) -> tuple[list[str], list[tuple]]:
+    """The last `limit` rows of `promotions` (every promotion decision), newest first."""
+    return store.query(
+        "SELECT promotion_id AS id, strftime(decided_at, '%Y-%m-%d %H:%M:%S') AS decided_at, action, "
+        "checkpoint_id AS checkpoint, round_id AS round, decided_by AS by, reason, "
+        "policy_before, policy_after FROM promotions ORDER BY promotion_id DESC LIMIT ?", [limit])

@@ -1,0 +1,57 @@
+"""The SQL of the run lease: the one row that says which flywheel process runs rounds.
+
+Times are naive UTC (`storage.queue.utc_now`), like the queue's. The policy (when a lease
+is stale, the heartbeat) lives in `flywheel.lease`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from storage.store import StoreSession
+
+LEASE_KEY = "rounds"
+
+
+@dataclass(frozen=True)
+class RunLease:
+    holder: str
+    host: str
+    pid: int
+    ttl_seconds: float
+    acquired_at: datetime
+    heartbeat_at: datetime
+
+
+def current_lease(tx: StoreSession) -> RunLease | None:
+    row = tx.conn.execute(
+        "SELECT holder, host, pid, ttl_seconds, acquired_at, heartbeat_at FROM run_lease WHERE lease_key = ?",
+        [LEASE_KEY],
+    ).fetchone()
+    return RunLease(*row) if row else None
+
+
+def take_lease(tx: StoreSession, lease: RunLease) -> None:
+    """Hold the lease, replacing whoever held it (the caller decided they may be replaced)."""
+    tx.conn.execute("DELETE FROM run_lease WHERE lease_key = ?", [LEASE_KEY])
+    tx.conn.execute(
+        "INSERT INTO run_lease (lease_key, holder, host, pid, ttl_seconds, acquired_at, heartbeat_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [LEASE_KEY, lease.holder, lease.host, lease.pid, lease.ttl_seconds, lease.acquired_at, lease.heartbeat_at],
+    )
+
+
+def refresh_lease(tx: StoreSession, holder: str, now: datetime) -> bool:
+    """Move the heartbeat on; False if `holder` no longer holds the lease."""
+    row = tx.conn.execute(
+        "UPDATE run_lease SET heartbeat_at = ? WHERE lease_key = ? AND holder = ? RETURNING holder",
+        [now, LEASE_KEY, holder],
+    ).fetchone()
+    return row is not None
+
+
+def release_lease(tx: StoreSession, holder: str) -> None:
+    tx.conn.execute("DELETE FROM run_lease WHERE lease_key = ? AND holder = ?", [LEASE_KEY, holder])
