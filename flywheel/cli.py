@@ -366,8 +366,8 @@ def command_status(args: argparse.Namespace) -> None:
     from flywheel.report import display_rows, plot_rounds, recent_promotions, status_lines
     from storage.store import Store
 
+    _print_round_table(args.db)
     store = Store.open(args.db)
-    _print_round_table(store)
     for line in status_lines(store):
         print(line)
     columns, rows = recent_promotions(store)
@@ -377,13 +377,12 @@ def command_status(args: argparse.Namespace) -> None:
         _log(f"plot: {plot_rounds(store, args.plot)}")
 
 
-def _print_round_table(database) -> None:
-    """The per-round table (`flywheel.report.round_table`) of a database path or open Store."""
+def _print_round_table(database: Path) -> None:
+    """The per-round table of a database (`flywheel.report.round_table`)."""
     from flywheel.report import ROUND_TABLE_TITLE, display_rows, round_table
     from storage.store import Store
 
-    store = database if isinstance(database, Store) else Store.open(database)
-    columns, rows = round_table(store)
+    columns, rows = round_table(Store.open(database))
     _print_table(columns, display_rows(rows), title=ROUND_TABLE_TITLE)
 
 
