@@ -99,7 +99,7 @@ def _run_config_from_flags(args: argparse.Namespace):
         judge=JudgeConfig(args.judge or f"rule:{args.score}", _judge_options(args.judge_option)),
         seed=args.seed,
         sample=SampleConfig(prompts_per_round=args.prompts_per_round, n=args.n, max_tokens=args.max_tokens),
-        pair=PairConfig(strategy=args.pairing),
+        pair=PairConfig(strategy=args.pairing, max_pairs_per_round=args.max_pairs_per_round),
         train=TrainConfig(beta=args.beta, learning_rate=args.lr, nll_weight=args.nll_weight,
                           loss_type=args.loss_type, label_smoothing=args.label_smoothing,
                           length_normalised=args.length_normalised,
@@ -495,6 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--pairing", choices=STRATEGIES, default="random",
                      help="how completions of a prompt become pairs (default: %(default)s; "
                      "best_vs_worst needs a rule or reward-model judge)")
+    run.add_argument("--max-pairs-per-round", type=positive_int,
+                     help="a label budget: at most this many pairs a round are labelled, a seeded random "
+                     "subset when more form (default: every pair)")
     run.add_argument("--workdir", type=Path, help="where the database and checkpoints go")
     run.add_argument("--rounds", type=positive_int,
                      help="rounds to run (default: the config file's rounds, else 1)")

@@ -63,9 +63,14 @@ class SampleConfig:
 @dataclass(frozen=True)
 class PairConfig:
     strategy: str = "random"
+    # The round's label budget: when more pairs form, a seeded random subset of this many
+    # is kept (and labelled). None keeps every pair.
+    max_pairs_per_round: int | None = None
 
     def __post_init__(self) -> None:
         _require(self.strategy in STRATEGIES, f"pair.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        _require(self.max_pairs_per_round is None or self.max_pairs_per_round >= 1,
+                 f"pair.max_pairs_per_round must be >= 1 (or left out: every pair), got {self.max_pairs_per_round}")
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,9 @@ class TrainConfig:
     learning_rate: float = 3e-5
     batch_size: int = 32
     epochs: int = 1
+    # Exactly this many optimiser steps a round instead of `epochs` passes, reshuffling at
+    # each pass: the same training compute whatever the number of preferences.
+    steps_per_round: int | None = None
     max_grad_norm: float = 1.0
     # Weight of the chosen completions' per-token NLL added to the DPO loss (Pang et al.
     # 2024, Iterative Reasoning Preference Optimization, eq. 1). 0 is pure DPO. Without it,
@@ -154,6 +162,10 @@ class TrainConfig:
         _require(self.learning_rate > 0, f"train.learning_rate must be > 0, got {self.learning_rate}")
         _require(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
         _require(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
+        _require(self.steps_per_round is None or self.steps_per_round >= 1,
+                 f"train.steps_per_round must be >= 1 (or left out: train.epochs passes), got {self.steps_per_round}")
+        _require(self.steps_per_round is None or self.epochs == 1,
+                 "set train.epochs or train.steps_per_round, not both")
         _require(self.max_grad_norm > 0, f"train.max_grad_norm must be > 0, got {self.max_grad_norm}")
 
 

@@ -60,3 +60,12 @@ def form_pairs(
             if a.text != b.text
         )
     return pairs
+
+
+def within_budget(pairs: list[Pair], max_pairs: int | None, seed: int) -> list[Pair]:
+    """At most `max_pairs` of `pairs`: a seeded random subset, in their original order, so
+    a round's labels stay within budget without favouring the first prompts."""
+    if max_pairs is None or len(pairs) <= max_pairs:
+        return pairs
+    kept = sorted(random.Random(seed).sample(range(len(pairs)), max_pairs))
+    return [pairs[i] for i in kept]

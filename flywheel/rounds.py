@@ -20,7 +20,7 @@ from flywheel.errors import UserError
 from flywheel.evaluation import gate_reason, heldout_accuracy, promote_if_better, win_rate
 from flywheel.labelling import label_pairs, score_completions
 from flywheel.lease import RoundLease
-from flywheel.pairing import NEEDS_SCORES, form_pairs
+from flywheel.pairing import NEEDS_SCORES, form_pairs, within_budget
 from flywheel.prompts import read_prompts, usable_prompts
 from flywheel.sampling import VLLMSampler
 from flywheel.train_job import launch, write_job
@@ -132,24 +132,25 @@ class Flywheel:
     def begin_round(self) -> int:
         """The unfinished round if a previous run stopped inside one, else a new round.
         Takes this database's run lease first: one process runs rounds at a time."""
-        self.lease.acquire()
-        with self.store.transaction() as tx:
-            unfinished = tx.unfinished_round()
-            if unfinished is not None:
-                self.log(f"resuming round {unfinished.round_id} after step '{unfinished.state}'")
-                return unfinished.round_id
-            policy = tx.current_policy()
-            reference = tx.reference_checkpoint()
-            if policy is None or reference is None:
-                raise UserError(f"{self.config.database} has no reference checkpoint: call initialise() first")
-            if self.config.train.reference == "previous":
-                # DPO against the incumbent: each round stays close to the last promoted policy.
-                reference = policy
-            done = tx.count("rounds")
-            return tx.start_round(
-                policy.checkpoint_id, reference.checkpoint_id,
-                seed=self.config.seed * 1_000_003 + done + 1, config=self.config.to_dict(),
-            )
+        with self.store.held():  # the lease and the round: two short writes, one open
+            self.lease.acquire()
+            with self.store.transaction() as tx:
+                unfinished = tx.unfinished_round()
+                if unfinished is not None:
+                    self.log(f"resuming round {unfinished.round_id} after step '{unfinished.state}'")
+                    return unfinished.round_id
+                policy = tx.current_policy()
+                reference = tx.reference_checkpoint()
+                if policy is None or reference is None:
+                    raise UserError(f"{self.config.database} has no reference checkpoint: call initialise() first")
+                if self.config.train.reference == "previous":
+                    # DPO against the incumbent: each round stays close to the last promoted policy.
+                    reference = policy
+                done = tx.count("rounds")
+                return tx.start_round(
+                    policy.checkpoint_id, reference.checkpoint_id,
+                    seed=self.config.seed * 1_000_003 + done + 1, config=self.config.to_dict(),
+                )
 
     # -- the steps -----------------------------------------------------------------------
 
@@ -161,17 +162,18 @@ class Flywheel:
         samples only the prompts without completions (each prompt has its own seed, so
         they are the completions the first run would have drawn).
         """
-        round_ = self.store.get_round(round_id)
-        if round_.has_finished("sampled"):
-            return self.store.count("completions", "round_id = ? AND purpose = 'train'", [round_id])
-        if self.config.sample.source == "current":
-            policy = self.store.checkpoint(round_.policy_checkpoint_id)
-        else:  # offline: every round's pairs come from the initial model
-            policy = self.store.reference_checkpoint()
-        prompts = self.store.prompts("train")
+        with self.store.held():
+            round_ = self.store.get_round(round_id)
+            if round_.has_finished("sampled"):
+                return self.store.count("completions", "round_id = ? AND purpose = 'train'", [round_id])
+            if self.config.sample.source == "current":
+                policy = self.store.checkpoint(round_.policy_checkpoint_id)
+            else:  # offline: every round's pairs come from the initial model
+                policy = self.store.reference_checkpoint()
+            prompts = self.store.prompts("train")
+            done = self.store.sampled_prompt_ids(round_id)
         count = min(self.config.sample.prompts_per_round, len(prompts))
         chosen = random.Random(round_.seed).sample(prompts, count)
-        done = self.store.sampled_prompt_ids(round_id)
         todo = [p for p in chosen if p.prompt_id not in done]
         batch_size = self.config.sample.batch_prompts
         with tqdm(total=count, initial=count - len(todo), desc=f"round {round_id}: sampling", unit="prompt",
@@ -188,28 +190,32 @@ class Flywheel:
                 bar.update(len(batch))
         with self.store.transaction() as tx:
             tx.finish_step(round_id, "sampled")
-        total = self.store.count("completions", "round_id = ? AND purpose = 'train'", [round_id])
+            total = tx.count("completions", "round_id = ? AND purpose = 'train'", [round_id])
         resumed = f" ({count - len(todo)} sampled before a restart)" if len(todo) < count else ""
         self.log(f"round {round_id}: sampled {total} completions of {count} prompts{resumed}")
         return total
 
     def pair(self, round_id: int) -> int:
-        round_ = self.store.get_round(round_id)
-        if round_.has_finished("paired"):
-            return self.store.count("pairs", "round_id = ?", [round_id])
-        completions = self.store.completions(round_id=round_id, purpose="train")
         strategy = self.config.pair.strategy
+        with self.store.held():
+            round_ = self.store.get_round(round_id)
+            if round_.has_finished("paired"):
+                return self.store.count("pairs", "round_id = ?", [round_id])
+            completions = self.store.completions(round_id=round_id, purpose="train")
+            prompts = self.store.prompts("train") if strategy in NEEDS_SCORES else []
         scores = []
         if strategy in NEEDS_SCORES:
-            prompt_texts = {p.prompt_id: p.text for p in self.store.prompts("train")}
+            prompt_texts = {p.prompt_id: p.text for p in prompts}
             scores = score_completions(self.judge, completions, prompt_texts, self.config.judge.batch_size)
-        pairs = form_pairs(completions, round_id, strategy, seed=round_.seed,
-                           scores={s.completion_id: s.score for s in scores})
+        formed = form_pairs(completions, round_id, strategy, seed=round_.seed,
+                            scores={s.completion_id: s.score for s in scores})
+        pairs = within_budget(formed, self.config.pair.max_pairs_per_round, seed=round_.seed)
         with self.store.transaction() as tx:
             tx.add_completion_scores(scores)
             tx.add_pairs(pairs)
             tx.finish_step(round_id, "paired")
-        self.log(f"round {round_id}: formed {len(pairs)} pairs ({strategy})")
+        kept = f", kept {len(pairs)} (pair.max_pairs_per_round)" if len(pairs) < len(formed) else ""
+        self.log(f"round {round_id}: formed {len(formed)} pairs ({strategy}){kept}")
         return len(pairs)
 
     def label(self, round_id: int) -> int | None:
@@ -220,11 +226,12 @@ class Flywheel:
         earlier batches stay, and a rerun judges only what is left. The first judge to
         label a round owns it: resuming with another judge would mix two labellers.
         """
-        round_ = self.store.get_round(round_id)
-        if round_.has_finished("labelled"):
-            return self.store.count_preferences(round_id)
-        with self.store.transaction() as tx:
-            owner = tx.claim_round_judge(round_id, self.judge.name, self.judge.version)
+        with self.store.held():
+            round_ = self.store.get_round(round_id)
+            if round_.has_finished("labelled"):
+                return self.store.count_preferences(round_id)
+            with self.store.transaction() as tx:
+                owner = tx.claim_round_judge(round_id, self.judge.name, self.judge.version)
         if owner != (self.judge.name, self.judge.version):
             raise UserError(
                 f"round {round_id} is being labelled by {owner[0]}@{owner[1]}, not "
@@ -235,7 +242,7 @@ class Flywheel:
         result = label_pairs(self.store, self.judge, round_id, self.config.judge.batch_size)
         with self.store.transaction() as tx:
             tx.finish_step(round_id, "labelled")
-        count = self.store.count_preferences(round_id)
+            count = tx.count_preferences(round_id)
         failed = f", {result.failed} undecided (see judge_failures)" if result.failed else ""
         self.log(f"round {round_id}: {self.judge.name} labelled {result.labelled} pairs, {count} with a winner{failed}")
         return count
@@ -267,18 +274,19 @@ class Flywheel:
 
     def train(self, round_id: int) -> int | None:
         """DPO on the round's preferences; returns the candidate checkpoint id (None: no data)."""
-        round_ = self.store.get_round(round_id)
-        if round_.has_finished("trained"):
-            return round_.candidate_checkpoint_id
-        triples = self.store.preference_triples(round_id)
-        if not triples:
-            self.log(f"round {round_id}: no preferences to train on; the incumbent stays")
-            with self.store.transaction() as tx:
-                tx.finish_step(round_id, "trained")
-            return None
-        triples += self._replayed(round_id, round_.seed, len(triples))
-        policy = self.store.checkpoint(round_.policy_checkpoint_id)
-        reference = self.store.checkpoint(round_.reference_checkpoint_id)
+        with self.store.held():
+            round_ = self.store.get_round(round_id)
+            if round_.has_finished("trained"):
+                return round_.candidate_checkpoint_id
+            triples = self.store.preference_triples(round_id)
+            if not triples:
+                self.log(f"round {round_id}: no preferences to train on; the incumbent stays")
+                with self.store.transaction() as tx:
+                    tx.finish_step(round_id, "trained")
+                return None
+            triples += self._replayed(round_id, round_.seed, len(triples))
+            policy = self.store.checkpoint(round_.policy_checkpoint_id)
+            reference = self.store.checkpoint(round_.reference_checkpoint_id)
         output_dir = self.config.checkpoints_dir / f"round-{round_id:04d}"
         reference_logps = reference_logps_for(self.store, triples, reference, self.config.train.batch_size)
         if self.config.train.num_processes > 1:
@@ -310,20 +318,22 @@ class Flywheel:
 
     def evaluate(self, round_id: int) -> None:
         """Sample held-out prompts from the candidate (and the incumbent, once) and compare."""
-        round_ = self.store.get_round(round_id)
-        if round_.has_finished("evaluated"):
-            return
-        if round_.candidate_checkpoint_id is None:
-            with self.store.transaction() as tx:
-                tx.finish_step(round_id, "evaluated")
-            return
-        heldout = self.store.prompts("heldout")
+        with self.store.held():
+            round_ = self.store.get_round(round_id)
+            if round_.has_finished("evaluated"):
+                return
+            if round_.candidate_checkpoint_id is None:
+                with self.store.transaction() as tx:
+                    tx.finish_step(round_id, "evaluated")
+                return
+            heldout = self.store.prompts("heldout")
+            incumbent = self.store.checkpoint(round_.policy_checkpoint_id)
+            candidate = self.store.checkpoint(round_.candidate_checkpoint_id)
+            reference = self.store.checkpoint(round_.reference_checkpoint_id)
+            # Every checkpoint is evaluated with the same seed (common random numbers), and an
+            # incumbent's held-out samples are reused from when it was itself evaluated.
+            incumbent_samples = self.store.completions(checkpoint_id=incumbent.checkpoint_id, purpose="eval")
         by_id = {p.prompt_id: p for p in heldout}
-        incumbent = self.store.checkpoint(round_.policy_checkpoint_id)
-        candidate = self.store.checkpoint(round_.candidate_checkpoint_id)
-        # Every checkpoint is evaluated with the same seed (common random numbers), and an
-        # incumbent's held-out samples are reused from when it was itself evaluated.
-        incumbent_samples = self.store.completions(checkpoint_id=incumbent.checkpoint_id, purpose="eval")
         new_incumbent_samples = []
         if not incumbent_samples:
             new_incumbent_samples = incumbent_samples = self._sample_heldout(incumbent, heldout, round_id)
@@ -342,7 +352,7 @@ class Flywheel:
             incumbent_accuracy=incumbent_accuracy,
             win_rate=win_rate(candidate_samples, incumbent_samples, by_id, self.eval_judge),
             mean_length=sum(len(c.token_ids) for c in candidate_samples) / len(candidate_samples),
-            kl_to_reference=self._kl_to_reference(candidate, round_.reference_checkpoint_id, candidate_samples),
+            kl_to_reference=self._kl_to_reference(candidate, reference, candidate_samples),
         )
         with self.store.transaction() as tx:
             tx.add_completions(new_incumbent_samples + candidate_samples)
@@ -352,10 +362,9 @@ class Flywheel:
             self.log(f"round {round_id}: held-out accuracy {accuracy:.3f} vs incumbent {incumbent_accuracy:.3f}")
         self.log(f"round {round_id}: win rate against the incumbent {evaluation.win_rate:.3f}")
 
-    def _kl_to_reference(self, candidate, reference_checkpoint_id: int, samples) -> float:
+    def _kl_to_reference(self, candidate, reference, samples) -> float:
         """KL(candidate || reference) ~ mean over y ~ candidate of log pi(y|x) - log ref(y|x)
         (the unbiased k1 estimator), both log-probs from the same transformers forward."""
-        reference = self.store.checkpoint(reference_checkpoint_id)
         sequences = [(c.prompt_token_ids, c.token_ids) for c in samples]
         batch_size = self.config.train.batch_size
         policy_logps = completion_logps(Path(candidate.path), sequences, batch_size)
@@ -371,29 +380,30 @@ class Flywheel:
 
     def promote(self, round_id: int) -> bool:
         """Promote the candidate if it passed the gate; otherwise keep it, marked rejected."""
-        round_ = self.store.get_round(round_id)
-        if round_.candidate_checkpoint_id is None:
-            if not round_.has_finished("done"):
-                with self.store.transaction() as tx:
-                    tx.finish_step(round_id, "done")
-            return False
-        if round_.has_finished("done"):
-            return self.store.checkpoint(round_.candidate_checkpoint_id).status == "promoted"
-        evaluation = self.store.evaluation(round_id, round_.candidate_checkpoint_id)
-        promoted = promote_if_better(
-            evaluation.accuracy, evaluation.incumbent_accuracy, evaluation.win_rate,
-            self.config.eval.promotion_margin,
-        )
-        with self.store.transaction() as tx:
-            tx.set_checkpoint_status(round_.candidate_checkpoint_id, "promoted" if promoted else "rejected")
-            tx.record_promotion(
-                round_.candidate_checkpoint_id, "promote" if promoted else "reject", "gate",
-                gate_reason(evaluation, self.config.eval.promotion_margin), round_id,
-                policy_before=round_.policy_checkpoint_id,
+        with self.store.held():  # short reads and one write: no long work here
+            round_ = self.store.get_round(round_id)
+            if round_.candidate_checkpoint_id is None:
+                if not round_.has_finished("done"):
+                    with self.store.transaction() as tx:
+                        tx.finish_step(round_id, "done")
+                return False
+            if round_.has_finished("done"):
+                return self.store.checkpoint(round_.candidate_checkpoint_id).status == "promoted"
+            evaluation = self.store.evaluation(round_id, round_.candidate_checkpoint_id)
+            promoted = promote_if_better(
+                evaluation.accuracy, evaluation.incumbent_accuracy, evaluation.win_rate,
+                self.config.eval.promotion_margin,
             )
-            tx.finish_step(round_id, "done")
-        self.log(f"round {round_id}: candidate {'promoted' if promoted else 'kept, not promoted'}")
-        return promoted
+            with self.store.transaction() as tx:
+                tx.set_checkpoint_status(round_.candidate_checkpoint_id, "promoted" if promoted else "rejected")
+                tx.record_promotion(
+                    round_.candidate_checkpoint_id, "promote" if promoted else "reject", "gate",
+                    gate_reason(evaluation, self.config.eval.promotion_margin), round_id,
+                    policy_before=round_.policy_checkpoint_id,
+                )
+                tx.finish_step(round_id, "done")
+            self.log(f"round {round_id}: candidate {'promoted' if promoted else 'kept, not promoted'}")
+            return promoted
 
     def run_round(self) -> int:
         """All steps of one round, without an orchestrator; returns the round id. A round

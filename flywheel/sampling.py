@@ -73,6 +73,10 @@ class VLLMSampler:
         outputs = self._llm.generate([p.text for p in prompts], sampling, use_tqdm=progress)
         records = []
         for prompt, output in zip(prompts, outputs):
+            # One prompt-token list and one params dict shared by the prompt's n samples:
+            # less memory, and the store converts each once (records are frozen).
+            prompt_token_ids = list(output.prompt_token_ids)
+            sampling_params = {**params, "seed": seed + prompt.prompt_id}
             for index, sample in enumerate(output.outputs):
                 records.append(
                     Completion(
@@ -81,11 +85,11 @@ class VLLMSampler:
                         purpose=purpose,
                         sample_index=index,
                         text=sample.text,
-                        prompt_token_ids=list(output.prompt_token_ids),
+                        prompt_token_ids=prompt_token_ids,
                         token_ids=list(sample.token_ids),
                         cumulative_logprob=sample.cumulative_logprob,
                         finish_reason=sample.finish_reason,
-                        sampling_params={**params, "seed": seed + prompt.prompt_id},
+                        sampling_params=sampling_params,
                         round_id=round_id,
                     )
                 )

@@ -88,87 +88,82 @@ def train_dpo(
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
 
-    order = list(range(len(triples)))
-    rng = random.Random(seed)  # the same shuffle in every process
-    total_steps = config.epochs * math.ceil(len(triples) / config.batch_size)
+    # The same shuffles in every process.
+    schedule = batch_schedule(len(triples), config, random.Random(seed))
+    total_steps = len(schedule)
     metrics: list[StepMetrics] = []
-    step = 0
     # One bar, in the main process; None: shown only on a terminal.
     bar = tqdm(total=total_steps, desc="DPO training", unit="step", disable=None if rank == 0 else True)
-    for _ in range(config.epochs):
-        rng.shuffle(order)
-        for start in range(0, len(order), config.batch_size):
-            indices = order[start : start + config.batch_size]
-            step += 1
-            learning_rate = learning_rate_at(step, total_steps, config)
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate
-            started = time.perf_counter()
-            # This process's share, in micro-batches. Each adds its part of the batch mean,
-            # so the gradients summed over micro-batches and processes are the full batch's.
-            share = indices[rank::world]
-            micro_size = max(math.ceil(len(share) / config.gradient_accumulation_steps), 1)
-            # loss, chosen reward, rejected reward, correctly ranked pairs, tokens
-            totals = torch.zeros(5, dtype=torch.float64)
-            for micro_start in range(0, len(share), micro_size):
-                micro = share[micro_start : micro_start + micro_size]
-                batch = {k: v.to(accelerator.device) for k, v in
-                         collate_concatenated([triples[i] for i in micro], tokenizer.pad_token_id).items()}
-                with autocast:
-                    policy_chosen, policy_rejected = concatenated_logps(policy, batch)
-                if live_reference is None:
-                    reference_chosen = reference.chosen[micro].to(accelerator.device)
-                    reference_rejected = reference.rejected[micro].to(accelerator.device)
-                else:
-                    with torch.no_grad():
-                        reference_chosen, reference_rejected = concatenated_logps(live_reference, batch)
-                chosen_lengths, rejected_lengths = completion_lengths(batch)
-                nll = chosen_nll(policy_chosen, batch)
-                lengths = (chosen_lengths, rejected_lengths)  # IPO's per-token log-ratios
-                if config.length_normalised:
-                    policy_chosen, reference_chosen = policy_chosen / chosen_lengths, reference_chosen / chosen_lengths
-                    policy_rejected = policy_rejected / rejected_lengths
-                    reference_rejected = reference_rejected / rejected_lengths
-                    lengths = (None, None)  # already per token
-                losses, chosen_rewards, rejected_rewards = dpo_loss(
-                    policy_chosen, policy_rejected, reference_chosen, reference_rejected,
-                    config.beta, config.loss_type, config.label_smoothing, *lengths,
-                )
-                objective = losses.sum()
-                if config.nll_weight > 0:
-                    objective = objective + config.nll_weight * nll.sum()
-                (objective / len(indices)).backward()
-                totals += torch.tensor([losses.sum().item(), chosen_rewards.sum().item(),
-                                        rejected_rewards.sum().item(),
-                                        (chosen_rewards > rejected_rewards).sum().item(),
-                                        batch["attention_mask"].sum().item()], dtype=torch.float64)
-            if world > 1:
-                for parameter in trainable:
-                    if parameter.grad is None:  # a process whose share was empty
-                        parameter.grad = torch.zeros_like(parameter)
-                    parameter.grad = accelerator.reduce(parameter.grad, reduction="sum")
-                totals = accelerator.reduce(totals, reduction="sum")
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            elapsed = time.perf_counter() - started
-            loss_sum, chosen_sum, rejected_sum, correct, tokens = totals.tolist()
-            metrics.append(StepMetrics(
-                step=step,
-                loss=loss_sum / len(indices),  # the DPO part, comparable with log 2 at step 1
-                chosen_reward=chosen_sum / len(indices),
-                rejected_reward=rejected_sum / len(indices),
-                reward_margin=(chosen_sum - rejected_sum) / len(indices),
-                accuracy=correct / len(indices),
-                grad_norm=grad_norm.item(),
-                learning_rate=learning_rate,
-                num_pairs=len(indices),
-                tokens_per_second=tokens / elapsed,
-                seconds=elapsed,
-                pair_ids=tuple(triples[i].pair_id for i in indices),
-            ))
-            bar.set_postfix(loss=f"{metrics[-1].loss:.4f}", refresh=False)
-            bar.update(1)
+    for step, indices in enumerate(schedule, start=1):
+        learning_rate = learning_rate_at(step, total_steps, config)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate
+        started = time.perf_counter()
+        # This process's share, in micro-batches. Each adds its part of the batch mean,
+        # so the gradients summed over micro-batches and processes are the full batch's.
+        share = indices[rank::world]
+        micro_size = max(math.ceil(len(share) / config.gradient_accumulation_steps), 1)
+        # loss, chosen reward, rejected reward, correctly ranked pairs, tokens
+        totals = torch.zeros(5, dtype=torch.float64)
+        for micro_start in range(0, len(share), micro_size):
+            micro = share[micro_start : micro_start + micro_size]
+            batch = {k: v.to(accelerator.device) for k, v in
+                     collate_concatenated([triples[i] for i in micro], tokenizer.pad_token_id).items()}
+            with autocast:
+                policy_chosen, policy_rejected = concatenated_logps(policy, batch)
+            if live_reference is None:
+                reference_chosen = reference.chosen[micro].to(accelerator.device)
+                reference_rejected = reference.rejected[micro].to(accelerator.device)
+            else:
+                with torch.no_grad():
+                    reference_chosen, reference_rejected = concatenated_logps(live_reference, batch)
+            chosen_lengths, rejected_lengths = completion_lengths(batch)
+            nll = chosen_nll(policy_chosen, batch)
+            lengths = (chosen_lengths, rejected_lengths)  # IPO's per-token log-ratios
+            if config.length_normalised:
+                policy_chosen, reference_chosen = policy_chosen / chosen_lengths, reference_chosen / chosen_lengths
+                policy_rejected = policy_rejected / rejected_lengths
+                reference_rejected = reference_rejected / rejected_lengths
+                lengths = (None, None)  # already per token
+            losses, chosen_rewards, rejected_rewards = dpo_loss(
+                policy_chosen, policy_rejected, reference_chosen, reference_rejected,
+                config.beta, config.loss_type, config.label_smoothing, *lengths,
+            )
+            objective = losses.sum()
+            if config.nll_weight > 0:
+                objective = objective + config.nll_weight * nll.sum()
+            (objective / len(indices)).backward()
+            totals += torch.tensor([losses.sum().item(), chosen_rewards.sum().item(),
+                                    rejected_rewards.sum().item(),
+                                    (chosen_rewards > rejected_rewards).sum().item(),
+                                    batch["attention_mask"].sum().item()], dtype=torch.float64)
+        if world > 1:
+            for parameter in trainable:
+                if parameter.grad is None:  # a process whose share was empty
+                    parameter.grad = torch.zeros_like(parameter)
+                parameter.grad = accelerator.reduce(parameter.grad, reduction="sum")
+            totals = accelerator.reduce(totals, reduction="sum")
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - started
+        loss_sum, chosen_sum, rejected_sum, correct, tokens = totals.tolist()
+        metrics.append(StepMetrics(
+            step=step,
+            loss=loss_sum / len(indices),  # the DPO part, comparable with log 2 at step 1
+            chosen_reward=chosen_sum / len(indices),
+            rejected_reward=rejected_sum / len(indices),
+            reward_margin=(chosen_sum - rejected_sum) / len(indices),
+            accuracy=correct / len(indices),
+            grad_norm=grad_norm.item(),
+            learning_rate=learning_rate,
+            num_pairs=len(indices),
+            tokens_per_second=tokens / elapsed,
+            seconds=elapsed,
+            pair_ids=tuple(triples[i].pair_id for i in indices),
+        ))
+        bar.set_postfix(loss=f"{metrics[-1].loss:.4f}", refresh=False)
+        bar.update(1)
     bar.close()
     if config.lora_rank > 0:
         policy = policy.merge_and_unload()  # a plain checkpoint: no adapter files to serve
@@ -176,6 +171,20 @@ def train_dpo(
         save_checkpoint(policy, tokenizer, output_dir)
     accelerator.wait_for_everyone()
     return metrics
+
+
+def batch_schedule(num_triples: int, config: TrainConfig, rng: random.Random) -> list[list[int]]:
+    """The triples' indices for each optimiser step: `config.epochs` passes in a fresh
+    shuffle each, or with `config.steps_per_round` exactly that many batches, reshuffling
+    at the start of every pass (the last pass may stop part-way)."""
+    per_pass = math.ceil(num_triples / config.batch_size)
+    total = config.steps_per_round if config.steps_per_round is not None else config.epochs * per_pass
+    order = list(range(num_triples))
+    batches: list[list[int]] = []
+    while len(batches) < total:
+        rng.shuffle(order)
+        batches.extend(order[start : start + config.batch_size] for start in range(0, num_triples, config.batch_size))
+    return batches[:total]
 
 
 def _disable_dropout(model: torch.nn.Module) -> None:

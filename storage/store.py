@@ -1,14 +1,16 @@
 """The DuckDB store: one file per flywheel, short-lived connections.
 
 DuckDB lets one process hold a file open for writing, so nothing here keeps a connection
-across long work: every call opens the file, runs one transaction and closes it. A lock
-held by another process is retried with back-off and then reported in one line.
+across long work: every call opens the file, runs one transaction and closes it, or,
+inside `Store.held()`, a short burst of transactions shares one open (an open costs DuckDB
+about 10 ms). A lock held by another process is retried with back-off and then reported
+in one line.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
-import json.encoder
 import os
 import random
 import threading
@@ -18,6 +20,8 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import duckdb
+import numpy as np
+import orjson
 import pyarrow as pa
 
 from storage.migrations import MIGRATIONS, MIGRATIONS_TABLE
@@ -86,11 +90,31 @@ def _is_lock_conflict(error: duckdb.Error) -> bool:
     return "Could not set lock" in str(error)
 
 
-def _json_sorted(values: Sequence[Any]) -> list[str]:
-    """`[json.dumps(v, sort_keys=True) for v in values]` with one encoder for all of them
-    (`json.dumps` with options builds a new encoder per call)."""
-    encode = json.JSONEncoder(sort_keys=True).encode
-    return [encode(v) for v in values]
+def _int32_lists(values: Sequence[Sequence[int]]) -> pa.Array:
+    """A list<int32> column from Python lists of ints: all values through one flat numpy
+    buffer plus offsets, about 15% faster than `pa.array` on the nested lists."""
+    lengths = np.fromiter(map(len, values), np.int32, len(values))
+    offsets = np.zeros(len(values) + 1, np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = np.fromiter(itertools.chain.from_iterable(values), np.int32, int(offsets[-1]))
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
+
+
+def _per_distinct_object(values: Sequence[Any], convert) -> pa.Array:
+    """`convert(distinct)` once per distinct object in `values` (by identity), taken back
+    out to one row per value. The sampler gives a prompt's n completions one shared
+    prompt-token list and one sampling-params dict, so each is converted once, not n times.
+    (Identity is safe here: `values` holds every object alive while this runs.)"""
+    identities = np.fromiter(map(id, values), np.uint64, len(values))
+    _, first_rows, rows = np.unique(identities, return_index=True, return_inverse=True)
+    return convert([values[i] for i in first_rows.tolist()]).take(pa.array(rows.astype(np.int32)))
+
+
+def _json_sorted(values: Sequence[Any]) -> pa.Array:
+    """Each value as JSON with sorted keys, as a string column. orjson: about 7x faster
+    than the standard library's encoder, which was a fifth of `add_completions`' time."""
+    encoded = [orjson.dumps(value, option=orjson.OPT_SORT_KEYS) for value in values]
+    return pa.array(encoded, pa.binary()).cast(pa.string())
 
 
 def _first_line(error: BaseException) -> str:
@@ -103,6 +127,7 @@ class Store:
     def __init__(self, path: str | os.PathLike, *, lock_timeout_s: float = 60.0) -> None:
         self.path = Path(path)
         self.lock_timeout_s = lock_timeout_s
+        self._held = threading.local()  # .conn: the connection `held()` keeps open in this thread
 
     # -- opening -----------------------------------------------------------------------
 
@@ -129,7 +154,28 @@ class Store:
         return store
 
     @contextmanager
+    def held(self) -> Iterator[None]:
+        """One connection for a burst of short reads and writes in this thread, each still
+        its own transaction, instead of opening the file for each: an open costs DuckDB
+        about 10 ms, most of a small read. Only around short work: other processes cannot
+        open the file until the block ends, so never around sampling, judging or training."""
+        if getattr(self._held, "conn", None) is not None:  # an outer block holds it already
+            yield
+            return
+        with self._connection() as conn:
+            self._held.conn = conn
+            try:
+                yield
+            finally:
+                self._held.conn = None
+
+    @contextmanager
     def _connection(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        held = getattr(self._held, "conn", None)
+        if held is not None:
+            # Inside `held()`; `query` has refused anything but SELECT and EXPLAIN already.
+            yield held
+            return
         with _PROCESS_CONNECTION, self._connect(read_only) as conn:
             yield conn
 
@@ -462,18 +508,14 @@ class StoreSession:
                 "purpose": pa.array([c.purpose for c in completions], pa.string()),
                 "sample_index": pa.array([c.sample_index for c in completions], pa.int32()),
                 "text": pa.array([c.text for c in completions], pa.string()),
-                "prompt_token_ids": pa.array(
-                    [c.prompt_token_ids for c in completions], pa.list_(pa.int32())
-                ),
-                "token_ids": pa.array([c.token_ids for c in completions], pa.list_(pa.int32())),
+                "prompt_token_ids": _per_distinct_object([c.prompt_token_ids for c in completions], _int32_lists),
+                "token_ids": _int32_lists([c.token_ids for c in completions]),
                 "num_tokens": pa.array([len(c.token_ids) for c in completions], pa.int32()),
                 "cumulative_logprob": pa.array(
                     [c.cumulative_logprob for c in completions], pa.float64()
                 ),
                 "finish_reason": pa.array([c.finish_reason for c in completions], pa.string()),
-                "sampling_params": pa.array(
-                    _json_sorted([c.sampling_params for c in completions]), pa.string()
-                ),
+                "sampling_params": _per_distinct_object([c.sampling_params for c in completions], _json_sorted),
             },
         )
         return ids

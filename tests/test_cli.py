@@ -69,6 +69,18 @@ def test_judges_that_cannot_be_built(tiny_policy, tmp_path, judge_args, fragment
     assert not (tmp_path / "w").exists()  # refused before anything was created
 
 
+def test_a_label_budget_below_one_is_refused(tmp_path):
+    result = flywheel("run", "--config", str(tmp_path / "unused.yaml"), "--max-pairs-per-round", "0")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == "flywheel run: error: argument --max-pairs-per-round: must be at least 1, got 0"
+    from flywheel.cli import _run_config_from_flags, build_parser
+
+    args = build_parser().parse_args(["run", "--model", "m", "--prompts", "p.jsonl", "--heldout", "h.jsonl",
+                                      "--workdir", "w", "--score", "m:f", "--max-pairs-per-round", "5"])
+    config, _ = _run_config_from_flags(args)
+    assert config.pair.max_pairs_per_round == 5
+
+
 def test_sql_reads_and_refuses_writes(tmp_path):
     db = tmp_path / "fw.duckdb"
     with Store.create(db).transaction() as tx:

@@ -22,9 +22,10 @@ judge:
   options: {name: addition-verifier}
   batch_size: 64
 sample: {prompts_per_round: 128, n: 8, temperature: 0.7, max_tokens: 32, max_model_len: 256, enforce_eager: true}
-pair: {strategy: all}
+pair: {strategy: all, max_pairs_per_round: 300}
 train:
   beta: 1              # an int where a float is expected
+  steps_per_round: 40
   learning_rate: 3e-5  # YAML 1.1 would read this as a string
   batch_size: 16
   gradient_accumulation_steps: 2
@@ -69,9 +70,9 @@ def test_full_file_loads_with_paths_from_its_directory(tmp_path, monkeypatch):
     assert config.judge == JudgeConfig("rule:flywheel.demo_task:addition_score", {"name": "addition-verifier"}, 64)
     assert config.sample == SampleConfig(prompts_per_round=128, n=8, temperature=0.7, max_tokens=32,
                                          max_model_len=256, enforce_eager=True)
-    assert config.pair == PairConfig("all")
+    assert config.pair == PairConfig("all", max_pairs_per_round=300)
     assert config.train == TrainConfig(beta=1.0, learning_rate=3e-5, batch_size=16, gradient_accumulation_steps=2,
-                                       lora_rank=8, bf16=True)
+                                       lora_rank=8, bf16=True, steps_per_round=40)
     assert isinstance(config.train.beta, float)
     assert config.eval == EvalConfig(samples_per_prompt=2, promotion_margin=0.01,
                                      accuracy_score="flywheel.demo_task:addition_score",
@@ -100,6 +101,8 @@ def test_readme_example_loads(tmp_path):
     (REQUIRED + "train: {betta: 0.2}\n", "unknown key 'train.betta' (train takes: beta, learning_rate"),
     (REQUIRED.replace("judge: human", "judge: {spec: human, batchsize: 2}"), "unknown key 'judge.batchsize'"),
     (REQUIRED + "train: {beta: -0.1}\n", "train.beta must be > 0, got -0.1"),
+    (REQUIRED + "train: {epochs: 2, steps_per_round: 10}\n", "set train.epochs or train.steps_per_round, not both"),
+    (REQUIRED + "pair: {max_pairs_per_round: 0}\n", "pair.max_pairs_per_round must be >= 1"),
     (REQUIRED + "train: {batch_size: big}\n", "train.batch_size must be an integer, got 'big'"),
     (REQUIRED + "train: {batch_size: true}\n", "train.batch_size must be an integer, got true"),
     (REQUIRED + "train: {bf16: 1}\n", "train.bf16 must be true or false, got 1"),

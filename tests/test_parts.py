@@ -1,12 +1,15 @@
-"""Pairing, the rule judge's contract, prompt files and config validation."""
+"""Pairing, the rule judge's contract, prompt files, config validation and the batch schedule."""
+
+import random
 
 import pytest
 
-from flywheel.config import SampleConfig, TrainConfig
+from flywheel.config import PairConfig, SampleConfig, TrainConfig
 from flywheel.demo_task import addition_score, build_char_tokenizer, noisy_answer
 from flywheel.errors import UserError
 from flywheel.evaluation import promote_if_better
-from flywheel.pairing import form_pairs
+from flywheel.pairing import form_pairs, within_budget
+from flywheel.training import batch_schedule
 from flywheel.prompts import load_prompts
 from judges import JudgeError, PairToJudge, Verdict, judge_batch
 from storage.records import Completion
@@ -29,6 +32,34 @@ def test_pairs_come_from_one_prompt_and_never_pair_identical_text():
         assert all(p.prompt_id == 10 for p in pairs)  # prompt 11 has one distinct answer
     assert len(form_pairs(completions, 1, "all", seed=0)) == 5  # 6 combinations less the 5/5 one
     assert len(form_pairs(completions, 1, "random", seed=0)) == 1  # 3 distinct texts -> 1 disjoint pair
+
+
+def test_a_label_budget_keeps_a_seeded_subset_in_order():
+    completions = [_c(4 * p + i, p, i, str(i)) for p in range(1, 51) for i in range(4)]  # 4 distinct texts each
+    formed = form_pairs(completions, 1, "random", seed=0)
+    assert len(formed) == 100
+    kept = within_budget(formed, 30, seed=7)
+    assert len(kept) == 30
+    positions = [formed.index(p) for p in kept]
+    assert positions == sorted(positions)  # a subset, in formation order
+    assert kept == within_budget(formed, 30, seed=7)  # a rerun keeps the same pairs
+    assert kept != within_budget(formed, 30, seed=8)
+    assert positions[-1] > 50  # spread over the prompts, not the first 30 pairs
+    assert within_budget(formed, None, seed=7) == formed
+    assert within_budget(formed, 500, seed=7) == formed
+
+
+def test_batch_schedule_epochs_or_fixed_steps():
+    by_epochs = batch_schedule(7, TrainConfig(batch_size=3, epochs=2), random.Random(0))
+    assert [len(b) for b in by_epochs] == [3, 3, 1, 3, 3, 1]
+    assert sorted(sum(by_epochs[:3], [])) == sorted(sum(by_epochs[3:], [])) == list(range(7))
+    fixed = batch_schedule(7, TrainConfig(batch_size=3, steps_per_round=5), random.Random(0))
+    assert fixed == by_epochs[:5]  # the same shuffles, cut at the step count
+    long = batch_schedule(7, TrainConfig(batch_size=3, steps_per_round=10), random.Random(0))
+    assert [len(b) for b in long] == [3, 3, 1] * 3 + [3]
+    for start in (0, 3, 6):  # every pass covers each triple once
+        assert sorted(sum(long[start : start + 3], [])) == list(range(7))
+    assert len(batch_schedule(2, TrainConfig(batch_size=32, steps_per_round=4), random.Random(0))) == 4
 
 
 def test_judge_contract_violations_are_errors():
@@ -94,6 +125,12 @@ def test_config_validation_names_the_field():
         TrainConfig(beta=-0.1)
     with pytest.raises(UserError, match="sample.n"):
         SampleConfig(n=1)
+    with pytest.raises(UserError, match="train.steps_per_round must be >= 1"):
+        TrainConfig(steps_per_round=0)
+    with pytest.raises(UserError, match="train.epochs or train.steps_per_round, not both"):
+        TrainConfig(epochs=2, steps_per_round=10)
+    with pytest.raises(UserError, match="pair.max_pairs_per_round must be >= 1"):
+        PairConfig(max_pairs_per_round=0)
 
 
 def test_promotion_gate():

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import duckdb
 import pytest
@@ -11,12 +12,16 @@ from storage.migrations import MIGRATIONS_TABLE
 from storage.records import Completion, Label, Pair
 from storage.store import (
     SCHEMA_VERSION,
+    StoreError,
     NewerSchemaError,
     NotAFlywheelDatabase,
     ReadOnlyQueryError,
     Store,
     StoreLockedError,
 )
+
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _completion(prompt_id, checkpoint_id, index, text, tokens, round_id=1):
@@ -71,6 +76,31 @@ def test_completions_round_trip_with_token_ids_and_lineage(store):
     assert got[1].checkpoint_id == ck and got[1].sampling_params == {"temperature": 1.0, "seed": 7}
 
 
+def test_completions_sharing_a_prompt_list_and_params_store_each_row_its_own(store):
+    # The sampler shares one prompt-token list and one params dict among a prompt's samples;
+    # the store converts each distinct object once and must still give every row its own.
+    shared_tokens, shared_params = [1, 4, 5], {"seed": 11, "temperature": 1.0, "n": 2}
+    other_params = {"seed": 12, "temperature": 0.5, "n": 2}
+    with store.transaction() as tx:
+        first, second = tx.add_prompts(["2+3=", "10+20="], "train")
+        ck = tx.add_checkpoint("/models/sft", "reference", "promoted")
+        records = [
+            Completion(first, ck, "train", 0, "5", shared_tokens, [8, 2], -0.5, "stop", shared_params, round_id=1),
+            Completion(second, ck, "train", 0, "30", [1, 6, 7, 8, 9], [], None, "length", other_params, round_id=1),
+            Completion(first, ck, "train", 1, "6", shared_tokens, [9, 2, 2], -0.7, "stop", shared_params, round_id=1),
+            Completion(second, ck, "train", 1, "31", [1, 6, 7, 8, 9], [3], None, "stop",
+                       {"temperature": 0.5, "seed": 12, "n": 2}, round_id=1),
+        ]
+        tx.add_completions(records)
+    got = store.completions(round_id=1)
+    assert [(c.prompt_token_ids, c.token_ids, c.sampling_params) for c in got] == [
+        (c.prompt_token_ids, c.token_ids, c.sampling_params) for c in records]
+    _, rows = store.query("SELECT sampling_params::VARCHAR, num_tokens FROM completions ORDER BY completion_id")
+    # JSON with sorted keys, so equal params are equal strings in SQL
+    assert rows == [('{"n":2,"seed":11,"temperature":1.0}', 2), ('{"n":2,"seed":12,"temperature":0.5}', 0),
+                    ('{"n":2,"seed":11,"temperature":1.0}', 3), ('{"n":2,"seed":12,"temperature":0.5}', 1)]
+
+
 def test_add_prompts_is_idempotent_and_keeps_order(store):
     with store.transaction() as tx:
         first = tx.add_prompts(["a", "b"], "train")
@@ -121,6 +151,36 @@ def test_query_refuses_writes(store, sql):
     with pytest.raises(ReadOnlyQueryError):
         store.query(sql)
     assert store.count("prompts") == 1
+
+
+def test_held_keeps_one_connection_for_a_burst_and_lets_go_after(store, monkeypatch):
+    import storage.store as store_module
+
+    opened = []
+    real_connect = store_module.duckdb.connect
+    monkeypatch.setattr(store_module.duckdb, "connect", lambda *a, **k: opened.append(a) or real_connect(*a, **k))
+    other_process = [sys.executable, "-c", textwrap.dedent(f"""
+        from storage.store import Store, StoreLockedError
+        try:
+            Store({str(store.path)!r}, lock_timeout_s=0.3).count("prompts")
+            print("opened")
+        except StoreLockedError:
+            print("locked")
+    """)]
+    with store.held():
+        with store.transaction() as tx:
+            tx.add_prompts(["kept"], "train")
+        with pytest.raises(StoreError):
+            with store.transaction() as tx:
+                tx.add_prompts(["rolled back"], "train")
+                raise StoreError("a failing step")
+        with store.held():  # nested: the outer block's connection
+            assert store.count("prompts") == 1  # each transaction is still its own
+        assert store.query("SELECT text FROM prompts")[1] == [("kept",)]
+        during = subprocess.run(other_process, capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    assert len(opened) == 1  # five store calls, one open
+    assert during == "locked"  # held means held: only around short work
+    assert subprocess.run(other_process, capture_output=True, text=True, cwd=ROOT).stdout.strip() == "opened"
 
 
 def test_lock_held_by_another_process_is_retried_then_reported(store):
