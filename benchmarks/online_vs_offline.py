@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import platform
 import statistics
@@ -95,22 +96,13 @@ def make_config(workdir: Path, policy_config, cache: Path, seed: int, source: st
                    train=replace(config.train, epochs=1, steps_per_round=steps_per_round))
 
 
-def finished_rounds(database: Path) -> int:
-    import duckdb
-
-    if not database.exists():
-        return 0
-    with duckdb.connect(str(database), read_only=True) as conn:
-        return conn.execute("SELECT count(*) FROM rounds WHERE state = 'done'").fetchone()[0]
-
-
 def run_flywheel(config, rounds: int, sampler) -> None:
     from flywheel.rounds import Flywheel
 
     flywheel = Flywheel(config, log=log, sampler=sampler)
     try:
         flywheel.initialise()
-        for _ in range(rounds - finished_rounds(config.database)):
+        for _ in range(rounds - flywheel.store.count("rounds", "state = 'done'")):
             flywheel.run_round()
     finally:
         flywheel.close()
@@ -129,14 +121,15 @@ def read_run(database: Path, variant: str, seed: int, rounds: int) -> Run:
     run = Run(variant, seed)
     held = rows[0][3]
     run.accuracy.append(held)
-    for labels, preferences, steps, incumbent, candidate, promoted, kl in rows:
+    for round_id, (labels, preferences, steps, incumbent, candidate, promoted, kl) in enumerate(rows, start=1):
+        if candidate is None:  # no preference to train on: the budgets cannot be equal
+            raise RuntimeError(f"{database}: round {round_id} trained no candidate ({preferences} preferences)")
         run.labels += labels
         run.preferences += preferences
         run.preferences_per_round.append(preferences)
         run.steps += steps
         run.promoted += bool(promoted)
-        if candidate is not None:
-            run.candidate_accuracy.append(candidate)
+        run.candidate_accuracy.append(candidate)
         if promoted:
             held = candidate
             run.kl = kl
@@ -174,11 +167,11 @@ def tables(runs: list[Run], rounds: int) -> dict[str, tuple[list[str], list[list
                        f"{mean(r.preferences for r in online) - mean(r.preferences for r in offline):+.0f}",
                        f"{mean(r.steps for r in online) - mean(r.steps for r in offline):+.0f}",
                        f"{mean(r.kl for r in online) - mean(r.kl for r in offline):+.3f}"])
-    # Both variants of a seed share prompts and evaluation seeds: the spread of the per-seed
-    # differences says how much of the mean difference is noise.
+    # Both variants of a seed share the initial policy and evaluation seeds: the standard
+    # error of the mean of the per-seed (paired) differences says how much of it is noise.
     differences = [[on.accuracy[i] - off.accuracy[i] for on, off in zip(online, offline)] for i in range(rounds + 1)]
-    means_rows.append(["per-seed difference, sd", *(spread(d).lstrip(" ±") or "-" for d in differences),
-                       "", "", "", ""])
+    means_rows.append(["standard error of that", *(f"{statistics.stdev(d) / math.sqrt(len(d)):.3f}"
+                                                   if len(d) > 1 else "-" for d in differences), "", "", "", ""])
     means = (["mean of seeds", *heads, "labels", "preferences", "DPO steps", "KL"], means_rows)
     candidate_rows = [[variant, *(f"{mean(r.candidate_accuracy[i] for r in group):.3f}"
                                   f"{spread([r.candidate_accuracy[i] for r in group])}" for i in range(rounds))]
@@ -397,7 +390,8 @@ labels with a winner (the rest are ties: both answers wrong); KL: the final poli
 the initial policy on held-out prompts (nats per completion). Both variants of a seed start
 from the same policy and are evaluated with the same seeds, so their r0 difference is
 only vLLM's run-to-run noise (its CPU sampling is not bit-for-bit repeatable): a yardstick
-for the other differences, as is the standard deviation of the per-seed differences.
+for the other differences, as is the standard error of the mean of the per-seed
+(paired) differences.
 
 ## Each run
 

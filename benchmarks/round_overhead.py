@@ -10,12 +10,13 @@ its publish-report task) into:
   optimiser step) and the log-prob forward passes (the reference's for DPO, and the
   candidate's and reference's for the KL at evaluation), without their model loads;
 - overhead: everything else, itself split into
-  - model I/O: transformers model and tokenizer loads, and the candidate's save;
-  - store: time inside store transactions and queries (opening the file, reads, writes,
-    commits), less any sampling or judging done inside one;
+  - model I/O: transformers model and tokenizer loads, the candidate's save, and moving
+    the vLLM engine to a new checkpoint (its weights reloaded in place);
+  - store: time inside store transactions, queries and `Store.held()` blocks (opening the
+    file, reads, writes, commits, and the run lease, which is taken inside one);
   - plot: the per-round PNG (`flywheel.report.plot_rounds`);
-  - the rest: Prefect's flow and task runs and the markdown artifact, the lease, and
-    our own Python between the steps.
+  - the rest: Prefect's task runs and the markdown artifact, and our own Python between
+    the steps.
 Each moment is charged to the innermost of these it is in (a model load inside the
 log-prob pass is model I/O, not training), on the thread running the round only: the
 lease's heartbeat thread runs beside it. The engine starts once, before round 1, and the
@@ -94,6 +95,7 @@ def instrument(wheel) -> None:
     from storage.store import Store
 
     wheel.sampler.sample = timed("sampling", wheel.sampler.sample)
+    wheel.sampler._load = timed("model I/O", wheel.sampler._load)
     wheel.judge.judge = timed("judging", wheel.judge.judge)
     wheel.judge.score = timed("judging", wheel.judge.score)
     # Both names: the KL at evaluation calls it from rounds, the reference cache from training.
@@ -162,6 +164,8 @@ def main() -> None:
     finally:
         wheel.close()
     step_seconds = dict(steps)
+    if len(marks) != 2 * len(round_ids):
+        raise SystemExit(f"expected every round to reach publish-report: {len(round_ids)} rounds, marks {marks}")
     rows = []
     for round_id, (_, began, before), (_, ended, after) in zip(round_ids, marks[0::2], marks[1::2]):
         spent = {bucket: after.get(bucket, 0.0) - before.get(bucket, 0.0) for bucket in BUCKETS}
@@ -183,7 +187,8 @@ def main() -> None:
         print(f"{round_id:>5} {wall:>6.2f} {spent['sampling']:>9.2f} {spent['judging']:>8.2f} "
               f"{spent['training']:>9.2f} {overhead:>9.2f} {overhead / wall:>6.1%}   {spent['model I/O']:>9.2f} "
               f"{spent['store']:>6.2f} {spent['plot']:>5.2f} {rest:>5.2f}")
-    print(f"the flow run's own start and end, once for all {len(rows)} rounds: {run_wall - in_rounds:.2f} s")
+    print(f"outside the rounds (the flow run's start and end, once for all {len(rows)} rounds): "
+          f"{run_wall - in_rounds:.2f} s")
     print(f"overhead share of a round: median {statistics.median(shares):.1%}, max {max(shares):.1%} "
           f"(target < 15%: {'met' if max(shares) < 0.15 else 'MISSED'})")
 

@@ -101,8 +101,8 @@ class TrainConfig:
     learning_rate: float = 3e-5
     batch_size: int = 32
     epochs: int = 1
-    # Exactly this many optimiser steps a round instead of `epochs` passes, reshuffling at
-    # each pass: the same training compute whatever the number of preferences.
+    # Exactly this many optimiser steps of `batch_size` a round instead of `epochs` passes
+    # (`flywheel.training.batch_schedule`): the same training whatever the number of preferences.
     steps_per_round: int | None = None
     max_grad_norm: float = 1.0
     # Weight of the chosen completions' per-token NLL added to the DPO loss (Pang et al.

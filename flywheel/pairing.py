@@ -67,5 +67,6 @@ def within_budget(pairs: list[Pair], max_pairs: int | None, seed: int) -> list[P
     a round's labels stay within budget without favouring the first prompts."""
     if max_pairs is None or len(pairs) <= max_pairs:
         return pairs
-    kept = sorted(random.Random(seed).sample(range(len(pairs)), max_pairs))
+    # Its own stream: form_pairs drew from Random(seed) already.
+    kept = sorted(random.Random(f"pair budget {seed}").sample(range(len(pairs)), max_pairs))
     return [pairs[i] for i in kept]

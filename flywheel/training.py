@@ -174,17 +174,27 @@ def train_dpo(
 
 
 def batch_schedule(num_triples: int, config: TrainConfig, rng: random.Random) -> list[list[int]]:
-    """The triples' indices for each optimiser step: `config.epochs` passes in a fresh
-    shuffle each, or with `config.steps_per_round` exactly that many batches, reshuffling
-    at the start of every pass (the last pass may stop part-way)."""
-    per_pass = math.ceil(num_triples / config.batch_size)
-    total = config.steps_per_round if config.steps_per_round is not None else config.epochs * per_pass
+    """The triples' indices for each optimiser step, in a fresh shuffle each pass.
+
+    `config.epochs` passes of `batch_size` (each pass ends with what is left), or with
+    `config.steps_per_round` exactly that many steps of `batch_size` triples each (all of
+    them, if fewer): each pass is cut into whole batches and its remainder waits for a
+    later pass, so every step weighs the same whatever the number of preferences.
+    """
+    if num_triples == 0:
+        return []
     order = list(range(num_triples))
     batches: list[list[int]] = []
-    while len(batches) < total:
+    if config.steps_per_round is None:
+        for _ in range(config.epochs):
+            rng.shuffle(order)
+            batches.extend(order[start : start + config.batch_size] for start in range(0, num_triples, config.batch_size))
+        return batches
+    size = min(config.batch_size, num_triples)
+    while len(batches) < config.steps_per_round:
         rng.shuffle(order)
-        batches.extend(order[start : start + config.batch_size] for start in range(0, num_triples, config.batch_size))
-    return batches[:total]
+        batches.extend(order[start : start + size] for start in range(0, num_triples - size + 1, size))
+    return batches[: config.steps_per_round]
 
 
 def _disable_dropout(model: torch.nn.Module) -> None:

@@ -16,6 +16,7 @@ import random
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -85,6 +86,17 @@ _ARROW_BATCH_ROWS = 8192
 _PROCESS_CONNECTION = threading.RLock()
 
 
+@dataclass
+class _Held:
+    conn: duckdb.DuckDBPyConnection
+    in_transaction: bool = False
+
+
+# Per thread, by database path: the connection a `Store.held()` block keeps open (any
+# Store object for that file in that thread uses it).
+_HELD = threading.local()
+
+
 def _is_lock_conflict(error: duckdb.Error) -> bool:
     # DuckDB's words when another process holds the file.
     return "Could not set lock" in str(error)
@@ -113,7 +125,8 @@ def _per_distinct_object(values: Sequence[Any], convert) -> pa.Array:
 def _json_sorted(values: Sequence[Any]) -> pa.Array:
     """Each value as JSON with sorted keys, as a string column. orjson: about 7x faster
     than the standard library's encoder, which was a fifth of `add_completions`' time."""
-    encoded = [orjson.dumps(value, option=orjson.OPT_SORT_KEYS) for value in values]
+    # Compact (no spaces after separators); non-string keys become strings, as json.dumps does.
+    encoded = [orjson.dumps(value, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS) for value in values]
     return pa.array(encoded, pa.binary()).cast(pa.string())
 
 
@@ -127,7 +140,6 @@ class Store:
     def __init__(self, path: str | os.PathLike, *, lock_timeout_s: float = 60.0) -> None:
         self.path = Path(path)
         self.lock_timeout_s = lock_timeout_s
-        self._held = threading.local()  # .conn: the connection `held()` keeps open in this thread
 
     # -- opening -----------------------------------------------------------------------
 
@@ -158,24 +170,30 @@ class Store:
         """One connection for a burst of short reads and writes in this thread, each still
         its own transaction, instead of opening the file for each: an open costs DuckDB
         about 10 ms, most of a small read. Only around short work: other processes cannot
-        open the file until the block ends, so never around sampling, judging or training."""
-        if getattr(self._held, "conn", None) is not None:  # an outer block holds it already
+        open the file until the block ends, so never around sampling, judging or training,
+        and never wait inside it for another thread of this process (the lease heartbeat
+        waits for this connection)."""
+        key = self._held_key()
+        if key in _HELD.__dict__:  # an outer block holds it already
             yield
             return
         with self._connection() as conn:
-            self._held.conn = conn
+            _HELD.__dict__[key] = _Held(conn)
             try:
                 yield
             finally:
-                self._held.conn = None
+                del _HELD.__dict__[key]
+
+    def _held_key(self) -> str:
+        return str(self.path.resolve())
 
     @contextmanager
     def _connection(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-        held = getattr(self._held, "conn", None)
-        if held is not None:
-            # Inside `held()`; `query` has refused anything but SELECT and EXPLAIN already.
-            yield held
+        held = _HELD.__dict__.get(self._held_key())
+        if held is not None and not held.in_transaction:
+            yield held.conn
             return
+        # Not held, or a store call nested inside an open transaction: a connection of its own.
         with _PROCESS_CONNECTION, self._connect(read_only) as conn:
             yield conn
 
@@ -250,8 +268,8 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator["StoreSession"]:
-        """One transaction on a fresh connection: all of it lands, or none of it."""
-        with self._connection() as conn:
+        """One transaction on a fresh connection (or the held one): all of it lands, or none of it."""
+        with self._connection() as conn, self._marked_in_transaction(conn):
             conn.execute("BEGIN")
             try:
                 yield StoreSession(conn)
@@ -259,6 +277,20 @@ class Store:
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
+
+    @contextmanager
+    def _marked_in_transaction(self, conn: duckdb.DuckDBPyConnection) -> Iterator[None]:
+        """While a transaction is open on the held connection, store calls made inside it
+        get a connection of their own, as they do outside `held()`."""
+        held = _HELD.__dict__.get(self._held_key())
+        if held is None or held.conn is not conn:
+            yield
+            return
+        held.in_transaction = True
+        try:
+            yield
+        finally:
+            held.in_transaction = False
 
     def query(self, sql: str, params: Sequence[Any] | None = None) -> tuple[list[str], list[tuple]]:
         """Run a read-only statement for a user: columns and rows. Writes are refused."""
@@ -273,14 +305,23 @@ class Store:
             raise ReadOnlyQueryError(
                 f"flywheel sql is read-only: {kind.name} statements are refused"
             )
-        # A read-only connection is the guarantee; the check above gives the clear message.
-        with self._connection(read_only=True) as conn:
+        # A read-only connection is the guarantee (on the held read-write one, a read-only
+        # transaction); the check above gives the clear message. Both refuse
+        # `EXPLAIN ANALYZE DELETE ...` and `SELECT nextval(...)`, which the check lets by.
+        held = _HELD.__dict__.get(self._held_key())
+        with self._connection(read_only=True) as conn, self._marked_in_transaction(conn):
+            shared = held is not None and held.conn is conn
+            if shared:
+                conn.execute("BEGIN TRANSACTION READ ONLY")
             try:
                 cursor = conn.execute(sql, params or [])
+                columns = [d[0] for d in cursor.description]
+                return columns, cursor.fetchall()
             except duckdb.Error as error:
                 raise ReadOnlyQueryError(_first_line(error)) from error
-            columns = [d[0] for d in cursor.description]
-            return columns, cursor.fetchall()
+            finally:
+                if shared:
+                    conn.execute("ROLLBACK")
 
     # -- convenience reads (each one short transaction) -----------------------------------
 

@@ -183,7 +183,7 @@ def test_training_pairs_each_triple_with_its_own_reference_logps(tiny_policy, tm
     assert (tmp_path / "candidate" / "model.safetensors").is_file()
     fixed = train_dpo(tiny_policy, tiny_policy, triples, TrainConfig(batch_size=3, steps_per_round=4, learning_rate=1e-4),
                       tmp_path / "fixed", seed=0)
-    assert [m.num_pairs for m in fixed] == [3, 3, 1, 3]  # 4 steps: a pass and the start of the next
+    assert [m.num_pairs for m in fixed] == [3, 3, 3, 3]  # 4 steps of whole batches over 3 passes
 
 
 def test_training_uses_the_configured_loss_on_length_normalised_logps(tiny_policy, tmp_path):

@@ -54,12 +54,13 @@ def test_batch_schedule_epochs_or_fixed_steps():
     assert [len(b) for b in by_epochs] == [3, 3, 1, 3, 3, 1]
     assert sorted(sum(by_epochs[:3], [])) == sorted(sum(by_epochs[3:], [])) == list(range(7))
     fixed = batch_schedule(7, TrainConfig(batch_size=3, steps_per_round=5), random.Random(0))
-    assert fixed == by_epochs[:5]  # the same shuffles, cut at the step count
-    long = batch_schedule(7, TrainConfig(batch_size=3, steps_per_round=10), random.Random(0))
-    assert [len(b) for b in long] == [3, 3, 1] * 3 + [3]
-    for start in (0, 3, 6):  # every pass covers each triple once
-        assert sorted(sum(long[start : start + 3], [])) == list(range(7))
-    assert len(batch_schedule(2, TrainConfig(batch_size=32, steps_per_round=4), random.Random(0))) == 4
+    assert [len(b) for b in fixed] == [3] * 5  # whole batches only: every step weighs the same
+    assert fixed[:2] == by_epochs[:2]  # the same first shuffle, its remainder left for later
+    for first in (0, 2):  # a pass's batches never repeat a triple
+        assert len(set(fixed[first] + fixed[first + 1])) == 6
+    few = batch_schedule(2, TrainConfig(batch_size=32, steps_per_round=4), random.Random(0))
+    assert [sorted(b) for b in few] == [[0, 1]] * 4  # fewer than a batch: all of them, every step
+    assert batch_schedule(0, TrainConfig(steps_per_round=4), random.Random(0)) == []
 
 
 def test_judge_contract_violations_are_errors():

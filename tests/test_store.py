@@ -177,8 +177,18 @@ def test_held_keeps_one_connection_for_a_burst_and_lets_go_after(store, monkeypa
         with store.held():  # nested: the outer block's connection
             assert store.count("prompts") == 1  # each transaction is still its own
         assert store.query("SELECT text FROM prompts")[1] == [("kept",)]
+        assert Store(store.path).count("prompts") == 1  # another Store object for the file shares it
+        # query() stays read-only on the held read-write connection
+        for sneaky in ("EXPLAIN ANALYZE DELETE FROM prompts", "SELECT nextval('completion_ids')"):
+            with pytest.raises(ReadOnlyQueryError):
+                store.query(sneaky)
+        assert store.count("prompts") == 1
         during = subprocess.run(other_process, capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    assert len(opened) == 1  # five store calls, one open
+        with store.transaction() as tx:  # a store call inside an open transaction: its own connection
+            tx.add_prompts(["inside"], "train")
+            assert store.count("prompts") == 1  # it sees what is committed, as outside held()
+    assert len(opened) == 2  # ten store calls, one open (and one for the call nested in a transaction)
+    assert store.count("prompts") == 2
     assert during == "locked"  # held means held: only around short work
     assert subprocess.run(other_process, capture_output=True, text=True, cwd=ROOT).stdout.strip() == "opened"
 
