@@ -14,10 +14,12 @@ whoever takes over a dead holder's lease on the same host kills what it left.
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import threading
 import uuid
+import weakref
 from datetime import datetime
 from pathlib import Path
 from typing import Callable
@@ -83,6 +85,19 @@ def stale_because(lease: RunLease, now: datetime, host: str) -> str | None:
     return None
 
 
+# Heartbeat threads still beating when the interpreter exits (a flywheel that was never
+# closed): stopped before Python finalizes, because a daemon thread killed inside DuckDB's
+# native code (opening the file) aborts the whole process ("terminate called without an
+# active exception", exit status 134) after everything else has finished.
+_BEATING: weakref.WeakSet[RoundLease] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_heartbeats_at_exit() -> None:
+    for lease in list(_BEATING):
+        lease.stop_heartbeat()
+
+
 class RoundLease:
     """This process's claim on a database's rounds: `acquire` (idempotent), `release`."""
 
@@ -124,6 +139,7 @@ class RoundLease:
         self._stop.clear()
         self._heartbeat = threading.Thread(target=self._beat, name="flywheel-lease-heartbeat", daemon=True)
         self._heartbeat.start()
+        _BEATING.add(self)
 
     def _beat(self) -> None:
         # Four beats per ttl: a few slow or locked beats in a row do not make the lease stale.
@@ -138,12 +154,19 @@ class RoundLease:
                 self.log("warning: another process took over this database's run lease")
                 return
 
-    def release(self) -> None:
-        if not self.held:
+    def stop_heartbeat(self) -> None:
+        """Stop refreshing the lease (it goes stale after its ttl); `release` also deletes it."""
+        if self._heartbeat is None:
             return
         self._stop.set()
         self._heartbeat.join()
         self._heartbeat = None
+        _BEATING.discard(self)
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.stop_heartbeat()
         with self.store.transaction() as tx:
             release_lease(tx, self.holder)
         os.environ.pop(HOLDER_ENV, None)

@@ -52,6 +52,25 @@ def lease_held_by_another_process(db):
         holder.wait()
 
 
+EXIT_WITHOUT_CLOSING = textwrap.dedent("""
+    import sys, time
+    from flywheel.lease import RoundLease
+    from storage.store import Store
+    lease = RoundLease(Store.create(sys.argv[1]), log=print, ttl_seconds=0.04)  # a beat every 10 ms
+    lease.acquire()
+    time.sleep(0.3)
+""")
+
+
+def test_a_process_that_never_releases_its_lease_still_exits_cleanly(tmp_path):
+    # Its heartbeat thread must not be inside DuckDB when Python finalizes: that aborted the
+    # process with status 134 after all its work (most exits, at this heartbeat rate).
+    for attempt in range(5):
+        result = subprocess.run([sys.executable, "-c", EXIT_WITHOUT_CLOSING, str(tmp_path / f"fw{attempt}.duckdb")],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0 and "terminate called" not in result.stderr, result.stderr
+
+
 def test_a_live_lease_refuses_a_second_process_and_a_dead_one_is_taken_over(tmp_path):
     db = tmp_path / "fw.duckdb"
     store = Store.create(db)
