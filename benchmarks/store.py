@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import re
 import resource
@@ -58,18 +57,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import duckdb  # noqa: E402
-import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
 from storage import migrations  # noqa: E402
 from storage.records import Completion, Label  # noqa: E402
 from storage import store as store_module  # noqa: E402
-from storage.store import Store  # noqa: E402
+from storage.store import Store, completion_columns, label_columns  # noqa: E402
 
 ROUNDS = 100
 # Token ids per ingested completion (prompt, completion): `--token-shapes`.
 TOKEN_SHAPES = "32+64,8+8"
-ARROW_BATCH_ROWS = getattr(store_module, "_ARROW_BATCH_ROWS", 8192)
+ARROW_BATCH_ROWS = store_module._ARROW_BATCH_ROWS  # the record batches the store hands DuckDB
 
 
 def _cpu() -> float:
@@ -120,35 +118,11 @@ def make_labels(n: int) -> list[Label]:
 
 def completions_table(records: list[Completion], first_id: int) -> pa.Table:
     """The Arrow table add_completions inserts for `records` (built outside the timing)."""
-    return pa.table({
-        "completion_id": pa.array(np.arange(first_id, first_id + len(records)), pa.int64()),
-        "round_id": pa.array([c.round_id for c in records], pa.int64()),
-        "prompt_id": pa.array([c.prompt_id for c in records], pa.int64()),
-        "checkpoint_id": pa.array([c.checkpoint_id for c in records], pa.int64()),
-        "purpose": pa.array([c.purpose for c in records], pa.string()),
-        "sample_index": pa.array([c.sample_index for c in records], pa.int32()),
-        "text": pa.array([c.text for c in records], pa.string()),
-        "prompt_token_ids": pa.array([c.prompt_token_ids for c in records], pa.list_(pa.int32())),
-        "token_ids": pa.array([c.token_ids for c in records], pa.list_(pa.int32())),
-        "num_tokens": pa.array([len(c.token_ids) for c in records], pa.int32()),
-        "cumulative_logprob": pa.array([c.cumulative_logprob for c in records], pa.float64()),
-        "finish_reason": pa.array([c.finish_reason for c in records], pa.string()),
-        "sampling_params": pa.array(
-            [json.dumps(c.sampling_params, sort_keys=True) for c in records], pa.string()),
-    })
+    return pa.table(completion_columns(records, range(first_id, first_id + len(records))))
 
 
 def labels_table(records: list[Label], first_id: int) -> pa.Table:
-    return pa.table({
-        "label_id": pa.array(np.arange(first_id, first_id + len(records)), pa.int64()),
-        "pair_id": pa.array([l.pair_id for l in records], pa.int64()),
-        "winner": pa.array([l.winner for l in records], pa.string()),
-        "judge_name": pa.array([l.judge_name for l in records], pa.string()),
-        "judge_version": pa.array([l.judge_version for l in records], pa.string()),
-        "annotator": pa.array([l.annotator for l in records], pa.string()),
-        "confidence": pa.array([l.confidence for l in records], pa.float64()),
-        "rationale": pa.array([l.rationale for l in records], pa.string()),
-    })
+    return pa.table(label_columns(records, range(first_id, first_id + len(records))))
 
 
 def raw_insert(path: Path, table_name: str, rows: pa.Table) -> tuple[float, float]:

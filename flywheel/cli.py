@@ -307,12 +307,11 @@ def command_serve(args: argparse.Namespace) -> None:
     from flows.rounds import deployment_name, serve_rounds
     from flows.server import check_cron, find_or_start_server
     from flywheel.config import load_config_file
+    from judges import close_judge
 
     check_cron(args.cron)
     run_file = load_config_file(args.config)
     rounds = args.rounds or run_file.rounds or 1
-    from judges import close_judge
-
     # Each scheduled run builds its own judges; these were built only to check them now.
     for judge in _check_inputs(run_file.config):
         if judge is not None:
@@ -624,9 +623,9 @@ def build_parser() -> argparse.ArgumentParser:
     scheduled.add_argument("--cron", required=True, help='when to run, e.g. "0 3 * * *" (every day at 03:00 UTC)')
     scheduled.add_argument("--rounds", type=positive_int, help="rounds per scheduled run (default: the file's, else 1)")
     scheduled.add_argument("--keep-schedule", action="store_true",
-                       help="leave the schedule active after stopping (for a server that outlives this command)")
+                           help="leave the schedule active after stopping (for a server that outlives this command)")
     scheduled.add_argument("--server-host", default="127.0.0.1", help="where to find or start a Prefect server "
-                       "when PREFECT_API_URL is not set (default: %(default)s)")
+                           "when PREFECT_API_URL is not set (default: %(default)s)")
     scheduled.add_argument("--server-port", type=port_number, default=4200, help="its port (default: %(default)s)")
     scheduled.set_defaults(handler=command_serve)
 

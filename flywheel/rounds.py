@@ -202,10 +202,10 @@ class Flywheel:
             if round_.has_finished("paired"):
                 return self.store.count("pairs", "round_id = ?", [round_id])
             completions = self.store.completions(round_id=round_id, purpose="train")
-            prompts = self.store.prompts("train") if strategy in NEEDS_SCORES else []
+            prompt_texts = ({p.prompt_id: p.text for p in self.store.prompts("train")}
+                            if strategy in NEEDS_SCORES else {})
         scores = []
         if strategy in NEEDS_SCORES:
-            prompt_texts = {p.prompt_id: p.text for p in prompts}
             scores = score_completions(self.judge, completions, prompt_texts, self.config.judge.batch_size)
         formed = form_pairs(completions, round_id, strategy, seed=round_.seed,
                             scores={s.completion_id: s.score for s in scores})

@@ -183,18 +183,17 @@ def batch_schedule(num_triples: int, config: TrainConfig, rng: random.Random) ->
     """
     if num_triples == 0:
         return []
+    fixed_steps = config.steps_per_round is not None
+    size = min(config.batch_size, num_triples)
+    # Where a pass's batches start: whole batches only with fixed steps, else the remainder too.
+    starts = range(0, num_triples - size + 1 if fixed_steps else num_triples, size)
+    total = config.steps_per_round if fixed_steps else config.epochs * len(starts)
     order = list(range(num_triples))
     batches: list[list[int]] = []
-    if config.steps_per_round is None:
-        for _ in range(config.epochs):
-            rng.shuffle(order)
-            batches.extend(order[start : start + config.batch_size] for start in range(0, num_triples, config.batch_size))
-        return batches
-    size = min(config.batch_size, num_triples)
-    while len(batches) < config.steps_per_round:
+    while len(batches) < total:
         rng.shuffle(order)
-        batches.extend(order[start : start + size] for start in range(0, num_triples - size + 1, size))
-    return batches[: config.steps_per_round]
+        batches.extend(order[start : start + size] for start in starts)
+    return batches[:total]
 
 
 def _disable_dropout(model: torch.nn.Module) -> None:

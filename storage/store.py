@@ -130,6 +130,39 @@ def _json_sorted(values: Sequence[Any]) -> pa.Array:
     return pa.array(encoded, pa.binary()).cast(pa.string())
 
 
+def completion_columns(completions: Sequence[Completion], ids: Sequence[int]) -> dict[str, pa.Array]:
+    """The Arrow columns `StoreSession.add_completions` inserts (its benchmark's floor too)."""
+    return {
+        "completion_id": pa.array(ids, pa.int64()),
+        "round_id": pa.array([c.round_id for c in completions], pa.int64()),
+        "prompt_id": pa.array([c.prompt_id for c in completions], pa.int64()),
+        "checkpoint_id": pa.array([c.checkpoint_id for c in completions], pa.int64()),
+        "purpose": pa.array([c.purpose for c in completions], pa.string()),
+        "sample_index": pa.array([c.sample_index for c in completions], pa.int32()),
+        "text": pa.array([c.text for c in completions], pa.string()),
+        "prompt_token_ids": _per_distinct_object([c.prompt_token_ids for c in completions], _int32_lists),
+        "token_ids": _int32_lists([c.token_ids for c in completions]),
+        "num_tokens": pa.array([len(c.token_ids) for c in completions], pa.int32()),
+        "cumulative_logprob": pa.array([c.cumulative_logprob for c in completions], pa.float64()),
+        "finish_reason": pa.array([c.finish_reason for c in completions], pa.string()),
+        "sampling_params": _per_distinct_object([c.sampling_params for c in completions], _json_sorted),
+    }
+
+
+def label_columns(labels: Sequence[Label], ids: Sequence[int]) -> dict[str, pa.Array]:
+    """The Arrow columns `StoreSession.add_labels` inserts (its benchmark's floor too)."""
+    return {
+        "label_id": pa.array(ids, pa.int64()),
+        "pair_id": pa.array([label.pair_id for label in labels], pa.int64()),
+        "winner": pa.array([label.winner for label in labels], pa.string()),
+        "judge_name": pa.array([label.judge_name for label in labels], pa.string()),
+        "judge_version": pa.array([label.judge_version for label in labels], pa.string()),
+        "annotator": pa.array([label.annotator for label in labels], pa.string()),
+        "confidence": pa.array([label.confidence for label in labels], pa.float64()),
+        "rationale": pa.array([label.rationale for label in labels], pa.string()),
+    }
+
+
 def _first_line(error: BaseException) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
@@ -173,10 +206,10 @@ class Store:
         open the file until the block ends, so never around sampling, judging or training,
         and never wait inside it for another thread of this process (the lease heartbeat
         waits for this connection)."""
-        key = self._held_key()
-        if key in _HELD.__dict__:  # an outer block holds it already
+        if self._held_here() is not None:  # an outer block holds it already
             yield
             return
+        key = self._held_key()
         with self._connection() as conn:
             _HELD.__dict__[key] = _Held(conn)
             try:
@@ -184,12 +217,16 @@ class Store:
             finally:
                 del _HELD.__dict__[key]
 
+    def _held_here(self) -> _Held | None:
+        """This thread's `held()` connection to this file, if a block holds one."""
+        return _HELD.__dict__.get(self._held_key())
+
     def _held_key(self) -> str:
         return str(self.path.resolve())
 
     @contextmanager
     def _connection(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-        held = _HELD.__dict__.get(self._held_key())
+        held = self._held_here()
         if held is not None and not held.in_transaction:
             yield held.conn
             return
@@ -282,7 +319,7 @@ class Store:
     def _marked_in_transaction(self, conn: duckdb.DuckDBPyConnection) -> Iterator[None]:
         """While a transaction is open on the held connection, store calls made inside it
         get a connection of their own, as they do outside `held()`."""
-        held = _HELD.__dict__.get(self._held_key())
+        held = self._held_here()
         if held is None or held.conn is not conn:
             yield
             return
@@ -308,7 +345,7 @@ class Store:
         # A read-only connection is the guarantee (on the held read-write one, a read-only
         # transaction); the check above gives the clear message. Both refuse
         # `EXPLAIN ANALYZE DELETE ...` and `SELECT nextval(...)`, which the check lets by.
-        held = _HELD.__dict__.get(self._held_key())
+        held = self._held_here()
         with self._connection(read_only=True) as conn, self._marked_in_transaction(conn):
             shared = held is not None and held.conn is conn
             if shared:
@@ -539,26 +576,7 @@ class StoreSession:
         ids = self._next_ids("completion_ids", len(completions))
         if not ids:
             return []
-        self._insert_arrow(
-            "completions",
-            {
-                "completion_id": pa.array(ids, pa.int64()),
-                "round_id": pa.array([c.round_id for c in completions], pa.int64()),
-                "prompt_id": pa.array([c.prompt_id for c in completions], pa.int64()),
-                "checkpoint_id": pa.array([c.checkpoint_id for c in completions], pa.int64()),
-                "purpose": pa.array([c.purpose for c in completions], pa.string()),
-                "sample_index": pa.array([c.sample_index for c in completions], pa.int32()),
-                "text": pa.array([c.text for c in completions], pa.string()),
-                "prompt_token_ids": _per_distinct_object([c.prompt_token_ids for c in completions], _int32_lists),
-                "token_ids": _int32_lists([c.token_ids for c in completions]),
-                "num_tokens": pa.array([len(c.token_ids) for c in completions], pa.int32()),
-                "cumulative_logprob": pa.array(
-                    [c.cumulative_logprob for c in completions], pa.float64()
-                ),
-                "finish_reason": pa.array([c.finish_reason for c in completions], pa.string()),
-                "sampling_params": _per_distinct_object([c.sampling_params for c in completions], _json_sorted),
-            },
-        )
+        self._insert_arrow("completions", completion_columns(completions, ids))
         return ids
 
     def sampled_prompt_ids(self, round_id: int) -> set[int]:
@@ -644,19 +662,7 @@ class StoreSession:
         ids = self._next_ids("label_ids", len(labels))
         if not ids:
             return []
-        self._insert_arrow(
-            "labels",
-            {
-                "label_id": pa.array(ids, pa.int64()),
-                "pair_id": pa.array([l.pair_id for l in labels], pa.int64()),
-                "winner": pa.array([l.winner for l in labels], pa.string()),
-                "judge_name": pa.array([l.judge_name for l in labels], pa.string()),
-                "judge_version": pa.array([l.judge_version for l in labels], pa.string()),
-                "annotator": pa.array([l.annotator for l in labels], pa.string()),
-                "confidence": pa.array([l.confidence for l in labels], pa.float64()),
-                "rationale": pa.array([l.rationale for l in labels], pa.string()),
-            },
-        )
+        self._insert_arrow("labels", label_columns(labels, ids))
         return ids
 
     def count_preferences(self, round_id: int) -> int:
