@@ -16,7 +16,8 @@ its publish-report task) into:
     file, reads, writes, commits, and the run lease, which is taken inside one);
   - plot: the per-round PNG (`flywheel.report.plot_rounds`);
   - the rest: Prefect's task runs and the markdown artifact, and our own Python between
-    the steps.
+    the steps (in round 1 also the first collect-and-freeze of the long-lived objects,
+    `flywheel.rounds._settle_long_lived_objects`).
 Each moment is charged to the innermost of these it is in (a model load inside the
 log-prob pass is model I/O, not training), on the thread running the round only: the
 lease's heartbeat thread runs beside it. The engine starts once, before round 1, and the

@@ -20,7 +20,7 @@ is shared, and the load average printed at the start and the end says how busy i
   from other jobs hits both alike; medians over `--batches`.
 - queries: `SELECT * FROM round_summary`, `SELECT count(*) FROM preferences` and
   `SELECT * FROM preferences WHERE round_id = ?` through `Store.query` (what `flywheel sql`
-  runs: a fresh read-only connection per query, all rows fetched into Python) on database
+  runs: the file opened read-only for each query, all rows fetched into Python) on database
   files on disk built with SQL inside DuckDB. Median of `--repeat` runs. Where a later
   migration replaced a view, the definition it replaced is timed too (as a subquery, which
   is what DuckDB makes of a view) and both are checked to return the same rows.
@@ -439,7 +439,7 @@ def main() -> None:
                   f"{r['raw_cpu_ms']:>11,.0f}  {target}")
         print()
     if query:
-        print(f"Queries through Store.query (a fresh read-only connection, rows fetched), median of {args.repeat}")
+        print(f"Queries through Store.query (the file opened read-only for each, rows fetched), median of {args.repeat}")
         print(f"{'pairs':>12}  {'query':<58} {'median ms':>10} {'min ms':>9} {'cpu ms':>9} {'rows':>9}")
         for r in query:
             flag = ""

@@ -66,8 +66,9 @@ def promote(database: str, round_id: int) -> bool:
 def publish_report(database: str, round_id: int) -> str:
     """The rounds table as a Prefect markdown artifact, and the plot as a PNG beside the database."""
     flywheel = flywheel_of(database)
-    plot = plot_rounds(flywheel.store, flywheel.config.workdir / PLOT_NAME)
-    columns, rows = round_table(flywheel.store)
+    with flywheel.store.held():  # two reads and a 0.1 s drawing: one open
+        plot = plot_rounds(flywheel.store, flywheel.config.workdir / PLOT_NAME)
+        columns, rows = round_table(flywheel.store)
     create_markdown_artifact(
         key="flywheel-rounds",
         markdown=f"## Flywheel rounds after round {round_id}\n\n{markdown_table(columns, rows)}\n\n"

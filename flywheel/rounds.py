@@ -8,6 +8,9 @@ nothing lost and nothing duplicated. Nothing here imports Prefect.
 
 from __future__ import annotations
 
+import atexit
+import functools
+import gc
 import random
 from pathlib import Path
 from typing import Callable
@@ -33,6 +36,22 @@ from storage.records import Evaluation, TrainStep
 from storage.store import Store
 
 Log = Callable[[str], None]
+
+
+def _settle_long_lived_objects() -> None:
+    """Collect garbage, then freeze what is left between rounds (the engine, the models, the
+    modules): the cycle collector skips frozen objects. A full collection of all of them
+    took about 0.5 s here, every other round or so, in the middle of a step; after the
+    first freeze, a round's collections walk only what that round made. They are unfrozen
+    at exit, so that finalisation still frees them (nanobind reports frozen objects as leaks)."""
+    gc.collect()
+    gc.freeze()
+    _unfreeze_at_exit()
+
+
+@functools.cache  # registered once per process
+def _unfreeze_at_exit() -> None:
+    atexit.register(gc.unfreeze)
 
 
 class Flywheel:
@@ -132,6 +151,7 @@ class Flywheel:
     def begin_round(self) -> int:
         """The unfinished round if a previous run stopped inside one, else a new round.
         Takes this database's run lease first: one process runs rounds at a time."""
+        _settle_long_lived_objects()
         with self.store.held():  # the lease and the round: two short writes, one open
             self.lease.acquire()
             with self.store.transaction() as tx:
@@ -158,9 +178,9 @@ class Flywheel:
         """Fresh completions of this round's prompts from the current policy.
 
         Prompts go to the engine `sample.batch_prompts` at a time and each batch is stored
-        in its own transaction, so a crash loses at most the batch in flight; a rerun
-        samples only the prompts without completions (each prompt has its own seed, so
-        they are the completions the first run would have drawn).
+        in its own transaction (the last one also ends the step), so a crash loses at most
+        the batch in flight; a rerun samples only the prompts without completions (each
+        prompt has its own seed, so they are the completions the first run would have drawn).
         """
         with self.store.held():
             round_ = self.store.get_round(round_id)
@@ -187,13 +207,20 @@ class Flywheel:
                 )
                 with self.store.transaction() as tx:
                     tx.add_completions(completions)
+                    if start + batch_size >= len(todo):
+                        total = self._finish_sampling(tx, round_id)
                 bar.update(len(batch))
-        with self.store.transaction() as tx:
-            tx.finish_step(round_id, "sampled")
-            total = tx.count("completions", "round_id = ? AND purpose = 'train'", [round_id])
+        if not todo:  # every prompt was sampled before a restart
+            with self.store.transaction() as tx:
+                total = self._finish_sampling(tx, round_id)
         resumed = f" ({count - len(todo)} sampled before a restart)" if len(todo) < count else ""
         self.log(f"round {round_id}: sampled {total} completions of {count} prompts{resumed}")
         return total
+
+    @staticmethod
+    def _finish_sampling(tx, round_id: int) -> int:
+        tx.finish_step(round_id, "sampled")
+        return tx.count("completions", "round_id = ? AND purpose = 'train'", [round_id])
 
     def pair(self, round_id: int) -> int:
         strategy = self.config.pair.strategy

@@ -101,6 +101,27 @@ def test_completions_sharing_a_prompt_list_and_params_store_each_row_its_own(sto
                     ('{"n":2,"seed":11,"temperature":1.0}', 3), ('{"n":2,"seed":12,"temperature":0.5}', 1)]
 
 
+def test_a_large_insert_goes_in_chunks_in_order_and_all_or_nothing(store, monkeypatch):
+    import storage.store as store_module
+
+    monkeypatch.setattr(store_module, "_INSERT_CHUNK_ROWS", 3)  # 10 rows: chunks of 3, 3, 3, 1
+    with store.transaction() as tx:
+        (prompt_id,) = tx.add_prompts(["2+3="], "train")
+        ck = tx.add_checkpoint("/models/sft", "reference", "promoted")
+    records = [_completion(prompt_id, ck, i, str(i), [i, i + 1]) for i in range(10)]
+    with store.transaction() as tx:
+        ids = tx.add_completions(records)
+    got = store.completions(round_id=1)
+    assert [c.completion_id for c in got] == ids
+    assert [(c.sample_index, c.text, c.token_ids) for c in got] == [(i, str(i), [i, i + 1]) for i in range(10)]
+    # A record that cannot be converted, in the third chunk, after two chunks went in:
+    broken = records + [_completion(prompt_id, ck, 10, "x", [1]), _completion(prompt_id, ck, 11, "y", ["not a token"])]
+    with pytest.raises((ValueError, TypeError)):
+        with store.transaction() as tx:
+            tx.add_completions(broken[4:])
+    assert store.count("completions") == 10
+
+
 def test_add_prompts_is_idempotent_and_keeps_order(store):
     with store.transaction() as tx:
         first = tx.add_prompts(["a", "b"], "train")
@@ -154,11 +175,9 @@ def test_query_refuses_writes(store, sql):
 
 
 def test_held_keeps_one_connection_for_a_burst_and_lets_go_after(store, monkeypatch):
-    import storage.store as store_module
-
     opened = []
-    real_connect = store_module.duckdb.connect
-    monkeypatch.setattr(store_module.duckdb, "connect", lambda *a, **k: opened.append(a) or real_connect(*a, **k))
+    real_attach = Store._attach
+    monkeypatch.setattr(Store, "_attach", lambda *a: opened.append(a) or real_attach(*a))
     other_process = [sys.executable, "-c", textwrap.dedent(f"""
         from storage.store import Store, StoreLockedError
         try:
@@ -187,10 +206,24 @@ def test_held_keeps_one_connection_for_a_burst_and_lets_go_after(store, monkeypa
         with store.transaction() as tx:  # a store call inside an open transaction: its own connection
             tx.add_prompts(["inside"], "train")
             assert store.count("prompts") == 1  # it sees what is committed, as outside held()
-    assert len(opened) == 2  # ten store calls, one open (and one for the call nested in a transaction)
+    assert len(opened) == 1  # ten store calls, one open (the call nested in a transaction shares it too)
     assert store.count("prompts") == 2
     assert during == "locked"  # held means held: only around short work
     assert subprocess.run(other_process, capture_output=True, text=True, cwd=ROOT).stdout.strip() == "opened"
+
+
+def test_two_flywheel_files_open_at_once_in_one_thread_stay_apart(tmp_path):
+    # Both files are attached to the process's one in-memory DuckDB at the same time.
+    first = Store.create(tmp_path / "a.duckdb")
+    with first.held():
+        with first.transaction() as tx:
+            tx.add_prompts(["in a"], "train")
+        second = Store.create(tmp_path / "b.duckdb")  # its migrations do not see a's tables
+        with second.transaction() as tx:
+            tx.add_prompts(["in b", "also in b"], "train")
+        assert first.count("prompts") == 1
+    assert second.query("SELECT text FROM prompts ORDER BY prompt_id")[1] == [("in b",), ("also in b",)]
+    assert first.query("SELECT text FROM prompts")[1] == [("in a",)]
 
 
 def test_lock_held_by_another_process_is_retried_then_reported(store):
