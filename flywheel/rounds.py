@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import functools
 import gc
+import itertools
 import random
 from pathlib import Path
 from typing import Callable
@@ -42,11 +43,19 @@ def _settle_long_lived_objects() -> None:
     """Collect garbage, then freeze what is left between rounds (the engine, the models, the
     modules): the cycle collector skips frozen objects. A full collection of all of them
     took about 0.5 s here, every other round or so, in the middle of a step; after the
-    first freeze, a round's collections walk only what that round made. They are unfrozen
-    at exit, so that finalisation still frees them (nanobind reports frozen objects as leaks)."""
+    first freeze, a round's collections walk only what that round made. Every tenth round
+    the frozen objects are collected too, at the round's start, so that those that became
+    garbage are not kept for a whole run; and at exit they are unfrozen, so that
+    finalisation frees them (DuckDB's nanobind reports frozen objects as leaks)."""
+    if next(_ROUNDS_SETTLED) % FULL_COLLECTION_EVERY_ROUNDS == 0:
+        gc.unfreeze()
     gc.collect()
     gc.freeze()
     _unfreeze_at_exit()
+
+
+FULL_COLLECTION_EVERY_ROUNDS = 10
+_ROUNDS_SETTLED = itertools.count()
 
 
 @functools.cache  # registered once per process

@@ -17,6 +17,7 @@ import itertools
 import json
 import os
 import random
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -101,8 +102,8 @@ class _Attached:
     users: int = 0
 
 
-# The process's in-memory DuckDB (remade in a forked child, which must not share it), and
-# the files attached to it now, by resolved path.
+# The process's in-memory DuckDB (with the pid that made it), and the files attached to
+# it now, by resolved path.
 _HUB: tuple[int, duckdb.DuckDBPyConnection] | None = None
 _ATTACHED: dict[str, _Attached] = {}
 _ALIASES = itertools.count(1)
@@ -110,10 +111,39 @@ _ALIASES = itertools.count(1)
 
 def _hub() -> duckdb.DuckDBPyConnection:
     global _HUB
-    if _HUB is None or _HUB[0] != os.getpid():
-        _HUB = (os.getpid(), duckdb.connect(":memory:"))
-        _ATTACHED.clear()
+    if _HUB is not None and _HUB[0] != os.getpid():
+        raise StoreError("this process was forked while another thread of its parent had the flywheel "
+                         "database open; start it with multiprocessing's 'spawn' method instead")
+    if _HUB is None:
+        # Spill files of large queries go to the system's temporary directory (an in-memory
+        # database would put them in ./.tmp, wherever the process runs).
+        spill = Path(tempfile.gettempdir()) / f"flywheel-duckdb-{os.getpid()}"
+        _HUB = (os.getpid(), duckdb.connect(":memory:", config={"temp_directory": str(spill)}))
     return _HUB[1]
+
+
+def _close_idle_hub_before_fork() -> None:
+    """A forked child cannot free a DuckDB it inherits (freeing it hangs), so it must not
+    inherit one: close the hub first while no file is attached; the next store call makes
+    a new one. (A hub busy in another thread at the fork stays, and the child refuses it.)"""
+    global _HUB
+    if _HUB is None or _ATTACHED or not _PROCESS_CONNECTION.acquire(blocking=False):
+        return
+    try:
+        _HUB[1].close()
+        _HUB = None
+    finally:
+        _PROCESS_CONNECTION.release()
+
+
+os.register_at_fork(before=_close_idle_hub_before_fork)
+
+
+def _detach(key: str) -> None:
+    """Detach a file (which checkpoints it and frees its lock). If DETACH fails, the entry
+    stays, as the file does, and the next call for it reuses the attachment."""
+    _hub().execute(f"DETACH {_ATTACHED[key].alias}")
+    del _ATTACHED[key]
 
 
 def _sql_string(text: str) -> str:
@@ -272,13 +302,18 @@ class Store:
     def _connect(self, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
         """A connection whose default database is this file: attached now, or already
         attached by a connection this one is nested in (then it is shared, not reopened)."""
-        key = self._key
-        attached = _ATTACHED.get(key) or self._attach(key, read_only)
-        if attached.read_only and not read_only:
-            raise StoreError(f"{self.path} is open read-only in this process; cannot write to it inside a query")
+        hub, key = _hub(), self._key
+        attached = _ATTACHED.get(key)
+        if attached is not None and attached.read_only and not read_only:
+            if attached.users:
+                raise StoreError(f"{self.path} is open read-only in this process; cannot write to it inside a query")
+            _detach(key)  # left attached by a DETACH that failed
+            attached = None
+        if attached is None:
+            attached = self._attach(key, read_only)
         attached.users += 1
         try:
-            conn = _hub().cursor()
+            conn = hub.cursor()
             try:
                 conn.execute(f"USE {attached.alias}")
                 yield conn
@@ -287,12 +322,12 @@ class Store:
         finally:
             attached.users -= 1
             if attached.users == 0:
-                del _ATTACHED[key]
-                _hub().execute(f"DETACH {attached.alias}")
+                _detach(key)
 
     def _attach(self, key: str, read_only: bool) -> _Attached:
         alias = f"flywheel_{next(_ALIASES)}"
-        statement = f"ATTACH {_sql_string(str(self.path))} AS {alias}" + (" (READ_ONLY)" if read_only else "")
+        # The resolved path (the key): a relative one would follow the working directory.
+        statement = f"ATTACH {_sql_string(key)} AS {alias}" + (" (READ_ONLY)" if read_only else "")
         deadline = time.monotonic() + self.lock_timeout_s
         delay = 0.02
         while True:
@@ -398,12 +433,12 @@ class Store:
             raise ReadOnlyQueryError(
                 f"flywheel sql is read-only: {kind.name} statements are refused"
             )
-        # A read-only connection is the guarantee (on the held read-write one, a read-only
+        # A read-only attachment is the guarantee (where the file is attached read-write
+        # already, by held() or a transaction this call is nested in, a read-only
         # transaction); the check above gives the clear message. Both refuse
         # `EXPLAIN ANALYZE DELETE ...` and `SELECT nextval(...)`, which the check lets by.
-        held = self._held_here()
         with self._connection(read_only=True) as conn, self._marked_in_transaction(conn):
-            shared = held is not None and held.conn is conn
+            shared = not _ATTACHED[self._key].read_only
             if shared:
                 conn.execute("BEGIN TRANSACTION READ ONLY")
             try:

@@ -105,12 +105,18 @@ def test_a_large_insert_goes_in_chunks_in_order_and_all_or_nothing(store, monkey
     import storage.store as store_module
 
     monkeypatch.setattr(store_module, "_INSERT_CHUNK_ROWS", 3)  # 10 rows: chunks of 3, 3, 3, 1
+    inserted = []
+    real_insert = store_module.StoreSession._insert_arrow
+    monkeypatch.setattr(store_module.StoreSession, "_insert_arrow",
+                        lambda session, table, columns: inserted.append(len(columns["completion_id"]))
+                        or real_insert(session, table, columns))
     with store.transaction() as tx:
         (prompt_id,) = tx.add_prompts(["2+3="], "train")
         ck = tx.add_checkpoint("/models/sft", "reference", "promoted")
     records = [_completion(prompt_id, ck, i, str(i), [i, i + 1]) for i in range(10)]
     with store.transaction() as tx:
         ids = tx.add_completions(records)
+    assert inserted == [3, 3, 3, 1]
     got = store.completions(round_id=1)
     assert [c.completion_id for c in got] == ids
     assert [(c.sample_index, c.text, c.token_ids) for c in got] == [(i, str(i), [i, i + 1]) for i in range(10)]
@@ -224,6 +230,38 @@ def test_two_flywheel_files_open_at_once_in_one_thread_stay_apart(tmp_path):
         assert first.count("prompts") == 1
     assert second.query("SELECT text FROM prompts ORDER BY prompt_id")[1] == [("in b",), ("also in b",)]
     assert first.query("SELECT text FROM prompts")[1] == [("in a",)]
+
+
+def test_query_inside_a_transaction_stays_read_only(store):
+    # The file is attached read-write for the transaction; the nested query shares it.
+    with store.transaction() as tx:
+        tx.add_prompts(["kept"], "train")
+        for sneaky in ("EXPLAIN ANALYZE DELETE FROM prompts", "SELECT nextval('completion_ids')"):
+            with pytest.raises(ReadOnlyQueryError):
+                store.query(sneaky)
+    assert store.count("prompts") == 1
+    with store.transaction() as tx:
+        assert tx._next_ids("completion_ids", 1) == [1]  # the sequence did not move
+
+
+FORK_AFTER_USING_THE_STORE = textwrap.dedent("""
+    import os, sys
+    from storage.store import Store
+    store = Store.create(sys.argv[1])
+    store.count("prompts")  # the parent has used the store
+    child = os.fork()
+    if child == 0:
+        os._exit(0 if store.count("prompts") == 0 else 1)
+    _, status = os.waitpid(child, 0)
+    print("child exit", os.waitstatus_to_exitcode(status), "parent", store.count("prompts"))
+""")
+
+
+def test_a_process_forked_after_using_the_store_can_use_it(tmp_path):
+    # A child that inherited the parent's in-memory DuckDB hung when it made its own.
+    result = subprocess.run([sys.executable, "-c", FORK_AFTER_USING_THE_STORE, str(tmp_path / "fw.duckdb")],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.stdout.strip() == "child exit 0 parent 0", result.stderr
 
 
 def test_lock_held_by_another_process_is_retried_then_reported(store):
