@@ -337,6 +337,9 @@ class Store:
             except duckdb.Error as error:
                 if "Cannot open file" in str(error):  # a read-only or full disk, no permission
                     raise StoreError(f"cannot open {self.path}: {_first_line(error)}") from error
+                if "Unique file handle conflict" in str(error):  # duckdb.connect(path) in this process
+                    raise StoreError(f"{self.path} is open in another DuckDB connection of this process: "
+                                     "close that connection first (or read through the store)") from error
                 if not _is_lock_conflict(error):
                     raise NotAFlywheelDatabase(
                         f"{self.path} is not a readable DuckDB database: {_first_line(error)}"

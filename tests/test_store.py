@@ -244,6 +244,13 @@ def test_query_inside_a_transaction_stays_read_only(store):
         assert tx._next_ids("completion_ids", 1) == [1]  # the sequence did not move
 
 
+def test_a_direct_duckdb_connection_in_the_same_process_is_named_as_the_problem(store):
+    with duckdb.connect(str(store.path), read_only=True):
+        with pytest.raises(StoreError, match="open in another DuckDB connection of this process"):
+            store.count("prompts")
+    assert store.count("prompts") == 0  # closed: the store opens it again
+
+
 FORK_AFTER_USING_THE_STORE = textwrap.dedent("""
     import os, sys
     from storage.store import Store
