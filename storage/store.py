@@ -13,6 +13,7 @@ ms to connect and close on the demo's database, against 3.0 ms to attach and det
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import json
 import os
@@ -102,41 +103,53 @@ class _Attached:
     users: int = 0
 
 
-# The process's in-memory DuckDB (with the pid that made it), and the files attached to
-# it now, by resolved path.
-_HUB: tuple[int, duckdb.DuckDBPyConnection] | None = None
+# The process's in-memory DuckDB, and the files attached to it now, by resolved path.
+_HUB: duckdb.DuckDBPyConnection | None = None
 _ATTACHED: dict[str, _Attached] = {}
 _ALIASES = itertools.count(1)
 
 
 def _hub() -> duckdb.DuckDBPyConnection:
     global _HUB
-    if _HUB is not None and _HUB[0] != os.getpid():
-        raise StoreError("this process was forked while another thread of its parent had the flywheel "
-                         "database open; start it with multiprocessing's 'spawn' method instead")
     if _HUB is None:
         # Spill files of large queries go to the system's temporary directory (an in-memory
         # database would put them in ./.tmp, wherever the process runs).
         spill = Path(tempfile.gettempdir()) / f"flywheel-duckdb-{os.getpid()}"
-        _HUB = (os.getpid(), duckdb.connect(":memory:", config={"temp_directory": str(spill)}))
-    return _HUB[1]
+        _HUB = duckdb.connect(":memory:", config={"temp_directory": str(spill)})
+    return _HUB
+
+
+# A forked child must not free a DuckDB it inherited: freeing one hangs. So an idle hub is
+# closed before a fork (the next store call makes a new one), and a child that still
+# inherits one (another thread was inside a store call at the fork) keeps it for good and
+# starts afresh: its own hub, no attachments, an unlocked lock. The files the inherited
+# hub had attached stay registered to it, so the child cannot open those (it says why).
+_INHERITED_BY_FORK: set[str] = set()
 
 
 def _close_idle_hub_before_fork() -> None:
-    """A forked child cannot free a DuckDB it inherits (freeing it hangs), so it must not
-    inherit one: close the hub first while no file is attached; the next store call makes
-    a new one. (A hub busy in another thread at the fork stays, and the child refuses it.)"""
     global _HUB
     if _HUB is None or _ATTACHED or not _PROCESS_CONNECTION.acquire(blocking=False):
         return
     try:
-        _HUB[1].close()
+        _HUB.close()
         _HUB = None
     finally:
         _PROCESS_CONNECTION.release()
 
 
-os.register_at_fork(before=_close_idle_hub_before_fork)
+def _start_afresh_in_forked_child() -> None:
+    global _HUB, _PROCESS_CONNECTION
+    if _HUB is not None:
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(_HUB))  # never freed, on purpose
+        _HUB = None
+    _INHERITED_BY_FORK.update(_ATTACHED)
+    _ATTACHED.clear()
+    _HELD.__dict__.clear()
+    _PROCESS_CONNECTION = threading.RLock()  # its holder, if any, did not come along
+
+
+os.register_at_fork(before=_close_idle_hub_before_fork, after_in_child=_start_afresh_in_forked_child)
 
 
 def _detach(key: str) -> None:
@@ -337,6 +350,10 @@ class Store:
             except duckdb.Error as error:
                 if "Cannot open file" in str(error):  # a read-only or full disk, no permission
                     raise StoreError(f"cannot open {self.path}: {_first_line(error)}") from error
+                if "Unique file handle conflict" in str(error) and key in _INHERITED_BY_FORK:
+                    raise StoreError(f"{self.path} was open in another thread when this process was forked, "
+                                     "and a forked process cannot open it again: start it with "
+                                     "multiprocessing's 'spawn' method instead") from error
                 if "Unique file handle conflict" in str(error):  # duckdb.connect(path) in this process
                     raise StoreError(f"{self.path} is open in another DuckDB connection of this process: "
                                      "close that connection first (or read through the store)") from error

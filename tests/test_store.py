@@ -271,6 +271,41 @@ def test_a_process_forked_after_using_the_store_can_use_it(tmp_path):
     assert result.stdout.strip() == "child exit 0 parent 0", result.stderr
 
 
+FORK_WHILE_ANOTHER_THREAD_IS_IN_A_TRANSACTION = textwrap.dedent("""
+    import os, sys, threading, time
+    from storage.store import Store, StoreError
+    store = Store.create(sys.argv[1])
+    inside = threading.Event()
+    def slow_transaction():
+        with store.transaction() as tx:
+            tx.add_prompts(["from the parent's thread"], "train")
+            inside.set()
+            time.sleep(1)
+    writer = threading.Thread(target=slow_transaction)
+    writer.start()
+    inside.wait()
+    child = os.fork()
+    if child == 0:  # the lock and the attachment stayed with the parent's thread
+        try:
+            store.count("prompts")
+        except StoreError as error:
+            print(error, flush=True)
+        other = Store.create(sys.argv[1] + ".other")  # the lock was not inherited locked
+        sys.exit(other.count("prompts"))  # a normal exit: finalisation must not hang either
+    _, status = os.waitpid(child, 0)
+    writer.join()
+    print("child exit", os.waitstatus_to_exitcode(status))
+""")
+
+
+def test_a_process_forked_while_another_thread_is_in_a_transaction_says_so_and_exits(tmp_path):
+    result = subprocess.run([sys.executable, "-c", FORK_WHILE_ANOTHER_THREAD_IS_IN_A_TRANSACTION,
+                             str(tmp_path / "fw.duckdb")], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    lines = result.stdout.strip().splitlines()
+    assert lines[-1] == "child exit 0", result.stderr
+    assert "was open in another thread when this process was forked" in lines[0] and "'spawn'" in lines[0]
+
+
 def test_lock_held_by_another_process_is_retried_then_reported(store):
     holder = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(f"""
