@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import itertools
 import json
+import operator
 import os
 import random
 import tempfile
@@ -89,10 +90,9 @@ _ARROW_BATCH_ROWS = 8192
 # Records converted to Arrow and inserted per statement by `StoreSession._insert_in_chunks`.
 _INSERT_CHUNK_ROWS = 2 * _ARROW_BATCH_ROWS
 
-# One connection at a time per process: DuckDB refuses a read-only connection to a file
-# this process has open for writing (and the lease heartbeat writes from a thread), and
-# the store's rule is short transactions anyway, so threads simply take turns. The lock
-# also guards the attachments below.
+# One store call (or `Store.held()` block) at a time per process: it guards the in-memory
+# DuckDB and its attachments below (the lease heartbeat uses the store from a thread), and
+# the store's rule is short transactions anyway, so threads simply take turns.
 _PROCESS_CONNECTION = threading.RLock()
 
 
@@ -145,7 +145,6 @@ def _start_afresh_in_forked_child() -> None:
         _HUB = None
     _INHERITED_BY_FORK.update(_ATTACHED)
     _ATTACHED.clear()
-    _HELD.__dict__.clear()
     _PROCESS_CONNECTION = threading.RLock()  # its holder, if any, did not come along
 
 
@@ -161,17 +160,6 @@ def _detach(key: str) -> None:
 
 def _sql_string(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
-
-
-@dataclass
-class _Held:
-    conn: duckdb.DuckDBPyConnection
-    in_transaction: bool = False
-
-
-# Per thread, by database path: the connection a `Store.held()` block keeps open (any
-# Store object for that file in that thread uses it).
-_HELD = threading.local()
 
 
 def _is_lock_conflict(error: duckdb.Error) -> bool:
@@ -226,18 +214,17 @@ def completion_columns(completions: Sequence[Completion], ids: Sequence[int]) ->
     }
 
 
+def _record_columns(records: Sequence[Any], types: dict[str, pa.DataType]) -> dict[str, pa.Array]:
+    """Arrow columns of dataclass records whose fields are the table's columns (strings
+    unless `types` names another type). `records` is not empty."""
+    return {name: pa.array(list(map(operator.attrgetter(name), records)), types.get(name, pa.string()))
+            for name in type(records[0]).__dataclass_fields__}
+
+
 def label_columns(labels: Sequence[Label], ids: Sequence[int]) -> dict[str, pa.Array]:
     """The Arrow columns `StoreSession.add_labels` inserts (its benchmark's floor too)."""
-    return {
-        "label_id": pa.array(ids, pa.int64()),
-        "pair_id": pa.array([label.pair_id for label in labels], pa.int64()),
-        "winner": pa.array([label.winner for label in labels], pa.string()),
-        "judge_name": pa.array([label.judge_name for label in labels], pa.string()),
-        "judge_version": pa.array([label.judge_version for label in labels], pa.string()),
-        "annotator": pa.array([label.annotator for label in labels], pa.string()),
-        "confidence": pa.array([label.confidence for label in labels], pa.float64()),
-        "rationale": pa.array([label.rationale for label in labels], pa.string()),
-    }
+    return {"label_id": pa.array(ids, pa.int64()),
+            **_record_columns(labels, {"pair_id": pa.int64(), "confidence": pa.float64()})}
 
 
 def _first_line(error: BaseException) -> str:
@@ -279,43 +266,33 @@ class Store:
 
     @contextmanager
     def held(self) -> Iterator[None]:
-        """One connection for a burst of short reads and writes in this thread, each still
-        its own transaction, instead of opening the file for each: an open and a close
-        cost DuckDB about 3 ms (reading the catalog) plus a checkpoint after writes, more
-        than most small reads. Only around short work: other processes cannot
-        open the file until the block ends, so never around sampling, judging or training,
-        and never wait inside it for another thread of this process (the lease heartbeat
-        waits for this connection)."""
-        if self._held_here() is not None:  # an outer block holds it already
+        """Keep the file open for a burst of short reads and writes in this thread, each
+        still its own transaction on its own connection, instead of opening it for each:
+        an open and a close cost DuckDB about 3 ms (reading the catalog) plus a checkpoint
+        after writes, more than most small reads. Only around short work: other processes
+        cannot open the file until the block ends, so never around sampling, judging or
+        training, and never wait inside it for another thread of this process (the lease
+        heartbeat waits for the block to end)."""
+        with _PROCESS_CONNECTION, self._attached(read_only=False):
             yield
-            return
-        key = self._key
-        with self._connection() as conn:
-            _HELD.__dict__[key] = _Held(conn)
-            try:
-                yield
-            finally:
-                del _HELD.__dict__[key]
-
-    def _held_here(self) -> _Held | None:
-        """This thread's `held()` connection to this file, if a block holds one."""
-        return _HELD.__dict__.get(self._key)
 
     @contextmanager
     def _connection(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-        held = self._held_here()
-        if held is not None and not held.in_transaction:
-            yield held.conn
-            return
-        # Not held, or a store call nested inside an open transaction: a connection of its own.
-        with _PROCESS_CONNECTION, self._connect(read_only) as conn:
-            yield conn
+        """A connection of its own (a cursor of the process's in-memory DuckDB) whose default
+        database is this file."""
+        with _PROCESS_CONNECTION, self._attached(read_only) as attached:
+            conn = _hub().cursor()
+            try:
+                conn.execute(f"USE {attached.alias}")
+                yield conn
+            finally:
+                conn.close()
 
     @contextmanager
-    def _connect(self, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A connection whose default database is this file: attached now, or already
-        attached by a connection this one is nested in (then it is shared, not reopened)."""
-        hub, key = _hub(), self._key
+    def _attached(self, read_only: bool) -> Iterator[_Attached]:
+        """This file, attached while the block runs: attached now, or already (by a `held()`
+        block or a call this one is nested in), then shared until its last user is done."""
+        key = self._key
         attached = _ATTACHED.get(key)
         if attached is not None and attached.read_only and not read_only:
             if attached.users:
@@ -326,12 +303,7 @@ class Store:
             attached = self._attach(key, read_only)
         attached.users += 1
         try:
-            conn = hub.cursor()
-            try:
-                conn.execute(f"USE {attached.alias}")
-                yield conn
-            finally:
-                conn.close()
+            yield attached
         finally:
             attached.users -= 1
             if attached.users == 0:
@@ -416,8 +388,8 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator["StoreSession"]:
-        """One transaction on a fresh connection (or the held one): all of it lands, or none of it."""
-        with self._connection() as conn, self._marked_in_transaction(conn):
+        """One transaction on a connection of its own: all of it lands, or none of it."""
+        with self._connection() as conn:
             conn.execute("BEGIN")
             try:
                 yield StoreSession(conn)
@@ -425,20 +397,6 @@ class Store:
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
-
-    @contextmanager
-    def _marked_in_transaction(self, conn: duckdb.DuckDBPyConnection) -> Iterator[None]:
-        """While a transaction is open on the held connection, store calls made inside it
-        get a connection of their own, as they do outside `held()`."""
-        held = self._held_here()
-        if held is None or held.conn is not conn:
-            yield
-            return
-        held.in_transaction = True
-        try:
-            yield
-        finally:
-            held.in_transaction = False
 
     def query(self, sql: str, params: Sequence[Any] | None = None) -> tuple[list[str], list[tuple]]:
         """Run a read-only statement for a user: columns and rows. Writes are refused."""
@@ -457,7 +415,7 @@ class Store:
         # already, by held() or a transaction this call is nested in, a read-only
         # transaction); the check above gives the clear message. Both refuse
         # `EXPLAIN ANALYZE DELETE ...` and `SELECT nextval(...)`, which the check lets by.
-        with self._connection(read_only=True) as conn, self._marked_in_transaction(conn):
+        with self._connection(read_only=True) as conn:
             shared = not _ATTACHED[self._key].read_only
             if shared:
                 conn.execute("BEGIN TRANSACTION READ ONLY")
@@ -773,12 +731,9 @@ class StoreSession:
         ).fetchall()
 
     def _insert_records(self, table: str, records: Sequence[Any], types: dict[str, pa.DataType]) -> None:
-        """Insert dataclass records whose fields are the table's columns (strings unless typed)."""
+        """Insert dataclass records whose fields are the table's columns (`_record_columns`)."""
         if records:
-            self._insert_arrow(table, {
-                name: pa.array([getattr(r, name) for r in records], types.get(name, pa.string()))
-                for name in type(records[0]).__dataclass_fields__
-            })
+            self._insert_arrow(table, _record_columns(records, types))
 
     def add_judge_failures(self, failures: Sequence[JudgeFailure]) -> None:
         self._insert_records("judge_failures", failures, {"pair_id": pa.int64()})
