@@ -20,7 +20,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.live import flywheel_of, registered
 from flywheel.config import load_config_file
-from flywheel.report import markdown_table, plot_rounds, round_table
+from flywheel.report import markdown_table, plot_round_table, round_table
 from flywheel.rounds import Flywheel
 
 # Written beside the database after every round.
@@ -66,9 +66,8 @@ def promote(database: str, round_id: int) -> bool:
 def publish_report(database: str, round_id: int) -> str:
     """The rounds table as a Prefect markdown artifact, and the plot as a PNG beside the database."""
     flywheel = flywheel_of(database)
-    with flywheel.store.held():  # two reads and a 0.1 s drawing: one open
-        plot = plot_rounds(flywheel.store, flywheel.config.workdir / PLOT_NAME)
-        columns, rows = round_table(flywheel.store)
+    columns, rows = round_table(flywheel.store)
+    plot = plot_round_table((columns, rows), flywheel.config.workdir / PLOT_NAME)
     create_markdown_artifact(
         key="flywheel-rounds",
         markdown=f"## Flywheel rounds after round {round_id}\n\n{markdown_table(columns, rows)}\n\n"

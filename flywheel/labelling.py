@@ -26,9 +26,9 @@ class LabellingResult:
 
 def label_pairs(store: Store, judge: Judge, round_id: int, batch_size: int, progress: bool = True) -> LabellingResult:
     """Judge every pair of the round that this judge (name and version) has not judged yet."""
-    with store.held():
-        todo = store.pairs_to_judge(round_id, judge.name, judge.version)
-        already_done = store.count("pairs", "round_id = ?", [round_id]) - len(todo)
+    with store.transaction() as tx:
+        todo = tx.pairs_to_judge(round_id, judge.name, judge.version)
+        already_done = tx.count("pairs", "round_id = ?", [round_id]) - len(todo)
     labelled = failed = 0
     with tqdm(total=len(todo), desc=f"labelling round {round_id} ({judge.name})", unit="pair",
               disable=not progress or not todo, leave=False) as bar:

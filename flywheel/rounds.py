@@ -34,7 +34,7 @@ from judges.human import ready_to_train, waiting_message
 from storage.queue import close_request, utc_now
 from storage.queue import progress as queue_progress
 from storage.records import Evaluation, TrainStep
-from storage.store import Store
+from storage.store import Store, StoreSession
 
 Log = Callable[[str], None]
 
@@ -61,6 +61,13 @@ _ROUNDS_SETTLED = itertools.count()
 @functools.cache  # registered once per process
 def _unfreeze_at_exit() -> None:
     atexit.register(gc.unfreeze)
+
+
+# The round runner keeps the database open this long after each store call: a step's last
+# write, the orchestrator's hand-over and the next step's reads come a few ms apart, and
+# one open for such a burst instead of one per call took the demo round's opens from
+# about 20 to about 6. Long work still runs with the file closed, 50 ms in.
+STORE_LINGER_S = 0.05
 
 
 class Flywheel:
@@ -92,7 +99,7 @@ class Flywheel:
         if config.eval.accuracy_score is not None:
             self.accuracy_score = import_object(config.eval.accuracy_score, "eval.accuracy_score")
         self.eval_judge = eval_judge if eval_judge is not None else self._build_eval_judge()
-        self.store = Store.create(config.database)
+        self.store = Store.create(config.database, linger_s=STORE_LINGER_S)
         self.lease = RoundLease(self.store, log)
         self._owns_sampler = sampler is None
         self.sampler = sampler if sampler is not None else VLLMSampler(config.sample, seed=config.seed)
@@ -111,6 +118,7 @@ class Flywheel:
 
     def close(self) -> None:
         self.lease.release()
+        self.store.release()
         if self._owns_sampler:
             self.sampler.close()
         close_judge(self.judge)
@@ -191,16 +199,16 @@ class Flywheel:
         the batch in flight; a rerun samples only the prompts without completions (each
         prompt has its own seed, so they are the completions the first run would have drawn).
         """
-        with self.store.held():
-            round_ = self.store.get_round(round_id)
+        with self.store.transaction() as tx:
+            round_ = tx.get_round(round_id)
             if round_.has_finished("sampled"):
-                return self.store.count("completions", "round_id = ? AND purpose = 'train'", [round_id])
+                return tx.count("completions", "round_id = ? AND purpose = 'train'", [round_id])
             if self.config.sample.source == "current":
-                policy = self.store.checkpoint(round_.policy_checkpoint_id)
+                policy = tx.checkpoint(round_.policy_checkpoint_id)
             else:  # offline: every round's pairs come from the initial model
-                policy = self.store.reference_checkpoint()
-            prompts = self.store.prompts("train")
-            done = self.store.sampled_prompt_ids(round_id)
+                policy = tx.reference_checkpoint()
+            prompts = tx.prompts("train")
+            done = tx.sampled_prompt_ids(round_id)
         count = min(self.config.sample.prompts_per_round, len(prompts))
         chosen = random.Random(round_.seed).sample(prompts, count)
         todo = [p for p in chosen if p.prompt_id not in done]
@@ -233,12 +241,12 @@ class Flywheel:
 
     def pair(self, round_id: int) -> int:
         strategy = self.config.pair.strategy
-        with self.store.held():
-            round_ = self.store.get_round(round_id)
+        with self.store.transaction() as tx:
+            round_ = tx.get_round(round_id)
             if round_.has_finished("paired"):
-                return self.store.count("pairs", "round_id = ?", [round_id])
-            completions = self.store.completions(round_id=round_id, purpose="train")
-            prompt_texts = ({p.prompt_id: p.text for p in self.store.prompts("train")}
+                return tx.count("pairs", "round_id = ?", [round_id])
+            completions = tx.completions(round_id=round_id, purpose="train")
+            prompt_texts = ({p.prompt_id: p.text for p in tx.prompts("train")}
                             if strategy in NEEDS_SCORES else {})
         scores = []
         if strategy in NEEDS_SCORES:
@@ -262,12 +270,10 @@ class Flywheel:
         earlier batches stay, and a rerun judges only what is left. The first judge to
         label a round owns it: resuming with another judge would mix two labellers.
         """
-        with self.store.held():
-            round_ = self.store.get_round(round_id)
-            if round_.has_finished("labelled"):
-                return self.store.count_preferences(round_id)
-            with self.store.transaction() as tx:
-                owner = tx.claim_round_judge(round_id, self.judge.name, self.judge.version)
+        with self.store.transaction() as tx:
+            if tx.get_round(round_id).has_finished("labelled"):
+                return tx.count_preferences(round_id)
+            owner = tx.claim_round_judge(round_id, self.judge.name, self.judge.version)
         if owner != (self.judge.name, self.judge.version):
             raise UserError(
                 f"round {round_id} is being labelled by {owner[0]}@{owner[1]}, not "
@@ -310,19 +316,18 @@ class Flywheel:
 
     def train(self, round_id: int) -> int | None:
         """DPO on the round's preferences; returns the candidate checkpoint id (None: no data)."""
-        with self.store.held():
-            round_ = self.store.get_round(round_id)
+        with self.store.transaction() as tx:
+            round_ = tx.get_round(round_id)
             if round_.has_finished("trained"):
                 return round_.candidate_checkpoint_id
-            triples = self.store.preference_triples(round_id)
+            triples = tx.preference_triples(round_id)
             if not triples:
                 self.log(f"round {round_id}: no preferences to train on; the incumbent stays")
-                with self.store.transaction() as tx:
-                    tx.finish_step(round_id, "trained")
+                tx.finish_step(round_id, "trained")
                 return None
-            triples += self._replayed(round_id, round_.seed, len(triples))
-            policy = self.store.checkpoint(round_.policy_checkpoint_id)
-            reference = self.store.checkpoint(round_.reference_checkpoint_id)
+            triples += self._replayed(tx, round_id, round_.seed, len(triples))
+            policy = tx.checkpoint(round_.policy_checkpoint_id)
+            reference = tx.checkpoint(round_.reference_checkpoint_id)
         output_dir = self.config.checkpoints_dir / f"round-{round_id:04d}"
         reference_logps = reference_logps_for(self.store, triples, reference, self.config.train.batch_size)
         if self.config.train.num_processes > 1:
@@ -342,33 +347,32 @@ class Flywheel:
         self.log(f"round {round_id}: trained {len(metrics)} DPO steps, final loss {metrics[-1].loss:.4f}")
         return candidate_id
 
-    def _replayed(self, round_id: int, seed: int, fresh: int) -> list:
+    def _replayed(self, tx: StoreSession, round_id: int, seed: int, fresh: int) -> list:
         """Earlier rounds' preferences to mix in, so that they make `replay_fraction` of the
         training set: r / (fresh + r) = f, so r = fresh * f / (1 - f), as far as there are."""
         fraction = self.config.train.replay_fraction
         if fraction == 0:
             return []
-        earlier = self.store.preference_triples(round_id, earlier_rounds=True)
+        earlier = tx.preference_triples(round_id, earlier_rounds=True)
         wanted = min(round(fresh * fraction / (1 - fraction)), len(earlier))
         return random.Random(seed).sample(earlier, wanted)
 
     def evaluate(self, round_id: int) -> None:
         """Sample held-out prompts from the candidate (and the incumbent, once) and compare."""
-        with self.store.held():
-            round_ = self.store.get_round(round_id)
+        with self.store.transaction() as tx:
+            round_ = tx.get_round(round_id)
             if round_.has_finished("evaluated"):
                 return
             if round_.candidate_checkpoint_id is None:
-                with self.store.transaction() as tx:
-                    tx.finish_step(round_id, "evaluated")
+                tx.finish_step(round_id, "evaluated")
                 return
-            heldout = self.store.prompts("heldout")
-            incumbent = self.store.checkpoint(round_.policy_checkpoint_id)
-            candidate = self.store.checkpoint(round_.candidate_checkpoint_id)
-            reference = self.store.checkpoint(round_.reference_checkpoint_id)
+            heldout = tx.prompts("heldout")
+            incumbent = tx.checkpoint(round_.policy_checkpoint_id)
+            candidate = tx.checkpoint(round_.candidate_checkpoint_id)
+            reference = tx.checkpoint(round_.reference_checkpoint_id)
             # Every checkpoint is evaluated with the same seed (common random numbers), and an
             # incumbent's held-out samples are reused from when it was itself evaluated.
-            incumbent_samples = self.store.completions(checkpoint_id=incumbent.checkpoint_id, purpose="eval")
+            incumbent_samples = tx.completions(checkpoint_id=incumbent.checkpoint_id, purpose="eval")
         by_id = {p.prompt_id: p for p in heldout}
         new_incumbent_samples = []
         if not incumbent_samples:
@@ -416,30 +420,28 @@ class Flywheel:
 
     def promote(self, round_id: int) -> bool:
         """Promote the candidate if it passed the gate; otherwise keep it, marked rejected."""
-        with self.store.held():  # short reads and one write: no long work here
-            round_ = self.store.get_round(round_id)
+        with self.store.transaction() as tx:  # the decision and its record land together
+            round_ = tx.get_round(round_id)
             if round_.candidate_checkpoint_id is None:
                 if not round_.has_finished("done"):
-                    with self.store.transaction() as tx:
-                        tx.finish_step(round_id, "done")
+                    tx.finish_step(round_id, "done")
                 return False
             if round_.has_finished("done"):
-                return self.store.checkpoint(round_.candidate_checkpoint_id).status == "promoted"
-            evaluation = self.store.evaluation(round_id, round_.candidate_checkpoint_id)
+                return tx.checkpoint(round_.candidate_checkpoint_id).status == "promoted"
+            evaluation = tx.evaluation(round_id, round_.candidate_checkpoint_id)
             promoted = promote_if_better(
                 evaluation.accuracy, evaluation.incumbent_accuracy, evaluation.win_rate,
                 self.config.eval.promotion_margin,
             )
-            with self.store.transaction() as tx:
-                tx.set_checkpoint_status(round_.candidate_checkpoint_id, "promoted" if promoted else "rejected")
-                tx.record_promotion(
-                    round_.candidate_checkpoint_id, "promote" if promoted else "reject", "gate",
-                    gate_reason(evaluation, self.config.eval.promotion_margin), round_id,
-                    policy_before=round_.policy_checkpoint_id,
-                )
-                tx.finish_step(round_id, "done")
-            self.log(f"round {round_id}: candidate {'promoted' if promoted else 'kept, not promoted'}")
-            return promoted
+            tx.set_checkpoint_status(round_.candidate_checkpoint_id, "promoted" if promoted else "rejected")
+            tx.record_promotion(
+                round_.candidate_checkpoint_id, "promote" if promoted else "reject", "gate",
+                gate_reason(evaluation, self.config.eval.promotion_margin), round_id,
+                policy_before=round_.policy_checkpoint_id,
+            )
+            tx.finish_step(round_id, "done")
+        self.log(f"round {round_id}: candidate {'promoted' if promoted else 'kept, not promoted'}")
+        return promoted
 
     def run_round(self) -> int:
         """All steps of one round, without an orchestrator; returns the round id. A round

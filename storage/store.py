@@ -9,10 +9,20 @@ another process is retried with back-off and then reported in one line.
 closing is its DETACH, which checkpoints and releases the file lock as closing a
 connection does. `duckdb.connect(path)` builds a whole database instance each time: 11.5
 ms to connect and close on the demo's database, against 3.0 ms to attach and detach.
+
+A store made with `linger_s` (the round runner's) closes the file that long after its last
+call instead of at once, on a timer thread: a round's steps make bursts of calls a few ms
+apart (one step's last write, the orchestrator, the next step's first reads), and one
+open for the burst replaces a dozen. The file is still free during long work, a moment
+after it starts; other processes wait for it with the same back-off as for a transaction.
+An attachment lingers only within its first `LONGEST_LINGERING_HOLD_S`, so that a long
+loop of quick calls still leaves the file free between them.
 """
 
 from __future__ import annotations
 
+import array
+import atexit
 import ctypes
 import itertools
 import json
@@ -24,7 +34,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -90,6 +100,12 @@ _ARROW_BATCH_ROWS = 8192
 # Records converted to Arrow and inserted per statement by `StoreSession._insert_in_chunks`.
 _INSERT_CHUNK_ROWS = 2 * _ARROW_BATCH_ROWS
 
+# A lingering attachment (`Store(linger_s=...)`) lingers only this long after it was made:
+# after that each call closes the file at once, as a store without linger does, so that
+# a loop of quick transactions (small sampling batches, a fast judge) does not keep the
+# file from other processes for as long as the loop runs.
+LONGEST_LINGERING_HOLD_S = 0.5
+
 # One store call (or `Store.held()` block) at a time per process: it guards the in-memory
 # DuckDB and its attachments below (the lease heartbeat uses the store from a thread), and
 # the store's rule is short transactions anyway, so threads simply take turns.
@@ -101,6 +117,12 @@ class _Attached:
     alias: str
     read_only: bool
     users: int = 0
+    # When a lingering attachment with no users is detached (None: when its last user ends).
+    close_at: float | None = None
+    attached_at: float = field(default_factory=time.monotonic)
+    # Cursors that already USE this file, free for the next call: a new cursor and its USE
+    # took about 1 ms inside a round (0.05 ms alone), and a round makes about 40 calls.
+    idle_cursors: list[duckdb.DuckDBPyConnection] = field(default_factory=list)
 
 
 # The process's in-memory DuckDB, and the files attached to it now, by resolved path.
@@ -129,23 +151,26 @@ _INHERITED_BY_FORK: set[str] = set()
 
 def _close_idle_hub_before_fork() -> None:
     global _HUB
-    if _HUB is None or _ATTACHED or not _PROCESS_CONNECTION.acquire(blocking=False):
+    if _HUB is None or not _PROCESS_CONNECTION.acquire(blocking=False):
         return
     try:
-        _HUB.close()
-        _HUB = None
+        _detach_lingering()
+        if not _ATTACHED:
+            _HUB.close()
+            _HUB = None
     finally:
         _PROCESS_CONNECTION.release()
 
 
 def _start_afresh_in_forked_child() -> None:
-    global _HUB, _PROCESS_CONNECTION
+    global _HUB, _PROCESS_CONNECTION, _CLOSER_WAKE
     if _HUB is not None:
         ctypes.pythonapi.Py_IncRef(ctypes.py_object(_HUB))  # never freed, on purpose
         _HUB = None
     _INHERITED_BY_FORK.update(_ATTACHED)
     _ATTACHED.clear()
     _PROCESS_CONNECTION = threading.RLock()  # its holder, if any, did not come along
+    _CLOSER_WAKE = threading.Event()  # nor did the closer thread
 
 
 os.register_at_fork(before=_close_idle_hub_before_fork, after_in_child=_start_afresh_in_forked_child)
@@ -154,8 +179,64 @@ os.register_at_fork(before=_close_idle_hub_before_fork, after_in_child=_start_af
 def _detach(key: str) -> None:
     """Detach a file (which checkpoints it and frees its lock). If DETACH fails, the entry
     stays, as the file does, and the next call for it reuses the attachment."""
-    _hub().execute(f"DETACH {_ATTACHED[key].alias}")
+    attached = _ATTACHED[key]
+    while attached.idle_cursors:
+        attached.idle_cursors.pop().close()
+    _hub().execute(f"DETACH {attached.alias}")
     del _ATTACHED[key]
+
+
+def _detach_later(key: str, attached: _Attached, delay_s: float) -> None:
+    """Detach `key` in `delay_s` unless a call uses it again first (which postpones it)."""
+    global _CLOSER
+    attached.close_at = time.monotonic() + delay_s
+    if _CLOSER is None or not _CLOSER.is_alive():  # the first, or a forked child's
+        # A daemon: exit detaches what still lingers (`_detach_lingering_at_exit`).
+        _CLOSER = threading.Thread(target=_detach_when_due, name="flywheel-store-closer", daemon=True)
+        _CLOSER.start()
+    _CLOSER_WAKE.set()
+
+
+def _detach_when_due() -> None:
+    """The closer thread: detach each lingering attachment when its time comes."""
+    while True:
+        with _PROCESS_CONNECTION:
+            now = time.monotonic()
+            for key, attached in list(_ATTACHED.items()):
+                if attached.users or attached.close_at is None or attached.close_at > now:
+                    continue
+                try:
+                    _detach(key)
+                except duckdb.Error:  # it stays attached (its writes are committed) until
+                    attached.close_at = None  # its next release, a fork or exit detaches it
+            due = [a.close_at for a in _ATTACHED.values() if not a.users and a.close_at is not None]
+            _CLOSER_WAKE.clear()  # under the lock, so a release after this wakes the wait below
+        _CLOSER_WAKE.wait(min(due) - time.monotonic() if due else None)
+
+
+_CLOSER: threading.Thread | None = None
+_CLOSER_WAKE = threading.Event()
+
+
+def _detach_lingering() -> None:
+    """Detach every attachment that only lingers (has no users); one whose DETACH fails
+    stays attached, as in `_detach`. The caller holds the lock."""
+    for key in [key for key, attached in _ATTACHED.items() if not attached.users]:
+        try:
+            _detach(key)
+        except duckdb.Error:
+            pass
+
+
+@atexit.register
+def _detach_lingering_at_exit() -> None:
+    # A daemon thread stuck inside a store call must not hang the exit: give up after 5 s
+    # (what lingers then is committed anyway; DuckDB replays its log at the next open).
+    if _PROCESS_CONNECTION.acquire(timeout=5):
+        try:
+            _detach_lingering()
+        finally:
+            _PROCESS_CONNECTION.release()
 
 
 def _sql_string(text: str) -> str:
@@ -168,13 +249,16 @@ def _is_lock_conflict(error: duckdb.Error) -> bool:
 
 
 def _int32_lists(values: Sequence[Sequence[int]]) -> pa.Array:
-    """A list<int32> column from Python lists of ints: all values through one flat numpy
-    buffer plus offsets, about 15% faster than `pa.array` on the nested lists."""
+    """A list<int32> column from Python lists of ints: all values into one flat C int
+    buffer plus offsets. `array.fromlist` reads a whole list at a time: 20% faster than
+    `np.fromiter` over the chained lists, which was itself faster than `pa.array`."""
     lengths = np.fromiter(map(len, values), np.int32, len(values))
     offsets = np.zeros(len(values) + 1, np.int32)
     np.cumsum(lengths, out=offsets[1:])
-    flat = np.fromiter(itertools.chain.from_iterable(values), np.int32, int(offsets[-1]))
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
+    flat = array.array("i")  # a C int: 32 bits on every platform DuckDB and torch run on
+    for token_ids in values:
+        flat.fromlist(token_ids if isinstance(token_ids, list) else list(token_ids))
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.frombuffer(flat, np.int32)))
 
 
 def _per_distinct_object(values: Sequence[Any], convert) -> pa.Array:
@@ -234,10 +318,15 @@ def _first_line(error: BaseException) -> str:
 class Store:
     """The flywheel's database. Open with `Store.create` (new or existing) or `Store.open`."""
 
-    def __init__(self, path: str | os.PathLike, *, lock_timeout_s: float = 60.0) -> None:
+    def __init__(self, path: str | os.PathLike, *, lock_timeout_s: float = 60.0, linger_s: float = 0.0) -> None:
+        """`linger_s`: keep the file open this long after a call ends, for the next call
+        (see the module docstring); 0 closes it at once. Only for a process that makes
+        bursts of calls and needs the file to itself meanwhile: a server answering other
+        processes' requests would keep the file from them."""
         self.path = Path(path)
         self.lock_timeout_s = lock_timeout_s
-        # Resolved once: it keys this file's attachment and held connection in every call.
+        self.linger_s = linger_s
+        # Resolved once: it keys this file's attachment in every call.
         self._key = str(self.path.resolve())
 
     # -- opening -----------------------------------------------------------------------
@@ -279,14 +368,20 @@ class Store:
     @contextmanager
     def _connection(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
         """A connection of its own (a cursor of the process's in-memory DuckDB) whose default
-        database is this file."""
+        database is this file: a new one, or one an earlier call on this attachment left
+        with no transaction open. One whose block raised is closed, not kept."""
         with _PROCESS_CONNECTION, self._attached(read_only) as attached:
-            conn = _hub().cursor()
-            try:
+            if attached.idle_cursors:
+                conn = attached.idle_cursors.pop()
+            else:
+                conn = _hub().cursor()
                 conn.execute(f"USE {attached.alias}")
+            try:
                 yield conn
-            finally:
+            except BaseException:
                 conn.close()
+                raise
+            attached.idle_cursors.append(conn)
 
     @contextmanager
     def _attached(self, read_only: bool) -> Iterator[_Attached]:
@@ -302,12 +397,23 @@ class Store:
         if attached is None:
             attached = self._attach(key, read_only)
         attached.users += 1
+        attached.close_at = None
         try:
             yield attached
         finally:
             attached.users -= 1
             if attached.users == 0:
-                _detach(key)
+                if self.linger_s > 0 and time.monotonic() - attached.attached_at < LONGEST_LINGERING_HOLD_S:
+                    _detach_later(key, attached, self.linger_s)
+                else:
+                    _detach(key)
+
+    def release(self) -> None:
+        """Close the file now if it only lingers after this process's last call (`linger_s`)."""
+        with _PROCESS_CONNECTION:
+            attached = _ATTACHED.get(self._key)
+            if attached is not None and not attached.users:
+                _detach(self._key)
 
     def _attach(self, key: str, read_only: bool) -> _Attached:
         alias = f"flywheel_{next(_ALIASES)}"

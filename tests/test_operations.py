@@ -241,6 +241,10 @@ def test_empty_and_too_long_prompts_are_skipped_and_recorded(tiny_policy, tmp_pa
         _, rows = store.query("SELECT split, row_number, reason, token_count FROM skipped_prompts ORDER BY row_number")
     finally:
         flywheel_.close()
+    # close() let go of the file at once (the round runner's store keeps it 50 ms after a
+    # call): this process can open it directly, which DuckDB refuses while it is attached.
+    with duckdb.connect(str(flywheel_.config.database), read_only=True) as conn:
+        assert conn.execute("SELECT count(*) FROM skipped_prompts").fetchone()[0] == len(rows)
     assert rows[:2] == [("train", 2, "empty", None), ("train", 3, "empty", None)]
     assert rows[2][:2] == ("train", 4) and rows[2][2].startswith("longer than the context (83 > 63 tokens)")
 

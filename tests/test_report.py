@@ -168,6 +168,25 @@ def test_plot_rounds_with_no_evaluated_round(tmp_path):
     assert _read_png(plot_rounds(store, tmp_path / "one.png")).shape[:2] == PLOT_SIZE
 
 
+def test_a_plot_drawn_after_another_is_the_one_a_fresh_figure_draws(tmp_path):
+    """The figure is kept and redrawn: nothing of an earlier plot (its lines, the y range
+    of its data, its legends, its 'no verifier' text) may show in the next."""
+    from flywheel.report import _rounds_canvas
+
+    wide, _, _ = build_store(tmp_path / "wide.duckdb", accuracy=False, kl=False)
+    with wide.transaction() as tx:  # a mean length far outside the other store's range
+        tx.conn.execute("UPDATE evals SET mean_length = mean_length * 100")
+    narrow, _, _ = build_store(tmp_path / "narrow.duckdb")
+    _rounds_canvas.cache_clear()
+    fresh = _read_png(plot_rounds(narrow, tmp_path / "fresh.png"))
+    plot_rounds(wide, tmp_path / "wide.png")
+    empty = Store.create(tmp_path / "empty.duckdb")
+    plot_rounds(empty, tmp_path / "empty.png")
+    redrawn = _read_png(plot_rounds(narrow, tmp_path / "redrawn.png"))
+    assert (redrawn == fresh).all()
+    assert not (_read_png(tmp_path / "wide.png") == fresh).all()
+
+
 def test_a_crash_while_plotting_keeps_the_old_png(tmp_path, monkeypatch):
     from matplotlib.figure import Figure
 

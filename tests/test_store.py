@@ -3,11 +3,13 @@
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import duckdb
 import pytest
 
+import storage.store
 from storage.migrations import MIGRATIONS_TABLE
 from storage.records import Completion, Label, Pair
 from storage.store import (
@@ -216,6 +218,77 @@ def test_held_keeps_one_connection_for_a_burst_and_lets_go_after(store, monkeypa
     assert store.count("prompts") == 2
     assert during == "locked"  # held means held: only around short work
     assert subprocess.run(other_process, capture_output=True, text=True, cwd=ROOT).stdout.strip() == "opened"
+
+
+OTHER_PROCESS_OPENS = textwrap.dedent("""
+    import sys
+    from storage.store import Store, StoreLockedError
+    try:
+        Store(sys.argv[1], lock_timeout_s=0.3).count("prompts")
+        print("opened")
+    except StoreLockedError:
+        print("locked")
+""")
+
+
+def _other_process_opens(path) -> str:
+    return subprocess.run([sys.executable, "-c", OTHER_PROCESS_OPENS, str(path)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=60).stdout.strip()
+
+
+def test_a_lingering_store_opens_once_for_calls_close_together_then_lets_go(tmp_path, monkeypatch):
+    opened = []
+    real_attach = Store._attach
+    monkeypatch.setattr(Store, "_attach", lambda *a: opened.append(a) or real_attach(*a))
+    store = Store.create(tmp_path / "fw.duckdb", linger_s=60)
+    with store.transaction() as tx:
+        tx.add_prompts(["kept"], "train")
+    assert store.count("prompts") == 1 and store.query("SELECT count(*) FROM prompts")[1] == [(1,)]
+    assert len(opened) == 1  # create, a write, two reads: one open
+    assert _other_process_opens(store.path) == "locked"  # it lingers (for 60 s here)
+    store.release()
+    assert _other_process_opens(store.path) == "opened"
+    assert store.count("prompts") == 1 and len(opened) == 2
+
+    store.linger_s = 0.05
+    assert store.count("prompts") == 1  # attached again, and detached 50 ms after by the closer thread
+    assert _other_process_opens(store.path) == "opened"  # its start alone takes longer than 50 ms
+
+
+def test_a_lingering_store_stops_lingering_after_its_longest_hold(tmp_path, monkeypatch):
+    # Otherwise a loop of quick transactions would keep the file from others for as long as it runs.
+    monkeypatch.setattr(storage.store, "LONGEST_LINGERING_HOLD_S", 0.3)
+    store = Store.create(tmp_path / "fw.duckdb", linger_s=60)
+    assert store.count("prompts") == 0
+    assert _other_process_opens(store.path) == "locked"  # within the longest hold: it lingers
+    time.sleep(0.3)  # (the other process alone took longer than that)
+    assert store.count("prompts") == 0  # the same attachment, now older than the longest hold
+    assert _other_process_opens(store.path) == "opened"  # so that call closed it
+
+
+LINGERING_AT_EXIT_AND_FORK = textwrap.dedent("""
+    import os, sys
+    from storage.store import Store
+    store = Store.create(sys.argv[1], linger_s=60)
+    with store.transaction() as tx:
+        tx.add_prompts(["written just before the fork and the exit"], "train")
+    child = os.fork()
+    if child == 0:  # the file was detached before the fork, not inherited
+        os._exit(0 if store.count("prompts") == 1 else 1)
+    _, status = os.waitpid(child, 0)
+    with store.transaction() as tx:
+        tx.add_prompts(["after the fork"], "train")
+    print("child exit", os.waitstatus_to_exitcode(status), "parent", store.count("prompts"), flush=True)
+""")
+
+
+def test_a_lingering_file_is_closed_before_a_fork_and_at_exit(tmp_path):
+    path = tmp_path / "fw.duckdb"
+    result = subprocess.run([sys.executable, "-c", LINGERING_AT_EXIT_AND_FORK, str(path)],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.stdout.strip() == "child exit 0 parent 2", result.stderr
+    assert not Path(f"{path}.wal").exists()  # exit detached it, which checkpoints the log into the file
+    assert Store.open(path).count("prompts") == 2
 
 
 def test_two_flywheel_files_open_at_once_in_one_thread_stay_apart(tmp_path):
