@@ -158,9 +158,11 @@ def plot_round_table(table: tuple[Sequence[str], Sequence[Sequence[Any]]], path:
                         fontsize=13, color="0.4")
             if ax is axes[0][1]:  # win rate
                 ax.axhline(0.5, color="tab:red", linestyle=":", linewidth=1, label="win rate 0.5")
-            else:  # the y range of this call's data, not the last call's
+            elif drawn:  # the y range of this call's data, not the last call's
                 ax.relim()
                 ax.autoscale(axis="y")
+            else:  # as a new panel with nothing in it
+                ax.set_ylim(0, 1)
         # One legend for all panels, under the title: a legend in each panel cost 4 searches
         # for a free spot at every draw, and could still cover a curve.
         named = {}
@@ -192,7 +194,7 @@ class _RoundsCanvas:
     legend: Any = None  # the last call's
 
 
-@functools.cache  # one per process, redrawn by every call
+@functools.cache  # one per process (a forked child makes its own), redrawn by every call
 def _rounds_canvas() -> _RoundsCanvas:
     """The plot's figure, panels, titles and grids, made once: making them (and their ticks)
     was half of the 0.14 s a plot took, which a flow spends after every round. Each call
@@ -220,6 +222,10 @@ def _rounds_canvas() -> _RoundsCanvas:
     nothing_yet = figure.text(0.5, 0.5, "no evaluated rounds yet", ha="center", va="center", fontsize=16,
                               color="0.4")
     return _RoundsCanvas(figure, axes, nothing_yet, threading.Lock())
+
+
+# Its lock may have been held by another thread at the fork, which did not come along.
+os.register_at_fork(after_in_child=_rounds_canvas.cache_clear)
 
 
 def _save_atomically(figure: Any, path: Path) -> Path:

@@ -15,8 +15,9 @@ call instead of at once, on a timer thread: a round's steps make bursts of calls
 apart (one step's last write, the orchestrator, the next step's first reads), and one
 open for the burst replaces a dozen. The file is still free during long work, a moment
 after it starts; other processes wait for it with the same back-off as for a transaction.
-An attachment lingers only within its first `LONGEST_LINGERING_HOLD_S`, so that a long
-loop of quick calls still leaves the file free between them.
+Only calls within `LONGEST_LINGERING_HOLD_S` of the open start a linger; after a call past
+that closes the file, its calls close it at once for as long again, so that a long loop of
+quick calls leaves the file free between them at least half the time.
 """
 
 from __future__ import annotations
@@ -100,15 +101,17 @@ _ARROW_BATCH_ROWS = 8192
 # Records converted to Arrow and inserted per statement by `StoreSession._insert_in_chunks`.
 _INSERT_CHUNK_ROWS = 2 * _ARROW_BATCH_ROWS
 
-# A lingering attachment (`Store(linger_s=...)`) lingers only this long after it was made:
-# after that each call closes the file at once, as a store without linger does, so that
-# a loop of quick transactions (small sampling batches, a fast judge) does not keep the
-# file from other processes for as long as the loop runs.
+# A lingering attachment (`Store(linger_s=...)`) lingers only after calls that end within
+# this long of its open. The call that ends later closes the file at once, and so do the
+# file's calls for as long again: a loop of quick transactions (small sampling batches, a
+# fast judge) then leaves the file free between them, as a store without linger does, at
+# least half the time, instead of keeping it from other processes while the loop runs.
 LONGEST_LINGERING_HOLD_S = 0.5
 
 # One store call (or `Store.held()` block) at a time per process: it guards the in-memory
-# DuckDB and its attachments below (the lease heartbeat uses the store from a thread), and
-# the store's rule is short transactions anyway, so threads simply take turns.
+# DuckDB and its attachments below (the lease heartbeat uses the store from a thread, and
+# the closer thread detaches lingering files), and the store's rule is short transactions
+# anyway, so threads simply take turns.
 _PROCESS_CONNECTION = threading.RLock()
 
 
@@ -128,6 +131,10 @@ class _Attached:
 # The process's in-memory DuckDB, and the files attached to it now, by resolved path.
 _HUB: duckdb.DuckDBPyConnection | None = None
 _ATTACHED: dict[str, _Attached] = {}
+# Files whose calls close them at once until then (monotonic time): see LONGEST_LINGERING_HOLD_S.
+_NO_LINGER_UNTIL: dict[str, float] = {}
+# Set at exit: from then on every call closes its file at once.
+_EXITING = False
 _ALIASES = itertools.count(1)
 
 
@@ -151,7 +158,8 @@ _INHERITED_BY_FORK: set[str] = set()
 
 def _close_idle_hub_before_fork() -> None:
     global _HUB
-    if _HUB is None or not _PROCESS_CONNECTION.acquire(blocking=False):
+    # A short wait: the closer thread may be in the middle of a DETACH.
+    if _HUB is None or not _PROCESS_CONNECTION.acquire(timeout=1.0):
         return
     try:
         _detach_lingering()
@@ -165,7 +173,9 @@ def _close_idle_hub_before_fork() -> None:
 def _start_afresh_in_forked_child() -> None:
     global _HUB, _PROCESS_CONNECTION, _CLOSER_WAKE
     if _HUB is not None:
-        ctypes.pythonapi.Py_IncRef(ctypes.py_object(_HUB))  # never freed, on purpose
+        # Never freed, on purpose: the hub, and the cursors of it that attachments kept.
+        for inherited in [_HUB, *(c for attached in _ATTACHED.values() for c in attached.idle_cursors)]:
+            ctypes.pythonapi.Py_IncRef(ctypes.py_object(inherited))
         _HUB = None
     _INHERITED_BY_FORK.update(_ATTACHED)
     _ATTACHED.clear()
@@ -186,19 +196,40 @@ def _detach(key: str) -> None:
     del _ATTACHED[key]
 
 
-def _detach_later(key: str, attached: _Attached, delay_s: float) -> None:
-    """Detach `key` in `delay_s` unless a call uses it again first (which postpones it)."""
+def _release(key: str, attached: _Attached, linger_s: float) -> None:
+    """The last user of `attached` is done: detach it now, or in `linger_s` (see
+    LONGEST_LINGERING_HOLD_S for when it does not linger) unless a call uses it first."""
+    now = time.monotonic()
+    if linger_s > 0 and not _EXITING and now >= _NO_LINGER_UNTIL.get(key, 0.0):
+        if now - attached.attached_at < LONGEST_LINGERING_HOLD_S:
+            attached.close_at = now + linger_s
+            if _wake_closer(attached.close_at):
+                return
+        else:
+            _NO_LINGER_UNTIL[key] = now + LONGEST_LINGERING_HOLD_S
+    _detach(key)
+
+
+def _wake_closer(close_at: float) -> bool:
+    """Make sure the closer thread detaches at `close_at`; False if it cannot run."""
     global _CLOSER
-    attached.close_at = time.monotonic() + delay_s
     if _CLOSER is None or not _CLOSER.is_alive():  # the first, or a forked child's
         # A daemon: exit detaches what still lingers (`_detach_lingering_at_exit`).
-        _CLOSER = threading.Thread(target=_detach_when_due, name="flywheel-store-closer", daemon=True)
-        _CLOSER.start()
-    _CLOSER_WAKE.set()
+        closer = threading.Thread(target=_detach_when_due, name="flywheel-store-closer", daemon=True)
+        try:
+            closer.start()
+        except RuntimeError:  # the interpreter is shutting down
+            return False
+        _CLOSER = closer
+    # Only when it would otherwise sleep past `close_at`: a burst of calls wakes it once.
+    if _CLOSER_SLEEPS_UNTIL is None or close_at < _CLOSER_SLEEPS_UNTIL:
+        _CLOSER_WAKE.set()
+    return True
 
 
 def _detach_when_due() -> None:
     """The closer thread: detach each lingering attachment when its time comes."""
+    global _CLOSER_SLEEPS_UNTIL
     while True:
         with _PROCESS_CONNECTION:
             now = time.monotonic()
@@ -207,15 +238,17 @@ def _detach_when_due() -> None:
                     continue
                 try:
                     _detach(key)
-                except duckdb.Error:  # it stays attached (its writes are committed) until
-                    attached.close_at = None  # its next release, a fork or exit detaches it
+                except duckdb.Error:  # it stays attached (its writes are committed): try again
+                    attached.close_at = now + 1.0
             due = [a.close_at for a in _ATTACHED.values() if not a.users and a.close_at is not None]
+            _CLOSER_SLEEPS_UNTIL = min(due) if due else None
             _CLOSER_WAKE.clear()  # under the lock, so a release after this wakes the wait below
-        _CLOSER_WAKE.wait(min(due) - time.monotonic() if due else None)
+        _CLOSER_WAKE.wait(None if _CLOSER_SLEEPS_UNTIL is None else _CLOSER_SLEEPS_UNTIL - time.monotonic())
 
 
 _CLOSER: threading.Thread | None = None
 _CLOSER_WAKE = threading.Event()
+_CLOSER_SLEEPS_UNTIL: float | None = None  # None: until woken
 
 
 def _detach_lingering() -> None:
@@ -232,6 +265,8 @@ def _detach_lingering() -> None:
 def _detach_lingering_at_exit() -> None:
     # A daemon thread stuck inside a store call must not hang the exit: give up after 5 s
     # (what lingers then is committed anyway; DuckDB replays its log at the next open).
+    global _EXITING
+    _EXITING = True
     if _PROCESS_CONNECTION.acquire(timeout=5):
         try:
             _detach_lingering()
@@ -255,10 +290,10 @@ def _int32_lists(values: Sequence[Sequence[int]]) -> pa.Array:
     lengths = np.fromiter(map(len, values), np.int32, len(values))
     offsets = np.zeros(len(values) + 1, np.int32)
     np.cumsum(lengths, out=offsets[1:])
-    flat = array.array("i")  # a C int: 32 bits on every platform DuckDB and torch run on
+    flat = array.array("i")  # a C int (np.intc): 32 bits on every platform DuckDB and torch run on
     for token_ids in values:
-        flat.fromlist(token_ids if isinstance(token_ids, list) else list(token_ids))
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.frombuffer(flat, np.int32)))
+        flat.fromlist(token_ids if isinstance(token_ids, list) else np.asarray(token_ids).tolist())
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.frombuffer(flat, np.intc)))
 
 
 def _per_distinct_object(values: Sequence[Any], convert) -> pa.Array:
@@ -359,9 +394,9 @@ class Store:
         still its own transaction on its own connection, instead of opening it for each:
         an open and a close cost DuckDB about 3 ms (reading the catalog) plus a checkpoint
         after writes, more than most small reads. Only around short work: other processes
-        cannot open the file until the block ends, so never around sampling, judging or
-        training, and never wait inside it for another thread of this process (the lease
-        heartbeat waits for the block to end)."""
+        cannot open the file until the block ends (and a lingering store's linger after
+        it), so never around sampling, judging or training, and never wait inside it for
+        another thread of this process (the lease heartbeat waits for the block to end)."""
         with _PROCESS_CONNECTION, self._attached(read_only=False):
             yield
 
@@ -386,7 +421,8 @@ class Store:
     @contextmanager
     def _attached(self, read_only: bool) -> Iterator[_Attached]:
         """This file, attached while the block runs: attached now, or already (by a `held()`
-        block or a call this one is nested in), then shared until its last user is done."""
+        block, a call this one is nested in, or an earlier call it lingers after), then
+        shared until its last user is done, which closes it or leaves it to linger."""
         key = self._key
         attached = _ATTACHED.get(key)
         if attached is not None and attached.read_only and not read_only:
@@ -403,17 +439,17 @@ class Store:
         finally:
             attached.users -= 1
             if attached.users == 0:
-                if self.linger_s > 0 and time.monotonic() - attached.attached_at < LONGEST_LINGERING_HOLD_S:
-                    _detach_later(key, attached, self.linger_s)
-                else:
-                    _detach(key)
+                _release(key, attached, self.linger_s)
 
     def release(self) -> None:
         """Close the file now if it only lingers after this process's last call (`linger_s`)."""
         with _PROCESS_CONNECTION:
             attached = _ATTACHED.get(self._key)
             if attached is not None and not attached.users:
-                _detach(self._key)
+                try:
+                    _detach(self._key)
+                except duckdb.Error as error:
+                    raise StoreError(f"cannot close {self.path}: {_first_line(error)}") from error
 
     def _attach(self, key: str, read_only: bool) -> _Attached:
         alias = f"flywheel_{next(_ALIASES)}"

@@ -168,23 +168,29 @@ def test_plot_rounds_with_no_evaluated_round(tmp_path):
     assert _read_png(plot_rounds(store, tmp_path / "one.png")).shape[:2] == PLOT_SIZE
 
 
-def test_a_plot_drawn_after_another_is_the_one_a_fresh_figure_draws(tmp_path):
-    """The figure is kept and redrawn: nothing of an earlier plot (its lines, the y range
-    of its data, its legends, its 'no verifier' text) may show in the next."""
-    from flywheel.report import _rounds_canvas
+def test_a_plot_drawn_after_others_is_the_one_a_fresh_figure_draws(tmp_path):
+    """The figure is kept and redrawn: nothing of an earlier plot (its lines, texts, legend,
+    y range, x ticks of more than 15 rounds, or 'no evaluated rounds' state) may show in
+    the next one."""
+    from flywheel.report import _rounds_canvas, plot_round_table
 
-    wide, _, _ = build_store(tmp_path / "wide.duckdb", accuracy=False, kl=False)
-    with wide.transaction() as tx:  # a mean length far outside the other store's range
-        tx.conn.execute("UPDATE evals SET mean_length = mean_length * 100")
-    narrow, _, _ = build_store(tmp_path / "narrow.duckdb")
+    columns, _ = round_table(Store.create(tmp_path / "empty.duckdb"))
+
+    def table(rounds, verifier=True, scale=1.0):
+        return columns, [(r, "done", 8, 6, 0.5, 0.4 if verifier else None, 0.4 + 0.01 * r if verifier else None,
+                          0.5 + 0.01 * (r % 3), 0.01 * r * scale if verifier else None, 3.0 * scale + r % 2,
+                          r % 2 == 0) for r in range(1, rounds + 1)]
+
+    tables = {"narrow": table(3), "wide": table(20, verifier=False, scale=100.0), "empty": (columns, [])}
+    fresh = {}
+    for name, rows in tables.items():
+        _rounds_canvas.cache_clear()
+        fresh[name] = _read_png(plot_round_table(rows, tmp_path / f"fresh-{name}.png"))
+    assert not (fresh["narrow"] == fresh["wide"]).all()
     _rounds_canvas.cache_clear()
-    fresh = _read_png(plot_rounds(narrow, tmp_path / "fresh.png"))
-    plot_rounds(wide, tmp_path / "wide.png")
-    empty = Store.create(tmp_path / "empty.duckdb")
-    plot_rounds(empty, tmp_path / "empty.png")
-    redrawn = _read_png(plot_rounds(narrow, tmp_path / "redrawn.png"))
-    assert (redrawn == fresh).all()
-    assert not (_read_png(tmp_path / "wide.png") == fresh).all()
+    for name in ("narrow", "wide", "empty", "narrow", "empty", "wide", "narrow"):
+        redrawn = _read_png(plot_round_table(tables[name], tmp_path / "redrawn.png"))
+        assert (redrawn == fresh[name]).all(), f"{name} redrawn differs from {name} drawn fresh"
 
 
 def test_a_crash_while_plotting_keeps_the_old_png(tmp_path, monkeypatch):

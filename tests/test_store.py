@@ -257,13 +257,42 @@ def test_a_lingering_store_opens_once_for_calls_close_together_then_lets_go(tmp_
 
 def test_a_lingering_store_stops_lingering_after_its_longest_hold(tmp_path, monkeypatch):
     # Otherwise a loop of quick transactions would keep the file from others for as long as it runs.
-    monkeypatch.setattr(storage.store, "LONGEST_LINGERING_HOLD_S", 0.3)
+    monkeypatch.setattr(storage.store, "LONGEST_LINGERING_HOLD_S", 1.0)
     store = Store.create(tmp_path / "fw.duckdb", linger_s=60)
     assert store.count("prompts") == 0
     assert _other_process_opens(store.path) == "locked"  # within the longest hold: it lingers
-    time.sleep(0.3)  # (the other process alone took longer than that)
+    time.sleep(max(0.0, 1.0 - (time.monotonic() - storage.store._ATTACHED[store._key].attached_at)))
     assert store.count("prompts") == 0  # the same attachment, now older than the longest hold
-    assert _other_process_opens(store.path) == "opened"  # so that call closed it
+    assert store._key not in storage.store._ATTACHED  # so that call closed it
+    assert store.count("prompts") == 0  # and, for as long again, the next ones close it at once
+    assert store._key not in storage.store._ATTACHED
+    time.sleep(1.0)
+    assert store.count("prompts") == 0  # after that, it lingers again
+    assert store._key in storage.store._ATTACHED
+    store.release()
+
+
+def test_a_lingering_store_reuses_cursors_but_not_one_whose_block_failed(tmp_path):
+    store = Store.create(tmp_path / "fw.duckdb", linger_s=60)
+    with store.transaction() as tx:
+        tx.add_prompts(["kept"], "train")
+        first = tx.conn
+    with store.transaction() as tx:
+        assert tx.conn is first  # reused, with its USE already done
+    with pytest.raises(StoreError):
+        with store.transaction() as tx:
+            tx.add_prompts(["rolled back"], "train")
+            raise StoreError("a failing step")
+    assert first not in storage.store._ATTACHED[store._key].idle_cursors  # closed, not kept
+    # query() on the lingering read-write attachment stays read-only, and nothing moved
+    for sneaky in ("EXPLAIN ANALYZE DELETE FROM prompts", "SELECT nextval('completion_ids')"):
+        with pytest.raises(ReadOnlyQueryError):
+            store.query(sneaky)
+    assert store.query("SELECT text FROM prompts")[1] == [("kept",)]
+    with store.transaction() as tx:
+        assert tx._next_ids("completion_ids", 1) == [1]
+    store.release()
+    assert store._key not in storage.store._ATTACHED
 
 
 LINGERING_AT_EXIT_AND_FORK = textwrap.dedent("""
