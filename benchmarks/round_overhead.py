@@ -23,8 +23,9 @@ log-prob pass is model I/O, not training), on the thread running the round only:
 lease's heartbeat thread runs beside it, and so does the store's closer thread, which
 closes the file 50 ms after a burst of store calls (a DETACH, with its checkpoint), by then
 usually during sampling or training. Its time is printed apart ("closer"), and the share
-is also printed as if it were overhead on the round's thread. The engine starts once, before round 1, and the
-flow run starts and ends once for all rounds: both are printed, not counted in a round.
+is also printed as if it were overhead on the round's thread. The engine starts once,
+before round 1, and the flow run starts and ends once for all rounds: both are printed,
+not counted in a round.
 Target (issue 7): overhead under 15 % of a round's wall time with the engine kept alive,
 judged on the median of the rounds after the first. Round 1 is printed too; it also pays
 costs that come once per process (matplotlib's first import and figure, the first
@@ -211,9 +212,12 @@ def main() -> None:
               f"{spent['store']:>6.2f} {spent['plot']:>5.2f} {rest:>5.2f}   {spent['closer']:>6.2f}")
     print(f"outside the rounds (the flow run's start and end, once for all {len(rows)} rounds): "
           f"{run_wall - in_rounds:.2f} s")
-    steady = shares[1:] or shares  # with one round, that round
-    print(f"with the closer thread's time added to the overhead: median {statistics.median(with_closer[1:] or with_closer):.1%} "
-          "after round 1")
+    def after_round_1(values):
+        return values[1:] or values  # with one round, that round
+
+    steady = after_round_1(shares)
+    print(f"with the closer thread's time added to the overhead: median "
+          f"{statistics.median(after_round_1(with_closer)):.1%} after round 1")
     print(f"overhead share of a round after round 1: median {statistics.median(steady):.1%}, "
           f"range {min(steady):.1%}-{max(steady):.1%} over {len(steady)} round(s); round 1: {shares[0]:.1%} "
           f"(target: median < 15%: {'met' if statistics.median(steady) < 0.15 else 'MISSED'})")

@@ -128,9 +128,8 @@ def plot_round_table(table: tuple[Sequence[str], Sequence[Sequence[Any]]], path:
             for artist in [*ax.lines, *ax.texts]:
                 artist.remove()
             ax.set_visible(bool(rows))
-        if canvas.legend is not None:
-            canvas.legend.remove()
-            canvas.legend = None
+        for legend in list(figure.legends):
+            legend.remove()
         canvas.nothing_yet.set_visible(not rows)
         if not rows:
             figure.suptitle("flywheel rounds")
@@ -168,8 +167,8 @@ def plot_round_table(table: tuple[Sequence[str], Sequence[Sequence[Any]]], path:
         named = {}
         for ax in axes.flat:
             named.update(zip(*reversed(ax.get_legend_handles_labels())))
-        canvas.legend = figure.legend(list(named.values()), list(named), loc="lower center", ncol=len(named),
-                                      bbox_to_anchor=(0.5, 0.91), fontsize=9, frameon=False)
+        figure.legend(list(named.values()), list(named), loc="lower center", ncol=len(named),
+                      bbox_to_anchor=(0.5, 0.91), fontsize=9, frameon=False)
         # Half a round of room each side, so the first and last promoted marks show whole.
         axes[0][0].set_xlim(rounds[0] - 0.5, rounds[-1] + 0.5)
         return _save_atomically(figure, path)
@@ -191,7 +190,6 @@ class _RoundsCanvas:
     axes: Any
     nothing_yet: Any  # the text shown instead of the panels
     lock: threading.Lock
-    legend: Any = None  # the last call's
 
 
 @functools.cache  # one per process (a forked child makes its own), redrawn by every call

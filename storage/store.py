@@ -318,26 +318,28 @@ def completion_columns(completions: Sequence[Completion], ids: Sequence[int]) ->
     """The Arrow columns `StoreSession.add_completions` inserts (its benchmark's floor too)."""
     return {
         "completion_id": pa.array(ids, pa.int64()),
-        "round_id": pa.array([c.round_id for c in completions], pa.int64()),
-        "prompt_id": pa.array([c.prompt_id for c in completions], pa.int64()),
-        "checkpoint_id": pa.array([c.checkpoint_id for c in completions], pa.int64()),
-        "purpose": pa.array([c.purpose for c in completions], pa.string()),
-        "sample_index": pa.array([c.sample_index for c in completions], pa.int32()),
-        "text": pa.array([c.text for c in completions], pa.string()),
+        **_field_columns(completions, {
+            "round_id": pa.int64(), "prompt_id": pa.int64(), "checkpoint_id": pa.int64(), "purpose": pa.string(),
+            "sample_index": pa.int32(), "text": pa.string(), "cumulative_logprob": pa.float64(),
+            "finish_reason": pa.string(),
+        }),
         "prompt_token_ids": _per_distinct_object([c.prompt_token_ids for c in completions], _int32_lists),
         "token_ids": _int32_lists([c.token_ids for c in completions]),
         "num_tokens": pa.array([len(c.token_ids) for c in completions], pa.int32()),
-        "cumulative_logprob": pa.array([c.cumulative_logprob for c in completions], pa.float64()),
-        "finish_reason": pa.array([c.finish_reason for c in completions], pa.string()),
         "sampling_params": _per_distinct_object([c.sampling_params for c in completions], _json_sorted),
     }
+
+
+def _field_columns(records: Sequence[Any], types: dict[str, pa.DataType]) -> dict[str, pa.Array]:
+    """One Arrow column of type `types[name]` per field `name` of the records, as it is."""
+    return {name: pa.array(list(map(operator.attrgetter(name), records)), kind) for name, kind in types.items()}
 
 
 def _record_columns(records: Sequence[Any], types: dict[str, pa.DataType]) -> dict[str, pa.Array]:
     """Arrow columns of dataclass records whose fields are the table's columns (strings
     unless `types` names another type). `records` is not empty."""
-    return {name: pa.array(list(map(operator.attrgetter(name), records)), types.get(name, pa.string()))
-            for name in type(records[0]).__dataclass_fields__}
+    fields = type(records[0]).__dataclass_fields__
+    return _field_columns(records, {name: types.get(name, pa.string()) for name in fields})
 
 
 def label_columns(labels: Sequence[Label], ids: Sequence[int]) -> dict[str, pa.Array]:
@@ -428,7 +430,7 @@ class Store:
         if attached is not None and attached.read_only and not read_only:
             if attached.users:
                 raise StoreError(f"{self.path} is open read-only in this process; cannot write to it inside a query")
-            _detach(key)  # left attached by a DETACH that failed
+            _detach(key)  # lingering after a query, or left attached by a DETACH that failed
             attached = None
         if attached is None:
             attached = self._attach(key, read_only)
@@ -847,17 +849,10 @@ class StoreSession:
         ids = self._next_ids("pair_ids", len(pairs))
         if not ids:
             return []
-        self._insert_arrow(
-            "pairs",
-            {
-                "pair_id": pa.array(ids, pa.int64()),
-                "round_id": pa.array([p.round_id for p in pairs], pa.int64()),
-                "prompt_id": pa.array([p.prompt_id for p in pairs], pa.int64()),
-                "completion_a_id": pa.array([p.completion_a_id for p in pairs], pa.int64()),
-                "completion_b_id": pa.array([p.completion_b_id for p in pairs], pa.int64()),
-                "strategy": pa.array([p.strategy for p in pairs], pa.string()),
-            },
-        )
+        self._insert_arrow("pairs", {"pair_id": pa.array(ids, pa.int64()), **_field_columns(pairs, {
+            "round_id": pa.int64(), "prompt_id": pa.int64(), "completion_a_id": pa.int64(),
+            "completion_b_id": pa.int64(), "strategy": pa.string(),
+        })})
         return ids
 
     def pairs_to_judge(self, round_id: int, judge_name: str, judge_version: str) -> list[tuple[int, str, str, str]]:
