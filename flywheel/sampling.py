@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+from array import array
 from pathlib import Path
 from typing import Sequence
 
 from flywheel.config import SampleConfig
 from flywheel.errors import UserError
+from flywheel.vllm_idle import DEFAULT_IDLE_SPIN_S, IDLE_SPIN_ENV
 from storage.records import Completion, Prompt
 
 
@@ -29,6 +32,8 @@ class VLLMSampler:
         if self._loaded == checkpoint_path:
             return
         if self._llm is None:
+            # Read by our vLLM plugin in the engine's processes, which inherit it.
+            os.environ.setdefault(IDLE_SPIN_ENV, str(DEFAULT_IDLE_SPIN_S))
             try:
                 from vllm import LLM
             except ImportError as error:
@@ -73,9 +78,12 @@ class VLLMSampler:
         outputs = self._llm.generate([p.text for p in prompts], sampling, use_tqdm=progress)
         records = []
         for prompt, output in zip(prompts, outputs):
-            # One prompt-token list and one params dict shared by the prompt's n samples:
-            # less memory, and the store converts each once (records are frozen).
-            prompt_token_ids = list(output.prompt_token_ids)
+            # Token ids as C ints: an eighth of the memory of Python ints in lists, and
+            # the store's write transaction copies them whole instead of converting each
+            # id while it holds the file (about 1.5 us a completion of 96 ids). One
+            # prompt-token array and one params dict are shared by the prompt's n
+            # samples: the store converts each once.
+            prompt_token_ids = array("i", output.prompt_token_ids)
             sampling_params = {**params, "seed": seed + prompt.prompt_id}
             for index, sample in enumerate(output.outputs):
                 records.append(
@@ -86,7 +94,7 @@ class VLLMSampler:
                         sample_index=index,
                         text=sample.text,
                         prompt_token_ids=prompt_token_ids,
-                        token_ids=list(sample.token_ids),
+                        token_ids=array("i", sample.token_ids),
                         cumulative_logprob=sample.cumulative_logprob,
                         finish_reason=sample.finish_reason,
                         sampling_params=sampling_params,

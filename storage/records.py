@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 # The steps of a round in the order they finish. `rounds.state` holds the last finished
 # step, so a round that was killed resumes from the step after it. `labelling`: the
@@ -48,13 +48,17 @@ class Round:
 
 @dataclass(frozen=True)
 class Completion:
+    """One sampled completion. Token ids: the sampler gives `array('i')` (4 bytes an id
+    instead of about 36 in a list of Python ints, and the store copies them whole); the
+    store reads them back as lists; any sequence of ints is accepted."""
+
     prompt_id: int
     checkpoint_id: int
     purpose: str
     sample_index: int
     text: str
-    prompt_token_ids: list[int]
-    token_ids: list[int]
+    prompt_token_ids: Sequence[int]
+    token_ids: Sequence[int]
     cumulative_logprob: float | None
     finish_reason: str | None
     sampling_params: dict[str, Any]

@@ -103,6 +103,29 @@ def test_completions_sharing_a_prompt_list_and_params_store_each_row_its_own(sto
                     ('{"n":2,"seed":11,"temperature":1.0}', 3), ('{"n":2,"seed":12,"temperature":0.5}', 1)]
 
 
+def test_token_ids_as_c_int_arrays_lists_or_other_sequences_store_the_same(store):
+    # The sampler gives array('i') (copied whole); users may pass lists, tuples, numpy arrays
+    # or arrays of another width (each converted id by id). All must land as the same ids.
+    import array
+
+    import numpy as np
+
+    shapes = [lambda ids: array.array("i", ids), list, tuple, lambda ids: np.array(ids, np.int64),
+              lambda ids: array.array("q", ids)]
+    expected = [([1, 4, 5 + k], [70000 + k, 2 ** 31 - 1, 0][: k % 3 + 1]) for k in range(10)]
+    with store.transaction() as tx:
+        (prompt_id,) = tx.add_prompts(["2+3="], "train")
+        ck = tx.add_checkpoint("/models/sft", "reference", "promoted")
+        tx.add_completions([
+            Completion(prompt_id, ck, "train", k, str(k), shapes[k % 5](prompt), shapes[(k + 1) % 5](tokens),
+                       None, "stop", {}, round_id=1)
+            for k, (prompt, tokens) in enumerate(expected)])
+    got = store.completions(round_id=1)
+    assert [(c.prompt_token_ids, c.token_ids) for c in got] == expected
+    _, rows = store.query("SELECT num_tokens FROM completions ORDER BY completion_id")
+    assert [n for (n,) in rows] == [len(tokens) for _, tokens in expected]
+
+
 def test_a_large_insert_goes_in_chunks_in_order_and_all_or_nothing(store, monkeypatch):
     import storage.store as store_module
 
