@@ -10,9 +10,12 @@ pairing and training that follow sampling in a round.
 vLLM loads the `vllm.general_plugins` entry points in each of its processes (pyproject
 registers `shorten_idle_spin`). It acts only where the sampler has set
 `FLYWHEEL_VLLM_IDLE_SPIN_S` (so other vLLM use in the same environment is untouched) and
-caps the readers' spin at that many seconds. Reads during generation come milliseconds
-apart, so the spin still covers them; a worker woken after idling waits on vLLM's own
-notify socket, which the writer pings on every message. If vLLM changes this internal
+caps the readers' spin at that many seconds. A reader past its spin waits on vLLM's own
+notify socket, which the writer pings on every message: that is how every `generate`
+after a second's pause already starts. Decode steps longer than the cap run as fast
+through it: with a 20 ms cap, the sampling benchmark's 6-layer model (94 ms steps) made
+2,733 tokens/s against 2,820 with vLLM's second. With no spin at all (0) vLLM stalled for
+seconds at a time, so values of 0 or less are ignored. If vLLM changes this internal
 class, the plugin does nothing.
 """
 
@@ -21,8 +24,9 @@ from __future__ import annotations
 import os
 
 IDLE_SPIN_ENV = "FLYWHEEL_VLLM_IDLE_SPIN_S"
-# Long enough to span the gap between two decode steps, short enough to be noise.
-DEFAULT_IDLE_SPIN_S = 0.02
+# A tenth of vLLM's second: the gaps between decode steps stay spun through, and an idle
+# worker burns at most a tenth of a core-second after each call.
+DEFAULT_IDLE_SPIN_S = 0.1
 
 
 def shorten_idle_spin() -> None:
@@ -33,6 +37,8 @@ def shorten_idle_spin() -> None:
         limit = float(value)
         from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
     except (ValueError, ImportError):
+        return
+    if not limit > 0:
         return
     if getattr(SpinCondition, "_flywheel_idle_spin_s", None) is not None:
         return

@@ -140,3 +140,32 @@ def test_promotion_gate():
     assert not promote_if_better(0.60, 0.55, 0.9, margin=0.1)
     assert promote_if_better(None, None, 0.6, margin=0.05)
     assert not promote_if_better(None, None, 0.5, margin=0.0)
+
+
+@pytest.mark.parametrize("setting, reader_spin", [(None, 1.0), ("0.1", 0.1), ("5", 1.0), ("0", 1.0), ("x", 1.0)])
+def test_the_vllm_plugin_caps_only_readers_spin_and_only_when_asked(setting, reader_spin, monkeypatch, tmp_path):
+    # What vLLM's processes get from our plugin (the real vLLM class, no engine): readers'
+    # spin capped at the sampler's setting; writers, vLLM's default, and settings that are
+    # not a positive number (0 made vLLM stall) left alone.
+    import zmq
+    from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
+
+    from flywheel.vllm_idle import IDLE_SPIN_ENV, shorten_idle_spin
+
+    # Both restored after the test, so each case patches vLLM's own class afresh.
+    monkeypatch.setattr(SpinCondition, "__init__", SpinCondition.__init__)
+    monkeypatch.setattr(SpinCondition, "_flywheel_idle_spin_s", None, raising=False)
+    if setting is None:
+        monkeypatch.delenv(IDLE_SPIN_ENV, raising=False)
+    else:
+        monkeypatch.setenv(IDLE_SPIN_ENV, setting)
+    shorten_idle_spin()
+    context = zmq.Context()
+    address = f"ipc://{tmp_path}/notify"
+    writer = SpinCondition(is_reader=False, context=context, notify_address=address)
+    reader = SpinCondition(is_reader=True, context=context, notify_address=address)
+    try:
+        assert reader.busy_loop_s == pytest.approx(reader_spin)
+        assert writer.busy_loop_s == 0
+    finally:
+        context.destroy(linger=0)

@@ -74,9 +74,9 @@ def _cpu_seconds(pid: int) -> float:
 
 def test_vllm_workers_stop_spinning_soon_after_sampling(flywheel):
     # vLLM's workers busy-wait (a whole core each) for 1 s after every message; our vLLM
-    # plugin caps that at 20 ms. Without it a worker burns about 0.5 s of CPU in the half
-    # second after `sample` returns, which on a small host is taken from the round's
-    # store writes and training.
+    # plugin caps that at 0.1 s. Without it a worker burns about 1 s of CPU in the second
+    # after `sample` returns, which on a small host is taken from the round's store writes
+    # and training.
     import time
 
     policy = flywheel.store.current_policy()
@@ -86,9 +86,9 @@ def test_vllm_workers_stop_spinning_soon_after_sampling(flywheel):
     workers = {pid: name for pid, name in _vllm_workers().items() if name.startswith("VLLM::Worker")}
     assert workers, "found no vLLM worker process"
     before = {pid: _cpu_seconds(pid) for pid in workers}
-    time.sleep(0.5)
+    time.sleep(1.0)
     spent = {workers[pid]: _cpu_seconds(pid) - before[pid] for pid in workers}
-    assert max(spent.values()) < 0.2, spent
+    assert max(spent.values()) < 0.35, spent
 
 
 def test_flow_runs_rounds_and_records_everything(flywheel, prefect_harness):
