@@ -78,7 +78,7 @@ class VLLMSampler:
         outputs = self._llm.generate([p.text for p in prompts], sampling, use_tqdm=progress)
         records = []
         for prompt, output in zip(prompts, outputs):
-            # Token ids as C ints: an eighth of the memory of Python ints in lists, and
+            # Token ids as C ints: 4 bytes an id instead of about 36 in a list, and
             # the store's write transaction copies them whole instead of converting each
             # id while it holds the file (about 1.5 us a completion of 96 ids). One
             # prompt-token array and one params dict are shared by the prompt's n

@@ -305,7 +305,7 @@ def _int32_lists(values: Sequence[Sequence[int]]) -> pa.Array:
 def _per_distinct_object(values: Sequence[Any], convert) -> pa.Array:
     """`convert(distinct)` once per distinct object in `values` (by identity), taken back
     out to one row per value. The sampler gives a prompt's n completions one shared
-    prompt-token list and one sampling-params dict, so each is converted once, not n times.
+    prompt-token array and one sampling-params dict, so each is converted once, not n times.
     (Identity is safe here: `values` holds every object alive while this runs.)"""
     identities = np.fromiter(map(id, values), np.uint64, len(values))
     _, first_rows, rows = np.unique(identities, return_index=True, return_inverse=True)

@@ -1,4 +1,5 @@
-"""Pairing, the rule judge's contract, prompt files, config validation and the batch schedule."""
+"""Pairing, the rule judge's contract, prompt files, config validation, the batch schedule and
+the vLLM idle-spin plugin."""
 
 import random
 
@@ -142,30 +143,45 @@ def test_promotion_gate():
     assert not promote_if_better(None, None, 0.5, margin=0.0)
 
 
-@pytest.mark.parametrize("setting, reader_spin", [(None, 1.0), ("0.1", 0.1), ("5", 1.0), ("0", 1.0), ("x", 1.0)])
-def test_the_vllm_plugin_caps_only_readers_spin_and_only_when_asked(setting, reader_spin, monkeypatch, tmp_path):
-    # What vLLM's processes get from our plugin (the real vLLM class, no engine): readers'
-    # spin capped at the sampler's setting; writers, vLLM's default, and settings that are
-    # not a positive number (0 made vLLM stall) left alone.
+@pytest.mark.parametrize("setting, in_worker, reader_spin", [
+    (None, True, 1.0), ("0.1", True, 0.1), ("0.1", False, 1.0), ("5", True, 1.0), ("0", True, 1.0), ("x", True, 1.0)])
+def test_the_vllm_plugin_caps_only_workers_spin_and_only_when_asked(setting, in_worker, reader_spin, monkeypatch,
+                                                                   tmp_path, caplog):
+    # What vLLM's processes get from our plugin (the real vLLM class, no engine): a worker's
+    # reader spin capped at the sampler's setting; vLLM's default left alone outside its
+    # workers, when unset, and for settings that are not a positive number (0 made vLLM
+    # stall), which are reported.
     import zmq
     from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
 
+    import flywheel.vllm_idle
     from flywheel.vllm_idle import IDLE_SPIN_ENV, shorten_idle_spin
 
-    # Both restored after the test, so each case patches vLLM's own class afresh.
-    monkeypatch.setattr(SpinCondition, "__init__", SpinCondition.__init__)
+    # vLLM's own class, as a fresh worker has it (an engine this process started may have
+    # loaded the plugin here already); both restored after the test.
+    monkeypatch.setattr(SpinCondition, "__init__", getattr(SpinCondition.__init__, "__wrapped__",
+                                                           SpinCondition.__init__))
     monkeypatch.setattr(SpinCondition, "_flywheel_idle_spin_s", None, raising=False)
+    monkeypatch.setattr(flywheel.vllm_idle, "_in_vllm_worker", lambda: in_worker)
     if setting is None:
         monkeypatch.delenv(IDLE_SPIN_ENV, raising=False)
     else:
         monkeypatch.setenv(IDLE_SPIN_ENV, setting)
     shorten_idle_spin()
     context = zmq.Context()
-    address = f"ipc://{tmp_path}/notify"
-    writer = SpinCondition(is_reader=False, context=context, notify_address=address)
-    reader = SpinCondition(is_reader=True, context=context, notify_address=address)
     try:
+        reader = SpinCondition(is_reader=True, context=context, notify_address=f"ipc://{tmp_path}/notify")
         assert reader.busy_loop_s == pytest.approx(reader_spin)
-        assert writer.busy_loop_s == 0
     finally:
         context.destroy(linger=0)
+    refused = setting in ("0", "x")
+    assert (f"{IDLE_SPIN_ENV}={setting!r} not applied" in caplog.text) == refused
+
+
+def test_the_vllm_plugin_is_registered_where_vllm_looks_for_plugins():
+    from importlib.metadata import entry_points
+
+    from flywheel.vllm_idle import shorten_idle_spin
+
+    plugins = {plugin.name: plugin for plugin in entry_points(group="vllm.general_plugins")}
+    assert plugins["flywheel_idle_spin"].load() is shorten_idle_spin
