@@ -132,6 +132,11 @@ def instrument(wheel) -> None:
     flows.rounds.plot_round_table = timed("plot", flows.rounds.plot_round_table)
 
 
+def after_round_1(values: list[float]) -> list[float]:
+    """The rounds the target is judged on: all but round 1 (with one round, that round)."""
+    return values[1:] or values
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=4, help="demo rounds to run (default: %(default)s)")
@@ -212,9 +217,6 @@ def main() -> None:
               f"{spent['store']:>6.2f} {spent['plot']:>5.2f} {rest:>5.2f}   {spent['closer']:>6.2f}")
     print(f"outside the rounds (the flow run's start and end, once for all {len(rows)} rounds): "
           f"{run_wall - in_rounds:.2f} s")
-    def after_round_1(values):
-        return values[1:] or values  # with one round, that round
-
     steady = after_round_1(shares)
     print(f"with the closer thread's time added to the overhead: median "
           f"{statistics.median(after_round_1(with_closer)):.1%} after round 1")

@@ -44,31 +44,32 @@ def test_sampler_is_seeded_and_keeps_vllm_token_ids(flywheel):
         assert c.sampling_params["seed"] == 11 + c.prompt_id
 
 
-def _vllm_workers() -> dict[int, str]:
-    """pid -> name of this process's vLLM engine and worker processes (children at any depth)."""
+def _proc_stat(pid: int) -> tuple[str, list[str]]:
+    """A process's name and the fields of /proc/PID/stat after it (state, ppid, ...)."""
+    stat = open(f"/proc/{pid}/stat").read()
+    return stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+
+
+def _vllm_worker_pids() -> list[int]:
+    """This process's vLLM worker processes (its engine process's children)."""
     import os
 
-    parents = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
+    processes = {}
+    for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
         try:
-            stat = open(f"/proc/{pid}/stat").read()
-        except OSError:
+            processes[pid] = _proc_stat(pid)
+        except OSError:  # gone meanwhile
             continue
-        parents[int(pid)] = (int(stat[stat.rindex(")") + 2:].split()[1]), stat[stat.index("(") + 1:stat.rindex(")")])
-    ours, found = {os.getpid()}, {}
-    for _ in range(4):  # engine core, then its workers
-        for pid, (parent, name) in parents.items():
-            if parent in ours and pid not in ours:
-                ours.add(pid)
-                if name.startswith("VLLM::"):
-                    found[pid] = name
-    return found
+    ours = {os.getpid()}
+    for _ in range(2):  # the engine process, then its workers
+        ours |= {pid for pid, (_, fields) in processes.items() if int(fields[1]) in ours}
+    return [pid for pid in ours if processes.get(pid, ("",))[0].startswith("VLLM::Worker")]
 
 
 def _cpu_seconds(pid: int) -> float:
     import os
 
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    fields = _proc_stat(pid)[1]
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -83,12 +84,12 @@ def test_vllm_workers_stop_spinning_soon_after_sampling(flywheel):
     prompts = flywheel.store.prompts("heldout")[:8]
     flywheel.sampler.sample(policy.path, policy.checkpoint_id, prompts, n=2, temperature=1.0, seed=1,
                             purpose="eval", round_id=None)
-    workers = {pid: name for pid, name in _vllm_workers().items() if name.startswith("VLLM::Worker")}
+    workers = _vllm_worker_pids()
     if not workers:  # one GPU: vLLM runs the model inside its engine process, and nothing spins apart
         pytest.skip("vLLM started no worker process of its own")
     before = {pid: _cpu_seconds(pid) for pid in workers}
     time.sleep(1.0)
-    spent = {workers[pid]: _cpu_seconds(pid) - before[pid] for pid in workers}
+    spent = {pid: _cpu_seconds(pid) - before[pid] for pid in workers}
     assert max(spent.values()) < 0.35, spent
 
 
