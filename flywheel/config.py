@@ -138,6 +138,10 @@ class TrainConfig:
     # gradient checkpointing (recompute activations in backward): memory for time, mostly on GPU.
     bf16: bool = False
     gradient_checkpointing: bool = False
+    # Keep the frozen reference model loaded between rounds (on the GPU where there is one)
+    # instead of loading it twice a round, for its log-probs in training and at evaluation:
+    # faster, but it holds the reference's memory while sampling and training run.
+    keep_reference_loaded: bool = False
 
     def __post_init__(self) -> None:
         _require(self.nll_weight >= 0, f"train.nll_weight must be >= 0, got {self.nll_weight}")

@@ -230,7 +230,9 @@ def demo_flywheel_config(
         # A model this small gains nothing from torch.compile, which costs ~30 s per start.
         sample=SampleConfig(**{"prompts_per_round": 512, "n": 4, "max_tokens": 8, "dtype": "float32",
                                "enforce_eager": True, **sample_options}),
-        train=TrainConfig(beta=beta, learning_rate=learning_rate, batch_size=32, epochs=2, nll_weight=nll_weight),
+        # The reference is a few MB: keeping it loaded saves two loads a round.
+        train=TrainConfig(beta=beta, learning_rate=learning_rate, batch_size=32, epochs=2, nll_weight=nll_weight,
+                          keep_reference_loaded=True),
         pair=PairConfig(strategy=pairing),
         eval=EvalConfig(samples_per_prompt=4, accuracy_score="flywheel.demo_task:addition_score"),
     )

@@ -13,6 +13,7 @@ import functools
 import gc
 import itertools
 import random
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -28,7 +29,7 @@ from flywheel.pairing import NEEDS_SCORES, form_pairs, within_budget
 from flywheel.prompts import read_prompts, usable_prompts
 from flywheel.sampling import VLLMSampler
 from flywheel.train_job import launch, write_job
-from flywheel.training import completion_logps, reference_logps_for, train_dpo
+from flywheel.training import KeptModel, completion_logps, reference_logps_for, train_dpo
 from judges import HumanJudge, Judge, ScalarJudge, close_judge, import_object, load_judge
 from judges.human import ready_to_train, waiting_message
 from storage.queue import close_request, utc_now
@@ -68,6 +69,12 @@ def _unfreeze_at_exit() -> None:
 # one open for such a burst instead of one per call took the demo round's opens from
 # about 20 to about 6. Long work still runs with the file closed, 50 ms in.
 STORE_LINGER_S = 0.05
+# DuckDB on one thread in the round runner's process: its store calls are short statements,
+# and a second DuckDB thread mostly waited for a core that vLLM, torch or the closer had
+# (on the 2-core demo machine, a fifth of a round's store time: 160 -> 125 ms a round).
+STORE_THREADS = 1
+# The thread that stores a batch of completions while the engine samples the next.
+SAMPLE_WRITER_THREAD = "flywheel-sample-writer"
 
 
 class Flywheel:
@@ -99,10 +106,12 @@ class Flywheel:
         if config.eval.accuracy_score is not None:
             self.accuracy_score = import_object(config.eval.accuracy_score, "eval.accuracy_score")
         self.eval_judge = eval_judge if eval_judge is not None else self._build_eval_judge()
-        self.store = Store.create(config.database, linger_s=STORE_LINGER_S)
+        self.store = Store.create(config.database, linger_s=STORE_LINGER_S, threads=STORE_THREADS)
         self.lease = RoundLease(self.store, log)
         self._owns_sampler = sampler is None
         self.sampler = sampler if sampler is not None else VLLMSampler(config.sample, seed=config.seed)
+        # None: the reference is loaded for each log-prob pass and freed after it.
+        self.reference_model = KeptModel() if config.train.keep_reference_loaded else None
 
     def _build_eval_judge(self) -> Judge:
         """Who judges candidate against incumbent: `eval.judge`, else the round's judge;
@@ -119,6 +128,8 @@ class Flywheel:
     def close(self) -> None:
         self.lease.release()
         self.store.release()
+        if self.reference_model is not None:
+            self.reference_model.release()
         if self._owns_sampler:
             self.sampler.close()
         close_judge(self.judge)
@@ -195,9 +206,11 @@ class Flywheel:
         """Fresh completions of this round's prompts from the current policy.
 
         Prompts go to the engine `sample.batch_prompts` at a time and each batch is stored
-        in its own transaction (the last one also ends the step), so a crash loses at most
-        the batch in flight; a rerun samples only the prompts without completions (each
-        prompt has its own seed, so they are the completions the first run would have drawn).
+        in its own transaction (the last one also ends the step), on a writer thread while
+        the engine samples the next batch, so a crash loses at most the batch being
+        stored and the one being sampled; a rerun samples only the prompts without
+        completions (each prompt has its own seed, so they are the completions the first
+        run would have drawn).
         """
         with self.store.transaction() as tx:
             round_ = tx.get_round(round_id)
@@ -213,18 +226,23 @@ class Flywheel:
         chosen = random.Random(round_.seed).sample(prompts, count)
         todo = [p for p in chosen if p.prompt_id not in done]
         batch_size = self.config.sample.batch_prompts
+        batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
         with tqdm(total=count, initial=count - len(todo), desc=f"round {round_id}: sampling", unit="prompt",
-                  disable=None) as bar:
-            for start in range(0, len(todo), batch_size):
-                batch = todo[start : start + batch_size]
+                  disable=None) as bar, ThreadPoolExecutor(1, thread_name_prefix=SAMPLE_WRITER_THREAD) as writer:
+            storing = None
+            for number, batch in enumerate(batches, start=1):
                 completions = self.sampler.sample(
                     Path(policy.path), policy.checkpoint_id, batch,
                     n=self.config.sample.n, temperature=self.config.sample.temperature,
                     seed=round_.seed, purpose="train", round_id=round_id, progress=False,
                 )
-                with self.store.transaction() as tx:
-                    tx.add_completions(completions)
-                    if start + batch_size >= len(todo):
+                if storing is not None:
+                    storing.result()  # the batch before is stored (or its error raised) first
+                if number < len(batches):
+                    storing = writer.submit(self._store_completions, completions)
+                else:
+                    with self.store.transaction() as tx:
+                        tx.add_completions(completions)
                         total = self._finish_sampling(tx, round_id)
                 bar.update(len(batch))
         if not todo:  # every prompt was sampled before a restart
@@ -233,6 +251,10 @@ class Flywheel:
         resumed = f" ({count - len(todo)} sampled before a restart)" if len(todo) < count else ""
         self.log(f"round {round_id}: sampled {total} completions of {count} prompts{resumed}")
         return total
+
+    def _store_completions(self, completions) -> None:
+        with self.store.transaction() as tx:
+            tx.add_completions(completions)
 
     @staticmethod
     def _finish_sampling(tx, round_id: int) -> int:
@@ -329,7 +351,8 @@ class Flywheel:
             policy = tx.checkpoint(round_.policy_checkpoint_id)
             reference = tx.checkpoint(round_.reference_checkpoint_id)
         output_dir = self.config.checkpoints_dir / f"round-{round_id:04d}"
-        reference_logps = reference_logps_for(self.store, triples, reference, self.config.train.batch_size)
+        reference_logps = reference_logps_for(self.store, triples, reference, self.config.train.batch_size,
+                                              self.reference_model)
         if self.config.train.num_processes > 1:
             job = write_job(self.config.workdir / "jobs" / f"round-{round_id:04d}", Path(policy.path),
                             reference_logps, triples, self.config.train, output_dir, round_.seed)
@@ -408,7 +431,7 @@ class Flywheel:
         sequences = [(c.prompt_token_ids, c.token_ids) for c in samples]
         batch_size = self.config.train.batch_size
         policy_logps = completion_logps(Path(candidate.path), sequences, batch_size)
-        reference_logps = completion_logps(Path(reference.path), sequences, batch_size)
+        reference_logps = completion_logps(Path(reference.path), sequences, batch_size, self.reference_model)
         return sum(p - r for p, r in zip(policy_logps, reference_logps)) / len(sequences)
 
     def _sample_heldout(self, checkpoint, heldout, round_id):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import random
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,22 +206,70 @@ def _disable_dropout(model: torch.nn.Module) -> None:
             setattr(model.config, name, 0.0)
 
 
-@torch.no_grad()
-def completion_logps(
-    checkpoint_path: Path, sequences: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int
-) -> list[float]:
-    """A checkpoint's log-prob (sum over completion tokens) of each (prompt ids,
-    completion ids); loads it once and frees it on return. For DPO's reference, and for
-    the KL of a candidate to it."""
+def _logps_device() -> torch.device:
+    """Where log-prob passes run: the GPU where there is one (as training), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class KeptModel:
+    """A checkpoint's model for log-prob passes, loaded at the first call and kept for the
+    next ones while they ask for the same checkpoint: DPO's frozen reference, which every
+    round otherwise loads twice (its log-probs for training and for the KL at evaluation).
+    A checkpoint whose files changed since (another save at the same path) is loaded
+    again. Holds the model's memory until `release()` or a call for another checkpoint."""
+
+    def __init__(self) -> None:
+        self._files: tuple | None = None
+        self._loaded: tuple[torch.nn.Module, int | None] | None = None
+
+    def get(self, checkpoint_path: Path) -> tuple[torch.nn.Module, int | None]:
+        """(model in eval mode on `_logps_device()`, the tokenizer's pad token id)."""
+        files = _checkpoint_files(checkpoint_path)
+        if self._loaded is None or files != self._files:
+            self.release()
+            self._loaded, self._files = _load_for_logps(checkpoint_path), files
+        return self._loaded
+
+    def release(self) -> None:
+        self._loaded = self._files = None
+
+
+def _checkpoint_files(checkpoint_path: Path) -> tuple:
+    """What identifies a checkpoint's files: its resolved path, and the inode, size and
+    modification time of each file in it (a save renames a new directory into place)."""
+    directory = Path(checkpoint_path).resolve()
+    files = []
+    for entry in sorted(directory.iterdir()):
+        status = entry.stat()
+        if stat.S_ISREG(status.st_mode):
+            files.append((entry.name, status.st_ino, status.st_size, status.st_mtime_ns))
+    return str(directory), tuple(files)
+
+
+def _load_for_logps(checkpoint_path: Path) -> tuple[torch.nn.Module, int | None]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     pad_token_id = AutoTokenizer.from_pretrained(checkpoint_path).pad_token_id
-    model = AutoModelForCausalLM.from_pretrained(checkpoint_path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(checkpoint_path, dtype=torch.float32)
+    return model.to(_logps_device()).eval().requires_grad_(False), pad_token_id
+
+
+@torch.no_grad()
+def completion_logps(
+    checkpoint_path: Path, sequences: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int,
+    kept: KeptModel | None = None,
+) -> list[float]:
+    """A checkpoint's log-prob (sum over completion tokens) of each (prompt ids,
+    completion ids). For DPO's reference, and for the KL of a candidate to it. The model is
+    loaded for this call and freed on return, or taken from (and left in) `kept`."""
+    model, pad_token_id = kept.get(checkpoint_path) if kept is not None else _load_for_logps(checkpoint_path)
+    device = next(model.parameters()).device
     logps: list[float] = []
     with tqdm(total=len(sequences), desc=f"log-probs under {Path(checkpoint_path).name}", unit="completion", leave=False,
               disable=not sequences) as bar:
         for start in range(0, len(sequences), batch_size):
-            batch = collate_sequences(sequences[start : start + batch_size], pad_token_id)
+            batch = {k: v.to(device) for k, v in
+                     collate_sequences(sequences[start : start + batch_size], pad_token_id).items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             logps.extend(sequence_logps(logits.float(), batch["input_ids"], batch["completion_mask"]).tolist())
             bar.update(len(batch["input_ids"]))
@@ -228,10 +277,11 @@ def completion_logps(
 
 
 def reference_logps_for(
-    store: Store, triples: Sequence[PreferenceTriple], reference: Checkpoint, batch_size: int
+    store: Store, triples: Sequence[PreferenceTriple], reference: Checkpoint, batch_size: int,
+    kept: KeptModel | None = None,
 ) -> ReferenceLogps:
     """The reference's log-probs of the triples' completions, from the store's cache; those
-    not cached for this reference yet are computed (loading it) and stored first."""
+    not cached for this reference yet are computed (loading it, or from `kept`) and stored first."""
     sequences: dict[int, tuple[list[int], list[int]]] = {}
     for t in triples:
         sequences[t.chosen_completion_id] = (t.prompt_token_ids, t.chosen_token_ids)
@@ -240,7 +290,7 @@ def reference_logps_for(
     missing = [completion_id for completion_id in sequences if completion_id not in cached]
     if missing:
         computed = dict(zip(missing, completion_logps(
-            Path(reference.path), [sequences[c] for c in missing], batch_size)))
+            Path(reference.path), [sequences[c] for c in missing], batch_size, kept)))
         with store.transaction() as tx:
             tx.add_reference_logps(reference.checkpoint_id, computed)
         cached.update(computed)

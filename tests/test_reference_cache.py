@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from flywheel.config import EvalConfig, FlywheelConfig, JudgeConfig, TrainConfig
-from flywheel.training import reference_logps_for, train_dpo
+from flywheel.training import KeptModel, completion_logps, reference_logps_for, train_dpo
 from storage.records import PreferenceTriple
 from storage.store import Store
 
@@ -72,6 +72,38 @@ def test_another_reference_gets_its_own_log_probs(tiny_policy, perturbed_policy,
     assert loads == [tiny_policy, perturbed_policy]
     assert store.count("reference_logps") == 12
     assert not torch.allclose(by_first.chosen, by_second.chosen)
+
+
+def test_a_kept_reference_is_loaded_once_and_again_only_when_its_files_change(
+        tiny_policy, perturbed_policy, tmp_path, loads):
+    import shutil
+
+    from flywheel.checkpoints import save_checkpoint
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    reference = tmp_path / "reference"
+    shutil.copytree(tiny_policy, reference)
+    sequences = [(t.prompt_token_ids, t.chosen_token_ids) for t in numbered_triples(5)]
+    kept = KeptModel()
+    first = completion_logps(reference, sequences, 2, kept)
+    again = completion_logps(reference, sequences, 4, kept)
+    assert loads == [reference]  # the second call used the kept model
+    assert again == pytest.approx(first, abs=1e-5)
+    assert completion_logps(reference, sequences, 2) == pytest.approx(first, abs=1e-6)  # as a fresh load
+    loads.clear()
+
+    # Another model saved at the same path (renamed into place, as training saves): loaded again.
+    save_checkpoint(AutoModelForCausalLM.from_pretrained(perturbed_policy), AutoTokenizer.from_pretrained(perturbed_policy),
+                    reference)
+    loads.clear()
+    changed = completion_logps(reference, sequences, 2, kept)
+    assert loads == [reference]
+    assert changed == pytest.approx(completion_logps(perturbed_policy, sequences, 2), abs=1e-6)
+    assert changed != pytest.approx(first, abs=1e-3)
+    loads.clear()
+    kept.release()
+    completion_logps(reference, sequences, 2, kept)
+    assert loads == [reference]
 
 
 def test_the_reference_is_the_initial_model_or_the_previous_promoted_one(tiny_policy, demo_prompts, tmp_path):

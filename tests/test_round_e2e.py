@@ -164,6 +164,44 @@ def test_round_resumes_after_stopping_between_steps(flywheel):
     assert store.count("labels l JOIN pairs p USING (pair_id)", "p.round_id = ?", [round_id]) == pairs_before
 
 
+def test_sampling_stores_each_batch_while_the_engine_samples_the_next(flywheel, tmp_path, monkeypatch):
+    import dataclasses
+    import threading
+
+    from storage.store import StoreSession
+
+    config = dataclasses.replace(flywheel.config, workdir=tmp_path,
+                                 sample=dataclasses.replace(flywheel.config.sample, batch_prompts=24))
+    batched = Flywheel(config, sampler=flywheel.sampler)  # one engine for the session
+    batched.initialise()
+    events = []  # in order: ("sampled", prompts) on the round's thread, ("stored", completions, thread)
+    sample, add_completions = batched.sampler.sample, StoreSession.add_completions
+    monkeypatch.setattr(batched.sampler, "sample", lambda *a, **k: events.append(("sampled", len(a[2]))) or sample(*a, **k))
+
+    def stored(session, completions):
+        ids = add_completions(session, completions)
+        events.append(("stored", len(completions), threading.current_thread().name))
+        return ids
+
+    monkeypatch.setattr(StoreSession, "add_completions", stored)
+    round_id = batched.begin_round()
+    assert batched.sample(round_id) == 64 * 4
+    # 64 prompts in batches of 24, 24 and 16: a batch is stored on the writer thread while
+    # the next is sampled, and is stored before the one after that is sampled (at most one
+    # batch waits); the last is stored on the round's thread, with the step's end.
+    assert [event[1:] for event in events if event[0] == "stored"] == [
+        (96, "flywheel-sample-writer_0"), (96, "flywheel-sample-writer_0"), (64, "MainThread")]
+    sampled = [i for i, event in enumerate(events) if event[0] == "sampled"]
+    assert [events[i][1] for i in sampled] == [24, 24, 16]
+    assert events.index(("stored", 96, "flywheel-sample-writer_0")) < sampled[2]
+    store = batched.store
+    assert store.get_round(round_id).state == "sampled"
+    _, counts = store.query("SELECT count(DISTINCT prompt_id), count(DISTINCT (prompt_id, sample_index)) "
+                            "FROM completions WHERE round_id = ? AND purpose = 'train'", [round_id])
+    assert counts == [(64, 256)]  # every prompt's n samples, each once
+    batched.close()  # leaves the shared engine running
+
+
 class LongerAnswerJudge:
     """A user's own judge, named by import path in the config below."""
 
