@@ -54,7 +54,7 @@ TIMERS: dict[str, float] = defaultdict(float)
 _STACKS = threading.local()  # per thread: [bucket, charged since] of the open buckets
 HEARTBEAT_THREAD = "flywheel-lease-heartbeat"
 CLOSER_THREAD = "flywheel-store-closer"
-WRITER_THREAD = "flywheel-sample-writer"  # flywheel.rounds.SAMPLE_WRITER_THREAD, a prefix
+WRITER_THREAD = None  # the prefix of the sample step's writer thread: set by `instrument`
 
 
 @contextmanager
@@ -65,7 +65,7 @@ def charged_to(bucket: str):
     if thread == HEARTBEAT_THREAD:
         yield
         return
-    if thread.startswith(WRITER_THREAD):
+    if WRITER_THREAD is not None and thread.startswith(WRITER_THREAD):
         bucket = "writer"
     stack = _STACKS.__dict__.setdefault("stack", [])
     now = time.perf_counter()
@@ -103,6 +103,7 @@ def timed_context(bucket: str, manager):
 
 def instrument(wheel) -> None:
     """Wrap the functions whose time goes into each bucket (see the module docstring)."""
+    global WRITER_THREAD
     import transformers
 
     import flows.rounds
@@ -111,6 +112,7 @@ def instrument(wheel) -> None:
     import storage.store
     from storage.store import Store
 
+    WRITER_THREAD = flywheel.rounds.SAMPLE_WRITER_THREAD
     wheel.sampler.sample = timed("sampling", wheel.sampler.sample)
     wheel.sampler._load = timed("model I/O", wheel.sampler._load)
     wheel.judge.judge = timed("judging", wheel.judge.judge)

@@ -107,7 +107,8 @@ def _run_config_from_flags(args: argparse.Namespace):
                           warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule,
                           reference=args.reference, replay_fraction=args.replay_fraction,
                           lora_rank=args.lora_rank, num_processes=args.num_processes, bf16=args.bf16,
-                          gradient_checkpointing=args.gradient_checkpointing),
+                          gradient_checkpointing=args.gradient_checkpointing,
+                          keep_reference_loaded=args.keep_reference_loaded),
         eval=EvalConfig(accuracy_score=args.score, judge=JudgeConfig(args.eval_judge) if args.eval_judge else None),
     )
     return config, args.rounds or 1
@@ -535,6 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--bf16", action="store_true", help="bf16 autocast for the policy's forward pass")
     run.add_argument("--gradient-checkpointing", action="store_true",
                      help="recompute activations in the backward pass: less memory, more time")
+    run.add_argument("--keep-reference-loaded", action="store_true",
+                     help="keep the frozen reference model loaded between rounds: two loads a round "
+                     "fewer, for its memory")
     run.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     run.set_defaults(handler=command_run)
 

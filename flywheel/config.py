@@ -34,8 +34,9 @@ def _require(condition: bool, message: str) -> None:
 @dataclass(frozen=True)
 class SampleConfig:
     prompts_per_round: int = 512
-    # Prompts per engine call, each call's completions stored in one transaction: a
-    # crash mid-sampling loses at most this many prompts' work.
+    # Prompts per engine call, each call's completions stored in one transaction (while
+    # the engine samples the next call's): a crash mid-sampling loses at most two
+    # batches' work, the one being stored and the one being sampled.
     batch_prompts: int = 256
     source: str = "current"
     n: int = 4
@@ -138,9 +139,10 @@ class TrainConfig:
     # gradient checkpointing (recompute activations in backward): memory for time, mostly on GPU.
     bf16: bool = False
     gradient_checkpointing: bool = False
-    # Keep the frozen reference model loaded between rounds (on the GPU where there is one)
-    # instead of loading it twice a round, for its log-probs in training and at evaluation:
-    # faster, but it holds the reference's memory while sampling and training run.
+    # Keep the frozen reference model loaded between rounds (in host memory, where its
+    # log-prob passes run) instead of loading it twice a round, for its log-probs in
+    # training and at evaluation: faster, but it holds that memory while sampling and
+    # training run.
     keep_reference_loaded: bool = False
 
     def __post_init__(self) -> None:

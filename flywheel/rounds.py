@@ -35,7 +35,7 @@ from judges.human import ready_to_train, waiting_message
 from storage.queue import close_request, utc_now
 from storage.queue import progress as queue_progress
 from storage.records import Evaluation, TrainStep
-from storage.store import Store, StoreSession
+from storage.store import Store, StoreSession, set_threads
 
 Log = Callable[[str], None]
 
@@ -72,6 +72,7 @@ STORE_LINGER_S = 0.05
 # DuckDB on one thread in the round runner's process: its store calls are short statements,
 # and a second DuckDB thread mostly waited for a core that vLLM, torch or the closer had
 # (on the 2-core demo machine, a fifth of a round's store time: 160 -> 125 ms a round).
+# It holds for the whole process: other store calls in it (a notebook's queries) too.
 STORE_THREADS = 1
 # The thread that stores a batch of completions while the engine samples the next.
 SAMPLE_WRITER_THREAD = "flywheel-sample-writer"
@@ -106,12 +107,13 @@ class Flywheel:
         if config.eval.accuracy_score is not None:
             self.accuracy_score = import_object(config.eval.accuracy_score, "eval.accuracy_score")
         self.eval_judge = eval_judge if eval_judge is not None else self._build_eval_judge()
-        self.store = Store.create(config.database, linger_s=STORE_LINGER_S, threads=STORE_THREADS)
+        set_threads(STORE_THREADS)  # the process's DuckDB (see STORE_THREADS)
+        self.store = Store.create(config.database, linger_s=STORE_LINGER_S)
         self.lease = RoundLease(self.store, log)
         self._owns_sampler = sampler is None
         self.sampler = sampler if sampler is not None else VLLMSampler(config.sample, seed=config.seed)
         # None: the reference is loaded for each log-prob pass and freed after it.
-        self.reference_model = KeptModel() if config.train.keep_reference_loaded else None
+        self.kept_reference = KeptModel() if config.train.keep_reference_loaded else None
 
     def _build_eval_judge(self) -> Judge:
         """Who judges candidate against incumbent: `eval.judge`, else the round's judge;
@@ -128,8 +130,8 @@ class Flywheel:
     def close(self) -> None:
         self.lease.release()
         self.store.release()
-        if self.reference_model is not None:
-            self.reference_model.release()
+        if self.kept_reference is not None:
+            self.kept_reference.release()
         if self._owns_sampler:
             self.sampler.close()
         close_judge(self.judge)
@@ -230,21 +232,27 @@ class Flywheel:
         with tqdm(total=count, initial=count - len(todo), desc=f"round {round_id}: sampling", unit="prompt",
                   disable=None) as bar, ThreadPoolExecutor(1, thread_name_prefix=SAMPLE_WRITER_THREAD) as writer:
             storing = None
-            for number, batch in enumerate(batches, start=1):
-                completions = self.sampler.sample(
-                    Path(policy.path), policy.checkpoint_id, batch,
-                    n=self.config.sample.n, temperature=self.config.sample.temperature,
-                    seed=round_.seed, purpose="train", round_id=round_id, progress=False,
-                )
-                if storing is not None:
-                    storing.result()  # the batch before is stored (or its error raised) first
-                if number < len(batches):
-                    storing = writer.submit(self._store_completions, completions)
-                else:
-                    with self.store.transaction() as tx:
-                        tx.add_completions(completions)
-                        total = self._finish_sampling(tx, round_id)
-                bar.update(len(batch))
+            try:
+                for number, batch in enumerate(batches, start=1):
+                    completions = self.sampler.sample(
+                        Path(policy.path), policy.checkpoint_id, batch,
+                        n=self.config.sample.n, temperature=self.config.sample.temperature,
+                        seed=round_.seed, purpose="train", round_id=round_id, progress=False,
+                    )
+                    if storing is not None:
+                        storing.result()  # the batch before is stored (or its error raised) first
+                    if number < len(batches):
+                        storing = writer.submit(self._store_completions, completions)
+                    else:
+                        with self.store.transaction() as tx:
+                            tx.add_completions(completions)
+                            total = self._finish_sampling(tx, round_id)
+                    bar.update(len(batch))
+            except BaseException as error:
+                # Sampling failed while a batch was being stored: say if that failed too.
+                if storing is not None and storing.exception() not in (None, error):
+                    self.log(f"round {round_id}: storing a batch of completions failed too: {storing.exception()}")
+                raise
         if not todo:  # every prompt was sampled before a restart
             with self.store.transaction() as tx:
                 total = self._finish_sampling(tx, round_id)
@@ -352,7 +360,7 @@ class Flywheel:
             reference = tx.checkpoint(round_.reference_checkpoint_id)
         output_dir = self.config.checkpoints_dir / f"round-{round_id:04d}"
         reference_logps = reference_logps_for(self.store, triples, reference, self.config.train.batch_size,
-                                              self.reference_model)
+                                              self.kept_reference)
         if self.config.train.num_processes > 1:
             job = write_job(self.config.workdir / "jobs" / f"round-{round_id:04d}", Path(policy.path),
                             reference_logps, triples, self.config.train, output_dir, round_.seed)
@@ -431,7 +439,7 @@ class Flywheel:
         sequences = [(c.prompt_token_ids, c.token_ids) for c in samples]
         batch_size = self.config.train.batch_size
         policy_logps = completion_logps(Path(candidate.path), sequences, batch_size)
-        reference_logps = completion_logps(Path(reference.path), sequences, batch_size, self.reference_model)
+        reference_logps = completion_logps(Path(reference.path), sequences, batch_size, self.kept_reference)
         return sum(p - r for p, r in zip(policy_logps, reference_logps)) / len(sequences)
 
     def _sample_heldout(self, checkpoint, heldout, round_id):

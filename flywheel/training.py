@@ -1,7 +1,8 @@
 """DPO training against a frozen reference, the loop written out top to bottom.
 
 The reference's log-probs are computed once per completion and cached in the store
-(`reference_logps_for`), so training holds only the policy in memory.
+(`reference_logps_for`), so training holds only the policy in memory (and, with
+`train.keep_reference_loaded`, the flywheel keeps the reference loaded between rounds).
 """
 
 from __future__ import annotations
@@ -206,11 +207,6 @@ def _disable_dropout(model: torch.nn.Module) -> None:
             setattr(model.config, name, 0.0)
 
 
-def _logps_device() -> torch.device:
-    """Where log-prob passes run: the GPU where there is one (as training), else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 class KeptModel:
     """A checkpoint's model for log-prob passes, loaded at the first call and kept for the
     next ones while they ask for the same checkpoint: DPO's frozen reference, which every
@@ -223,7 +219,7 @@ class KeptModel:
         self._loaded: tuple[torch.nn.Module, int | None] | None = None
 
     def get(self, checkpoint_path: Path) -> tuple[torch.nn.Module, int | None]:
-        """(model in eval mode on `_logps_device()`, the tokenizer's pad token id)."""
+        """(the model, in eval mode, the tokenizer's pad token id)."""
         files = _checkpoint_files(checkpoint_path)
         if self._loaded is None or files != self._files:
             self.release()
@@ -235,14 +231,15 @@ class KeptModel:
 
 
 def _checkpoint_files(checkpoint_path: Path) -> tuple:
-    """What identifies a checkpoint's files: its resolved path, and the inode, size and
-    modification time of each file in it (a save renames a new directory into place)."""
+    """What identifies a checkpoint's files: its resolved path, and the inode, size,
+    modification and change time of each file in it (a save renames a new directory into
+    place; a copy over the files in place that keeps their times still changes ctime)."""
     directory = Path(checkpoint_path).resolve()
     files = []
     for entry in sorted(directory.iterdir()):
         status = entry.stat()
         if stat.S_ISREG(status.st_mode):
-            files.append((entry.name, status.st_ino, status.st_size, status.st_mtime_ns))
+            files.append((entry.name, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns))
     return str(directory), tuple(files)
 
 
@@ -251,7 +248,7 @@ def _load_for_logps(checkpoint_path: Path) -> tuple[torch.nn.Module, int | None]
 
     pad_token_id = AutoTokenizer.from_pretrained(checkpoint_path).pad_token_id
     model = AutoModelForCausalLM.from_pretrained(checkpoint_path, dtype=torch.float32)
-    return model.to(_logps_device()).eval().requires_grad_(False), pad_token_id
+    return model.eval().requires_grad_(False), pad_token_id
 
 
 @torch.no_grad()
@@ -263,13 +260,11 @@ def completion_logps(
     completion ids). For DPO's reference, and for the KL of a candidate to it. The model is
     loaded for this call and freed on return, or taken from (and left in) `kept`."""
     model, pad_token_id = kept.get(checkpoint_path) if kept is not None else _load_for_logps(checkpoint_path)
-    device = next(model.parameters()).device
     logps: list[float] = []
     with tqdm(total=len(sequences), desc=f"log-probs under {Path(checkpoint_path).name}", unit="completion", leave=False,
               disable=not sequences) as bar:
         for start in range(0, len(sequences), batch_size):
-            batch = {k: v.to(device) for k, v in
-                     collate_sequences(sequences[start : start + batch_size], pad_token_id).items()}
+            batch = collate_sequences(sequences[start : start + batch_size], pad_token_id)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             logps.extend(sequence_logps(logits.float(), batch["input_ids"], batch["completion_mask"]).tolist())
             bar.update(len(batch["input_ids"]))

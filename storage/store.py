@@ -137,9 +137,22 @@ _NO_LINGER_UNTIL: dict[str, float] = {}
 # Set at exit: from then on every call closes its file at once.
 _EXITING = False
 _ALIASES = itertools.count(1)
-# DuckDB threads of the in-memory DuckDB, set by a store made with `threads` (None: DuckDB's
-# default, one per core). One DuckDB serves the whole process, so this is the process's.
+# DuckDB threads of the in-memory DuckDB, from `set_threads` (None: DuckDB's default).
 _HUB_THREADS: int | None = None
+
+
+def set_threads(threads: int) -> None:
+    """Run this process's store calls on `threads` DuckDB threads, from now on (one DuckDB
+    serves every store of a process, so this is the process's setting). For a process whose
+    calls are short and whose cores are busy with other work, where DuckDB's extra threads
+    mostly wait for a core; DuckDB's default is one per core it may use."""
+    global _HUB_THREADS
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be an int >= 1, got {threads!r}")
+    with _PROCESS_CONNECTION:
+        _HUB_THREADS = threads
+        if _HUB is not None:
+            _HUB.execute(f"SET threads = {threads}")
 
 
 def _hub() -> duckdb.DuckDBPyConnection:
@@ -362,8 +375,10 @@ def label_columns(labels: Sequence[Label], ids: Sequence[int]) -> dict[str, pa.A
 
 
 def _rows_through_arrow(cursor: duckdb.DuckDBPyConnection) -> Iterator[tuple]:
-    """A result's rows as tuples of Python values, as `fetchall` gives, built a column at a
-    time from Arrow: a list column (token ids) comes out in about a third of the time."""
+    """A result's rows as tuples of Python values, built a column at a time from Arrow: a
+    list column (token ids) comes out in about a third of `fetchall`'s time. The same values
+    as `fetchall` for integers, floats, text, JSON (as text), lists of those and NULL; not for
+    every type (timestamps with time zone, HUGEINT, UUID, INTERVAL and MAP differ)."""
     result = cursor.arrow()  # a RecordBatchReader since duckdb 1.5, a Table before
     table = result.read_all() if isinstance(result, pa.RecordBatchReader) else result
     return zip(*(column.to_pylist() for column in table.columns))
@@ -376,25 +391,11 @@ def _first_line(error: BaseException) -> str:
 class Store:
     """The flywheel's database. Open with `Store.create` (new or existing) or `Store.open`."""
 
-    def __init__(self, path: str | os.PathLike, *, lock_timeout_s: float = 60.0, linger_s: float = 0.0,
-                 threads: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, *, lock_timeout_s: float = 60.0, linger_s: float = 0.0) -> None:
         """`linger_s`: keep the file open this long after a call ends, for the next call
         (see the module docstring); 0 closes it at once. Only for a process that makes
         bursts of calls and needs the file to itself meanwhile: a server answering other
-        processes' requests would keep the file from them.
-
-        `threads`: how many threads DuckDB runs this process's store calls on (one DuckDB
-        serves every store of a process, so it sets them for all; None leaves DuckDB's
-        default, one per core). For a process whose calls are short and whose cores are
-        busy with other work: there DuckDB's extra threads mostly wait for a core."""
-        global _HUB_THREADS
-        if threads is not None:
-            if threads < 1:
-                raise ValueError(f"threads must be >= 1, got {threads}")
-            with _PROCESS_CONNECTION:
-                _HUB_THREADS = threads
-                if _HUB is not None:
-                    _HUB.execute(f"SET threads = {threads}")
+        processes' requests would keep the file from them."""
         self.path = Path(path)
         self.lock_timeout_s = lock_timeout_s
         self.linger_s = linger_s

@@ -1,5 +1,7 @@
 """Whole rounds with the real vLLM engine, the real Prefect flow and a real DuckDB file."""
 
+from pathlib import Path
+
 import pytest
 
 from conftest import E2E_SAMPLE
@@ -164,42 +166,102 @@ def test_round_resumes_after_stopping_between_steps(flywheel):
     assert store.count("labels l JOIN pairs p USING (pair_id)", "p.round_id = ?", [round_id]) == pairs_before
 
 
-def test_sampling_stores_each_batch_while_the_engine_samples_the_next(flywheel, tmp_path, monkeypatch):
+def _flywheel_like(flywheel, workdir, sample=None, train=None):
+    """A flywheel of its own (database, checkpoints) on the shared engine, like `flywheel`'s
+    config but for the sample and train settings given."""
     import dataclasses
+
+    config = dataclasses.replace(flywheel.config, workdir=workdir,
+                                 sample=dataclasses.replace(flywheel.config.sample, **(sample or {})),
+                                 train=dataclasses.replace(flywheel.config.train, **(train or {})))
+    wheel = Flywheel(config, sampler=flywheel.sampler)  # one engine for the session
+    wheel.initialise()
+    return wheel
+
+
+def test_sampling_stores_each_batch_while_the_engine_samples_the_next(flywheel, tmp_path, monkeypatch):
     import threading
 
     from storage.store import StoreSession
 
-    config = dataclasses.replace(flywheel.config, workdir=tmp_path,
-                                 sample=dataclasses.replace(flywheel.config.sample, batch_prompts=24))
-    batched = Flywheel(config, sampler=flywheel.sampler)  # one engine for the session
-    batched.initialise()
+    batched = _flywheel_like(flywheel, tmp_path, sample={"batch_prompts": 24})
     events = []  # in order: ("sampled", prompts) on the round's thread, ("stored", completions, thread)
+    next_sampling = threading.Event()  # set when a batch after the first starts sampling
     sample, add_completions = batched.sampler.sample, StoreSession.add_completions
-    monkeypatch.setattr(batched.sampler, "sample", lambda *a, **k: events.append(("sampled", len(a[2]))) or sample(*a, **k))
+
+    def sampled(*args, **kwargs):
+        events.append(("sampled", len(args[2])))
+        if len(events) > 1:
+            next_sampling.set()
+        return sample(*args, **kwargs)
 
     def stored(session, completions):
+        if threading.current_thread() is not threading.main_thread():
+            # Stored while the engine samples the next batch: that sampling has started.
+            assert next_sampling.wait(30), "the writer stored a batch before the next was being sampled"
+        if fail_first_write:
+            events.append(("failed",))
+            raise RuntimeError("disk full (a failure injected into the first batch's write)")
         ids = add_completions(session, completions)
         events.append(("stored", len(completions), threading.current_thread().name))
         return ids
 
+    monkeypatch.setattr(batched.sampler, "sample", sampled)
     monkeypatch.setattr(StoreSession, "add_completions", stored)
-    round_id = batched.begin_round()
-    assert batched.sample(round_id) == 64 * 4
-    # 64 prompts in batches of 24, 24 and 16: a batch is stored on the writer thread while
-    # the next is sampled, and is stored before the one after that is sampled (at most one
-    # batch waits); the last is stored on the round's thread, with the step's end.
-    assert [event[1:] for event in events if event[0] == "stored"] == [
-        (96, "flywheel-sample-writer_0"), (96, "flywheel-sample-writer_0"), (64, "MainThread")]
-    sampled = [i for i, event in enumerate(events) if event[0] == "sampled"]
-    assert [events[i][1] for i in sampled] == [24, 24, 16]
-    assert events.index(("stored", 96, "flywheel-sample-writer_0")) < sampled[2]
-    store = batched.store
-    assert store.get_round(round_id).state == "sampled"
-    _, counts = store.query("SELECT count(DISTINCT prompt_id), count(DISTINCT (prompt_id, sample_index)) "
-                            "FROM completions WHERE round_id = ? AND purpose = 'train'", [round_id])
-    assert counts == [(64, 256)]  # every prompt's n samples, each once
-    batched.close()  # leaves the shared engine running
+    try:
+        round_id = batched.begin_round()
+        store = batched.store
+        # A batch whose write fails stops the step once the next batch is sampled; nothing
+        # of it is stored, and the rerun samples every prompt again.
+        fail_first_write = True
+        with pytest.raises(RuntimeError, match="disk full"):
+            batched.sample(round_id)
+        assert events == [("sampled", 24), ("sampled", 24), ("failed",)]
+        assert store.count("completions", "round_id = ?", [round_id]) == 0
+        assert store.get_round(round_id).state == "started"
+
+        fail_first_write = False
+        events.clear()
+        next_sampling.clear()
+        assert batched.sample(round_id) == 64 * 4
+        # 64 prompts in batches of 24, 24 and 16: a batch is stored on the writer thread while
+        # the next is sampled, and before the one after that is sampled (at most one batch
+        # waits); the last is stored on the round's thread, with the step's end.
+        assert [event[1:] for event in events if event[0] == "stored"] == [
+            (96, "flywheel-sample-writer_0"), (96, "flywheel-sample-writer_0"), (64, "MainThread")]
+        sampled_at = [i for i, event in enumerate(events) if event[0] == "sampled"]
+        assert [events[i][1] for i in sampled_at] == [24, 24, 16]
+        assert events.index(("stored", 96, "flywheel-sample-writer_0")) < sampled_at[2]
+        assert store.get_round(round_id).state == "sampled"
+        _, counts = store.query("SELECT count(DISTINCT prompt_id), count(DISTINCT (prompt_id, sample_index)), "
+                                "count(*) FROM completions WHERE round_id = ? AND purpose = 'train'", [round_id])
+        assert counts == [(64, 256, 256)]  # every prompt's n samples, each once
+    finally:
+        batched.close()  # leaves the shared engine running
+
+
+def test_a_kept_reference_is_loaded_once_across_rounds(flywheel, tmp_path, monkeypatch):
+    from flywheel import training
+
+    kept = _flywheel_like(flywheel, tmp_path, train={"keep_reference_loaded": True})
+    loads = []  # every checkpoint a log-prob pass loads (a spy: the real loader still runs)
+    load = training._load_for_logps
+    monkeypatch.setattr(training, "_load_for_logps",
+                        lambda path: loads.append(Path(path).resolve()) or load(path))
+    try:
+        for _ in range(2):
+            kept.run_round()
+        # Each round needs the reference twice (its log-probs of the new completions, and
+        # the KL at evaluation); kept, it is loaded once for both rounds. Each candidate is
+        # still loaded for its KL.
+        reference = Path(kept.store.reference_checkpoint().path).resolve()
+        assert loads.count(reference) == 1
+        assert len(loads) == 3
+        _, states = kept.store.query("SELECT state, kl_to_reference IS NOT NULL FROM round_summary")
+        assert states == [("done", True), ("done", True)]
+    finally:
+        kept.close()
+    assert kept.kept_reference._loaded is None  # released with the flywheel
 
 
 class LongerAnswerJudge:

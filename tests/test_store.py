@@ -1,6 +1,5 @@
 """The DuckDB store on real files: migrations, refusals, round-trips, views, locking."""
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -399,28 +398,32 @@ def test_a_process_forked_after_using_the_store_can_use_it(tmp_path):
 
 THREADS_OF_THE_PROCESS = textwrap.dedent("""
     import os, sys
-    from storage.store import Store
+    from storage.store import Store, set_threads
     threads = "SELECT current_setting('threads')"
     store = Store.create(sys.argv[1])
-    print(store.query(threads)[1][0][0])  # DuckDB's default: one per core
-    Store(sys.argv[1], threads=1)  # the process's DuckDB, made already, and any it makes later
+    default = store.query(threads)[1][0][0]
+    print(default)
+    wanted = 3 if default != 3 else 2
+    set_threads(wanted)  # the process's DuckDB, made already, and any it makes later
     print(store.query(threads)[1][0][0])
-    child = os.fork()
-    if child == 0:  # a forked child makes a DuckDB of its own
+    child = os.fork()  # closes the parent's idle DuckDB; both sides make new ones
+    if child == 0:
         os._exit(store.query(threads)[1][0][0])
     _, status = os.waitpid(child, 0)
-    print(os.waitstatus_to_exitcode(status))
+    print(os.waitstatus_to_exitcode(status), store.query(threads)[1][0][0])
 """)
 
 
-def test_a_store_made_with_threads_sets_them_for_the_process_and_its_forked_children(tmp_path):
+def test_set_threads_sets_them_for_the_process_and_its_forked_children(tmp_path):
     result = subprocess.run([sys.executable, "-c", THREADS_OF_THE_PROCESS, str(tmp_path / "fw.duckdb")],
                             capture_output=True, text=True, timeout=60, cwd=ROOT)
-    default, after, child = result.stdout.split()
-    assert (after, child) == ("1", "1"), result.stderr
-    assert int(default) == (os.cpu_count() or 1)  # so that the 1s above were set, not the default
-    with pytest.raises(ValueError, match="threads must be >= 1"):
-        Store(tmp_path / "other.duckdb", threads=0)
+    assert result.returncode == 0, result.stderr
+    default, now, child, parent_after_fork = map(int, result.stdout.split())
+    wanted = 3 if default != 3 else 2
+    assert (now, child, parent_after_fork) == (wanted, wanted, wanted)
+    for bad in (0, True, 1.5):
+        with pytest.raises(ValueError, match="threads must be an int >= 1"):
+            storage.store.set_threads(bad)
 
 
 FORK_WHILE_ANOTHER_THREAD_IS_IN_A_TRANSACTION = textwrap.dedent("""
