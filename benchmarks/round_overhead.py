@@ -25,9 +25,8 @@ after a burst of store calls (a DETACH, with its checkpoint), by then usually du
 sampling or training; and the sample step's writer thread, which stores a batch of
 completions while the engine samples the next. The closer's and the writer's time is
 printed apart ("closer", "writer"), and the share is also printed as if it were overhead
-on the round's thread. The engine starts once,
-before round 1, and the flow run starts and ends once for all rounds: both are printed,
-not counted in a round.
+on the round's thread. The engine starts once, before round 1, and the flow run starts and
+ends once for all rounds: both are printed, not counted in a round.
 Target (issue 7): overhead under 15 % of a round's wall time with the engine kept alive,
 judged on the median of the rounds after the first. Round 1 is printed too; it also pays
 costs that come once per process (matplotlib's first import and figure, the first

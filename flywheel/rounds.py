@@ -229,9 +229,9 @@ class Flywheel:
         todo = [p for p in chosen if p.prompt_id not in done]
         batch_size = self.config.sample.batch_prompts
         batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
+        storing = None  # the batch the writer thread is storing
         with tqdm(total=count, initial=count - len(todo), desc=f"round {round_id}: sampling", unit="prompt",
                   disable=None) as bar, ThreadPoolExecutor(1, thread_name_prefix=SAMPLE_WRITER_THREAD) as writer:
-            storing = None
             try:
                 for number, batch in enumerate(batches, start=1):
                     completions = self.sampler.sample(
@@ -241,33 +241,29 @@ class Flywheel:
                     )
                     if storing is not None:
                         storing.result()  # the batch before is stored (or its error raised) first
-                    if number < len(batches):
-                        storing = writer.submit(self._store_completions, completions)
-                    else:
-                        with self.store.transaction() as tx:
-                            tx.add_completions(completions)
-                            total = self._finish_sampling(tx, round_id)
+                    last = number == len(batches)  # stored below, with the step's end
+                    storing = None if last else writer.submit(self._store_sampled, round_id, completions)
                     bar.update(len(batch))
             except BaseException as error:
                 # Sampling failed while a batch was being stored: say if that failed too.
                 if storing is not None and storing.exception() not in (None, error):
                     self.log(f"round {round_id}: storing a batch of completions failed too: {storing.exception()}")
                 raise
-        if not todo:  # every prompt was sampled before a restart
-            with self.store.transaction() as tx:
-                total = self._finish_sampling(tx, round_id)
+        # The last batch (none if every prompt was sampled before a restart) ends the step.
+        total = self._store_sampled(round_id, completions if batches else [], finish=True)
         resumed = f" ({count - len(todo)} sampled before a restart)" if len(todo) < count else ""
         self.log(f"round {round_id}: sampled {total} completions of {count} prompts{resumed}")
         return total
 
-    def _store_completions(self, completions) -> None:
+    def _store_sampled(self, round_id: int, completions, finish: bool = False) -> int | None:
+        """Store a batch of the round's completions in one transaction; with `finish`, the
+        step's end too, and return the round's count of training completions."""
         with self.store.transaction() as tx:
             tx.add_completions(completions)
-
-    @staticmethod
-    def _finish_sampling(tx, round_id: int) -> int:
-        tx.finish_step(round_id, "sampled")
-        return tx.count("completions", "round_id = ? AND purpose = 'train'", [round_id])
+            if finish:
+                tx.finish_step(round_id, "sampled")
+                return tx.count("completions", "round_id = ? AND purpose = 'train'", [round_id])
+        return None
 
     def pair(self, round_id: int) -> int:
         strategy = self.config.pair.strategy

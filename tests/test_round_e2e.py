@@ -1,5 +1,6 @@
 """Whole rounds with the real vLLM engine, the real Prefect flow and a real DuckDB file."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -54,8 +55,6 @@ def _proc_stat(pid: int) -> tuple[str, list[str]]:
 
 def _vllm_worker_pids() -> list[int]:
     """This process's vLLM worker processes (its engine process's children)."""
-    import os
-
     processes = {}
     for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
         try:
@@ -69,8 +68,6 @@ def _vllm_worker_pids() -> list[int]:
 
 
 def _cpu_seconds(pid: int) -> float:
-    import os
-
     fields = _proc_stat(pid)[1]
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
