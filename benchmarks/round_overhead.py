@@ -19,14 +19,13 @@ its publish-report task) into:
     the steps (in round 1 also the first collect-and-freeze of the long-lived objects,
     `flywheel.rounds._settle_long_lived_objects`).
 Each moment is charged to the innermost of these it is in (a model load inside the
-log-prob pass is model I/O, not training), on the thread running the round only. Beside
-it run the lease's heartbeat thread; the store's closer thread, which closes the file 50 ms
-after a burst of store calls (a DETACH, with its checkpoint), by then usually during
-sampling or training; and the sample step's writer thread, which stores a batch of
-completions while the engine samples the next. The closer's and the writer's time is
-printed apart ("closer", "writer"), and the share is also printed as if it were overhead
-on the round's thread. The engine starts once, before round 1, and the flow run starts and
-ends once for all rounds: both are printed, not counted in a round.
+log-prob pass is model I/O, not training), on the thread running the round only: the
+lease's heartbeat thread runs beside it, and so does the store's closer thread, which
+closes the file 50 ms after a burst of store calls (a DETACH, with its checkpoint), by then
+usually during sampling or training. Its time is printed apart ("closer"), and the share
+is also printed as if it were overhead on the round's thread. The engine starts once,
+before round 1, and the flow run starts and ends once for all rounds: both are printed,
+not counted in a round.
 Target (issue 7): overhead under 15 % of a round's wall time with the engine kept alive,
 judged on the median of the rounds after the first. Round 1 is printed too; it also pays
 costs that come once per process (matplotlib's first import and figure, the first
@@ -48,24 +47,19 @@ from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
 
-BUCKETS = ("sampling", "judging", "training", "model I/O", "store", "plot", "closer", "writer")
+BUCKETS = ("sampling", "judging", "training", "model I/O", "store", "plot", "closer")
 TIMERS: dict[str, float] = defaultdict(float)
 _STACKS = threading.local()  # per thread: [bucket, charged since] of the open buckets
 HEARTBEAT_THREAD = "flywheel-lease-heartbeat"
 CLOSER_THREAD = "flywheel-store-closer"
-WRITER_THREAD = None  # the prefix of the sample step's writer thread: set by `instrument`
 
 
 @contextmanager
 def charged_to(bucket: str):
-    """Charge the time inside to `bucket`, pausing the bucket it is nested in; on the
-    sample writer thread, all of it to "writer"."""
-    thread = threading.current_thread().name
-    if thread == HEARTBEAT_THREAD:
+    """Charge the time inside to `bucket`, pausing the bucket it is nested in."""
+    if threading.current_thread().name == HEARTBEAT_THREAD:
         yield
         return
-    if WRITER_THREAD is not None and thread.startswith(WRITER_THREAD):
-        bucket = "writer"
     stack = _STACKS.__dict__.setdefault("stack", [])
     now = time.perf_counter()
     if stack:
@@ -102,7 +96,6 @@ def timed_context(bucket: str, manager):
 
 def instrument(wheel) -> None:
     """Wrap the functions whose time goes into each bucket (see the module docstring)."""
-    global WRITER_THREAD
     import transformers
 
     import flows.rounds
@@ -111,7 +104,6 @@ def instrument(wheel) -> None:
     import storage.store
     from storage.store import Store
 
-    WRITER_THREAD = flywheel.rounds.SAMPLE_WRITER_THREAD
     wheel.sampler.sample = timed("sampling", wheel.sampler.sample)
     wheel.sampler._load = timed("model I/O", wheel.sampler._load)
     wheel.judge.judge = timed("judging", wheel.judge.judge)
@@ -212,23 +204,22 @@ def main() -> None:
     print(f"\ndemo rounds ({config.sample.prompts_per_round} prompts x {config.sample.n}) through the Prefect flow, "
           f"one vLLM engine kept alive (started once in {engine_start:.1f} s, before round 1); seconds")
     head = (f"{'round':>5} {'wall':>6} {'sampling':>9} {'judging':>8} {'training':>9} {'overhead':>9} {'share':>6}"
-            f"   {'model I/O':>9} {'store':>6} {'plot':>5} {'rest':>5}   {'closer':>6} {'writer':>6}")
+            f"   {'model I/O':>9} {'store':>6} {'plot':>5} {'rest':>5}   {'closer':>6}")
     print(head)
-    shares, beside = [], []
+    shares, with_closer = [], []
     for round_id, wall, spent in rows:
         overhead = wall - spent["sampling"] - spent["judging"] - spent["training"]
         rest = overhead - spent["model I/O"] - spent["store"] - spent["plot"]
         shares.append(overhead / wall)
-        beside.append((overhead + spent["closer"] + spent["writer"]) / wall)
+        with_closer.append((overhead + spent["closer"]) / wall)
         print(f"{round_id:>5} {wall:>6.2f} {spent['sampling']:>9.2f} {spent['judging']:>8.2f} "
               f"{spent['training']:>9.2f} {overhead:>9.2f} {overhead / wall:>6.1%}   {spent['model I/O']:>9.2f} "
-              f"{spent['store']:>6.2f} {spent['plot']:>5.2f} {rest:>5.2f}   {spent['closer']:>6.2f} "
-              f"{spent['writer']:>6.2f}")
+              f"{spent['store']:>6.2f} {spent['plot']:>5.2f} {rest:>5.2f}   {spent['closer']:>6.2f}")
     print(f"outside the rounds (the flow run's start and end, once for all {len(rows)} rounds): "
           f"{run_wall - in_rounds:.2f} s")
     steady = after_round_1(shares)
-    print(f"with the closer's and the writer's time added to the overhead: median "
-          f"{statistics.median(after_round_1(beside)):.1%} after round 1")
+    print(f"with the closer thread's time added to the overhead: median "
+          f"{statistics.median(after_round_1(with_closer)):.1%} after round 1")
     print(f"overhead share of a round after round 1: median {statistics.median(steady):.1%}, "
           f"range {min(steady):.1%}-{max(steady):.1%} over {len(steady)} round(s); round 1: {shares[0]:.1%} "
           f"(target: median < 15%: {'met' if statistics.median(steady) < 0.15 else 'MISSED'})")

@@ -34,9 +34,8 @@ def _require(condition: bool, message: str) -> None:
 @dataclass(frozen=True)
 class SampleConfig:
     prompts_per_round: int = 512
-    # Prompts per engine call, each call's completions stored in one transaction (while
-    # the engine samples the next call's): a crash mid-sampling loses at most two
-    # batches' work, the one being stored and the one being sampled.
+    # Prompts per engine call, each call's completions stored in one transaction: a
+    # crash mid-sampling loses at most this many prompts' work.
     batch_prompts: int = 256
     source: str = "current"
     n: int = 4

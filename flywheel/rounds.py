@@ -13,7 +13,6 @@ import functools
 import gc
 import itertools
 import random
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -74,8 +73,6 @@ STORE_LINGER_S = 0.05
 # (on the 2-core demo machine, a fifth of a round's store time: 160 -> 125 ms a round).
 # It holds for the whole process: other store calls in it (a notebook's queries) too.
 STORE_THREADS = 1
-# The thread that stores a batch of completions while the engine samples the next.
-SAMPLE_WRITER_THREAD = "flywheel-sample-writer"
 
 
 class Flywheel:
@@ -208,11 +205,9 @@ class Flywheel:
         """Fresh completions of this round's prompts from the current policy.
 
         Prompts go to the engine `sample.batch_prompts` at a time and each batch is stored
-        in its own transaction (the last one also ends the step), on a writer thread while
-        the engine samples the next batch, so a crash loses at most the batch being
-        stored and the one being sampled; a rerun samples only the prompts without
-        completions (each prompt has its own seed, so they are the completions the first
-        run would have drawn).
+        in its own transaction (the last one also ends the step), so a crash loses at most
+        the batch in flight; a rerun samples only the prompts without completions (each
+        prompt has its own seed, so they are the completions the first run would have drawn).
         """
         with self.store.transaction() as tx:
             round_ = tx.get_round(round_id)
@@ -229,33 +224,23 @@ class Flywheel:
         todo = [p for p in chosen if p.prompt_id not in done]
         batch_size = self.config.sample.batch_prompts
         batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
-        storing = None  # the batch the writer thread is storing
         with tqdm(total=count, initial=count - len(todo), desc=f"round {round_id}: sampling", unit="prompt",
-                  disable=None) as bar, ThreadPoolExecutor(1, thread_name_prefix=SAMPLE_WRITER_THREAD) as writer:
-            try:
-                for number, batch in enumerate(batches, start=1):
-                    completions = self.sampler.sample(
-                        Path(policy.path), policy.checkpoint_id, batch,
-                        n=self.config.sample.n, temperature=self.config.sample.temperature,
-                        seed=round_.seed, purpose="train", round_id=round_id, progress=False,
-                    )
-                    if storing is not None:
-                        storing.result()  # the batch before is stored (or its error raised) first
-                    last = number == len(batches)  # stored below, with the step's end
-                    storing = None if last else writer.submit(self._store_sampled, round_id, completions)
-                    bar.update(len(batch))
-            except BaseException as error:
-                # Sampling failed while a batch was being stored: say if that failed too.
-                if storing is not None and storing.exception() not in (None, error):
-                    self.log(f"round {round_id}: storing a batch of completions failed too: {storing.exception()}")
-                raise
-        # The last batch (none if every prompt was sampled before a restart) ends the step.
-        total = self._store_sampled(round_id, completions if batches else [], finish=True)
+                  disable=None) as bar:
+            for number, batch in enumerate(batches, start=1):
+                completions = self.sampler.sample(
+                    Path(policy.path), policy.checkpoint_id, batch,
+                    n=self.config.sample.n, temperature=self.config.sample.temperature,
+                    seed=round_.seed, purpose="train", round_id=round_id, progress=False,
+                )
+                total = self._store_sampled(round_id, completions, finish=number == len(batches))
+                bar.update(len(batch))
+        if not todo:  # every prompt was sampled before a restart
+            total = self._store_sampled(round_id, [], finish=True)
         resumed = f" ({count - len(todo)} sampled before a restart)" if len(todo) < count else ""
         self.log(f"round {round_id}: sampled {total} completions of {count} prompts{resumed}")
         return total
 
-    def _store_sampled(self, round_id: int, completions, finish: bool = False) -> int | None:
+    def _store_sampled(self, round_id: int, completions, finish: bool) -> int | None:
         """Store a batch of the round's completions in one transaction; with `finish`, the
         step's end too, and return the round's count of training completions."""
         with self.store.transaction() as tx:
