@@ -116,13 +116,16 @@ def test_the_reference_is_the_initial_model_or_the_previous_promoted_one(tiny_po
             judge=JudgeConfig("rule:flywheel.demo_task:addition_score"), train=TrainConfig(reference=choice),
             eval=EvalConfig(accuracy_score="flywheel.demo_task:addition_score"))
         flywheel = Flywheel(config)  # the vLLM engine starts only when something is sampled
-        flywheel.initialise()
-        with flywheel.store.transaction() as tx:
-            initial = tx.reference_checkpoint().checkpoint_id
-            promoted = tx.add_checkpoint("/models/round-1", role="candidate", status="promoted")
-        round_ = flywheel.store.get_round(flywheel.begin_round())
-        assert round_.policy_checkpoint_id == promoted
-        assert round_.reference_checkpoint_id == (initial if choice == "initial" else promoted)
+        try:
+            flywheel.initialise()
+            with flywheel.store.transaction() as tx:
+                initial = tx.reference_checkpoint().checkpoint_id
+                promoted = tx.add_checkpoint("/models/round-1", role="candidate", status="promoted")
+            round_ = flywheel.store.get_round(flywheel.begin_round())
+            assert round_.policy_checkpoint_id == promoted
+            assert round_.reference_checkpoint_id == (initial if choice == "initial" else promoted)
+        finally:
+            flywheel.close()  # its lease's heartbeat would go on using the store for the session
 
 
 def test_a_round_trains_on_its_fresh_pairs_plus_the_replay_share_and_records_them(
@@ -137,29 +140,32 @@ def test_a_round_trains_on_its_fresh_pairs_plus_the_replay_share_and_records_the
         judge=JudgeConfig("rule:flywheel.demo_task:addition_score"),
         train=TrainConfig(replay_fraction=0.25, batch_size=8, learning_rate=1e-4))
     flywheel = Flywheel(config)
-    flywheel.initialise()
-    store = flywheel.store
-    rounds = []
-    for num_pairs, state in ((24, "done"), (12, "labelled")):
-        round_id = round_with_pairs(store, num_pairs)
-        with store.transaction() as tx:
-            tx.claim_round_judge(round_id, flywheel.judge.name, flywheel.judge.version)
-        label_pairs(store, flywheel.judge, round_id, batch_size=64, progress=False)
-        with store.transaction() as tx:
-            tx.finish_step(round_id, state)
-        rounds.append(round_id)
-    earlier, current = rounds
-    flywheel.train(current)
-    # 12 fresh pairs; replay r with r / (12 + r) = 0.25, so r = 4.
-    _, data = store.query("SELECT pairs_trained, on_policy_pairs, replayed_pairs, on_policy_share "
-                          "FROM round_training_data WHERE round_id = ?", [current])
-    assert data == [(16, 12, 4, 0.75)]
-    _, steps = store.query("SELECT step, num_pairs FROM train_steps ORDER BY step")
-    _, lineage = store.query("SELECT t.step, count(*), count(*) FILTER (WHERE p.round_id = ?) FROM train_pairs t "
-                             "JOIN pairs p USING (pair_id) GROUP BY t.step ORDER BY t.step", [earlier])
-    assert [(step, n) for step, n, _ in lineage] == steps and sum(old for *_, old in lineage) == 4
-    # Cached reference log-probs cover the replayed completions too.
-    assert store.count("reference_logps") == 2 * 16
+    try:
+        flywheel.initialise()
+        store = flywheel.store
+        rounds = []
+        for num_pairs, state in ((24, "done"), (12, "labelled")):
+            round_id = round_with_pairs(store, num_pairs)
+            with store.transaction() as tx:
+                tx.claim_round_judge(round_id, flywheel.judge.name, flywheel.judge.version)
+            label_pairs(store, flywheel.judge, round_id, batch_size=64, progress=False)
+            with store.transaction() as tx:
+                tx.finish_step(round_id, state)
+            rounds.append(round_id)
+        earlier, current = rounds
+        flywheel.train(current)
+        # 12 fresh pairs; replay r with r / (12 + r) = 0.25, so r = 4.
+        _, data = store.query("SELECT pairs_trained, on_policy_pairs, replayed_pairs, on_policy_share "
+                              "FROM round_training_data WHERE round_id = ?", [current])
+        assert data == [(16, 12, 4, 0.75)]
+        _, steps = store.query("SELECT step, num_pairs FROM train_steps ORDER BY step")
+        _, lineage = store.query("SELECT t.step, count(*), count(*) FILTER (WHERE p.round_id = ?) FROM train_pairs t "
+                                 "JOIN pairs p USING (pair_id) GROUP BY t.step ORDER BY t.step", [earlier])
+        assert [(step, n) for step, n, _ in lineage] == steps and sum(old for *_, old in lineage) == 4
+        # Cached reference log-probs cover the replayed completions too.
+        assert store.count("reference_logps") == 2 * 16
+    finally:
+        flywheel.close()
 
 
 def test_two_processes_under_accelerate_take_the_steps_of_one(tiny_policy, perturbed_policy, tmp_path):

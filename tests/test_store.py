@@ -260,9 +260,10 @@ def _other_process_opens(path) -> str:
 
 
 def test_a_lingering_store_opens_once_for_calls_close_together_then_lets_go(tmp_path, monkeypatch):
-    opened = []
+    opened = []  # this test's file's opens (other tests' stores may still be in use in this process)
     real_attach = Store._attach
-    monkeypatch.setattr(Store, "_attach", lambda *a: opened.append(a) or real_attach(*a))
+    monkeypatch.setattr(Store, "_attach", lambda store, *a: (store.path == tmp_path / "fw.duckdb" and opened.append(a))
+                        or real_attach(store, *a))
     store = Store.create(tmp_path / "fw.duckdb", linger_s=60)
     with store.transaction() as tx:
         tx.add_prompts(["kept"], "train")
