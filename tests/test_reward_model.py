@@ -1,11 +1,12 @@
 """The reward-model judge on a real (tiny) reward model that the test trains."""
 
+import math
 import random
 
 import pytest
 
 from judges import JudgeSpecError, PairToJudge, load_judge
-from tiny_judges import RM_MAX_OPERAND, build_reward_model, near_miss
+from tiny_judges import RM_ACCURACY, RM_MAX_OPERAND, build_reward_model, every_training_pair, near_miss
 from flywheel.demo_task import addition_prompt
 
 
@@ -27,7 +28,10 @@ def test_trained_reward_model_prefers_the_right_sum(reward_model):
             right_is_a.append(first)
     verdicts = judge.judge(pairs)
     picked_right = [v.winner == ("a" if first else "b") for v, first in zip(verdicts, right_is_a)]
-    assert sum(picked_right) / len(pairs) >= 0.85  # 0.95 measured
+    # Each pair is one fact with one of its near misses, and the fixture trained until at
+    # most 3 % of all (fact, near miss) pairs were ranked wrong: at most 13 of the 435,
+    # so at most 13 of these 100 facts, whatever the seed or the machine.
+    assert sum(picked_right) >= len(pairs) - math.floor((1 - RM_ACCURACY) * len(every_training_pair()))
     # Confidence is the Bradley-Terry probability of the winner: in (0.5, 1).
     assert all(0.5 <= v.confidence < 1.0 for v in verdicts)
 

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import string
 from pathlib import Path
@@ -46,7 +47,30 @@ def near_miss(a: int, b: int, rng: random.Random) -> str:
     return str(max(0, a + b + rng.choice(NEAR_MISSES)) if a + b >= 10 else a + b + rng.choice((1, 2, 10)))
 
 
-def build_reward_model(directory: Path, steps: int = 800, seed: int = 0) -> Path:
+def every_training_pair() -> list[tuple[str, str]]:
+    """(prompt + right sum, prompt + near miss) for every fact and every near miss that
+    `near_miss` can give."""
+    pairs = []
+    for a in range(RM_MAX_OPERAND + 1):
+        for b in range(RM_MAX_OPERAND + 1):
+            offsets = NEAR_MISSES if a + b >= 10 else (1, 2, 10)
+            for wrong in sorted({str(max(0, a + b + offset)) for offset in offsets} - {str(a + b)}):
+                pairs.append((addition_prompt(a, b) + str(a + b), addition_prompt(a, b) + wrong))
+    return pairs
+
+
+# The reward model trains until the right sum beats the near miss by RM_MARGIN (in reward
+# units, far above the 1e-6 by which the judge's padding and batching move a score) in at
+# least RM_ACCURACY of all (fact, near miss) pairs. Seeds 0-7, default threads and
+# OMP_NUM_THREADS=1, reached it in 200-500 steps at 0.98-1.0.
+RM_MARGIN = 0.05
+RM_ACCURACY = 0.97
+
+
+def build_reward_model(directory: Path, max_steps: int = 5000, seed: int = 0, check_every: int = 100) -> Path:
+    """Train until the criterion above holds on the whole training set, not for a fixed
+    number of steps: how many that takes depends on the seed and the machine's floats.
+    Raises if it never does."""
     from transformers import LlamaForSequenceClassification
 
     torch.manual_seed(seed)
@@ -54,15 +78,30 @@ def build_reward_model(directory: Path, steps: int = 800, seed: int = 0) -> Path
     tokenizer = build_char_tokenizer()
     model = LlamaForSequenceClassification(tiny_llama_config(tokenizer, 64, num_labels=1))
     facts = [(a, b) for a in range(RM_MAX_OPERAND + 1) for b in range(RM_MAX_OPERAND + 1)]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(steps):
+    every_pair = every_training_pair()
+
+    def rewards(texts: list[str]) -> torch.Tensor:
+        batch = tokenizer(texts, padding=True, return_tensors="pt", return_token_type_ids=False)
+        return model(**batch).logits[:, 0]
+
+    def accuracy() -> float:
+        with torch.no_grad():
+            scores = rewards([text for pair in every_pair for text in pair])
+        return ((scores[0::2] - scores[1::2]) >= RM_MARGIN).float().mean().item()
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for step in range(1, max_steps + 1):
         texts = []
         for a, b in rng.sample(facts, 64):
             texts += [addition_prompt(a, b) + str(a + b), addition_prompt(a, b) + near_miss(a, b, rng)]
-        batch = tokenizer(texts, padding=True, return_tensors="pt", return_token_type_ids=False)
-        rewards = model(**batch).logits[:, 0]
+        scores = rewards(texts)
         # Bradley-Terry: -log sigmoid(r(right) - r(wrong)).
-        optimizer_step(-F.logsigmoid(rewards[0::2] - rewards[1::2]).mean(), optimizer)
+        optimizer_step(-F.logsigmoid(scores[0::2] - scores[1::2]).mean(), optimizer)
+        if step % check_every == 0 and accuracy() >= RM_ACCURACY:
+            break
+    else:
+        raise RuntimeError(f"the tiny reward model ranked only {accuracy():.3f} of its training pairs "
+                           f"right by {RM_MARGIN} after {max_steps} steps (needs {RM_ACCURACY})")
     target = Path(directory) / "reward-model"
     save_checkpoint(model, tokenizer, target)
     return target
@@ -85,7 +124,41 @@ def judge_reply(template: str, first: str, second: str) -> str:
     return "A" if template == "always_a" else "hmm"
 
 
-def build_llm_judge(directory: Path, steps: int = 400, seed: int = 0) -> Path:
+# The LLM judge trains until, on every template and verdict for these prompts (the
+# tests' own among them), each reply token is the model's top choice by this many logits:
+# greedy decoding, in vLLM or in transformers, then writes exactly the trained reply.
+JUDGE_CHECK_PROMPTS = ["3+4=", "56+7=", "1+1=", "9+90=", "12+34=", "8+8=", "0+0=", "99+99=", "45+54=", "7+70="]
+JUDGE_LOGIT_MARGIN = 1.0
+
+
+def judge_batch(tokenizer, contexts: list[str], replies: list[str]):
+    """Right-padded ids and labels (loss on the reply and its <eos> only, as in the demo
+    policy's SFT), with the attention mask."""
+    input_ids, labels = sft_batch(tokenizer.get_vocab(), contexts, replies, tokenizer.bos_token_id,
+                                   tokenizer.eos_token_id, tokenizer.pad_token_id)
+    return input_ids, labels, (input_ids != tokenizer.pad_token_id).long()
+
+
+def replies_are_greedy_with_margin(model, tokenizer) -> bool:
+    from judges.llm import fill_template
+
+    contexts, replies = [], []
+    for template, (first, second), prompt in itertools.product(TEMPLATES, VERDICT_TEXT, JUDGE_CHECK_PROMPTS):
+        contexts.append(fill_template(TEMPLATES[template], prompt, first, second))
+        replies.append(judge_reply(template, first, second))
+    input_ids, labels, attention_mask = judge_batch(tokenizer, contexts, replies)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+    targets = labels[:, 1:]
+    scored = targets != -100
+    target_logits = logits.gather(2, targets.clamp(min=0).unsqueeze(2)).squeeze(2)
+    others = logits.scatter(2, targets.clamp(min=0).unsqueeze(2), float("-inf")).amax(2)
+    return bool(((target_logits - others)[scored] >= JUDGE_LOGIT_MARGIN).all())
+
+
+def build_llm_judge(directory: Path, max_steps: int = 4000, seed: int = 0, check_every: int = 100) -> Path:
+    """Train until `replies_are_greedy_with_margin`, not for a fixed number of steps (how
+    many that takes depends on the seed and the machine's floats). Raises if it never does."""
     from transformers import LlamaForCausalLM
 
     from judges.llm import fill_template
@@ -95,7 +168,7 @@ def build_llm_judge(directory: Path, steps: int = 400, seed: int = 0) -> Path:
     tokenizer = build_char_tokenizer(JUDGE_ALPHABET)
     model = LlamaForCausalLM(tiny_llama_config(tokenizer, 128, tie_word_embeddings=True))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(steps):
+    for step in range(1, max_steps + 1):
         contexts, replies = [], []
         for _ in range(64):
             name = rng.choice(list(TEMPLATES))
@@ -103,12 +176,13 @@ def build_llm_judge(directory: Path, steps: int = 400, seed: int = 0) -> Path:
             prompt = addition_prompt(rng.randint(0, 99), rng.randint(0, 99))
             contexts.append(fill_template(TEMPLATES[name], prompt, first, second))
             replies.append(judge_reply(name, first, second))
-        # Loss on the reply and its <eos> only, as in the demo policy's SFT.
-        input_ids, labels = sft_batch(tokenizer.get_vocab(), contexts, replies, tokenizer.bos_token_id,
-                                       tokenizer.eos_token_id, tokenizer.pad_token_id)
-        loss = model(input_ids=input_ids, attention_mask=(input_ids != tokenizer.pad_token_id).long(),
-                     labels=labels).loss
-        optimizer_step(loss, optimizer)
+        input_ids, labels, attention_mask = judge_batch(tokenizer, contexts, replies)
+        optimizer_step(model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss, optimizer)
+        if step % check_every == 0 and replies_are_greedy_with_margin(model, tokenizer):
+            break
+    else:
+        raise RuntimeError(f"the tiny LLM judge did not learn its replies (by a logit margin of "
+                           f"{JUDGE_LOGIT_MARGIN}) in {max_steps} steps")
     target = Path(directory) / "llm-judge"
     save_checkpoint(model, tokenizer, target)
     return target
