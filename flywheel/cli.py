@@ -9,19 +9,25 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from flywheel.errors import UserError
+from flywheel.errors import EngineDiedError, UserError
 
 DEFAULT_DEMO_DIR = Path("flywheel-demo")
 EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 1
 
 
 def _quiet_libraries(verbose: bool) -> None:
     # vLLM and Prefect log every engine start and task run at INFO; the table is the output.
     if not verbose:
-        # ERROR, not WARNING: each in-place weight reload warns that the (tied, unsaved)
-        # lm_head and rotary buffers "failed to load", which is expected and harmless.
+        # ERROR, not WARNING: each in-place weight reload warns that a tied lm_head and
+        # the rotary buffers "failed to load"; `CheckpointReload` repacks the head.
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        # A failed task or flow run logs its exception's traceback at ERROR. The error a
+        # user can act on is printed in one line by `main`, and any other exception
+        # still reaches the terminal with its traceback when it leaves `main`.
+        for runs in ("FLOW_RUNS", "TASK_RUNS"):
+            os.environ.setdefault(f"PREFECT_LOGGING_LOGGERS_PREFECT_{runs}_LEVEL", "CRITICAL")
     # The temporary Prefect server tries to send telemetry; this machine may have no network.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -685,6 +691,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UserError, StoreError, JudgeError, JudgeSpecError) as error:
         print(f"flywheel: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except EngineDiedError as error:
+        print(f"flywheel: error: {error}", file=sys.stderr)
+        return EXIT_INTERNAL_ERROR
     except KeyboardInterrupt:
         print("flywheel: interrupted; rerun to resume the unfinished round", file=sys.stderr)
         return 130

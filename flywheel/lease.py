@@ -7,17 +7,21 @@ its process is gone (same host) or its heartbeat is older than its ttl (any host
 machine that died), so a SIGKILLed run never blocks the next one.
 
 A SIGKILLed run also leaves its vLLM engine processes behind (vLLM's engine process does
-not watch its parent), holding memory and, on a GPU host, the GPU. So the holder's id is
-put in this process's environment, which the engine processes it starts inherit, and
-whoever takes over a dead holder's lease on the same host kills what it left.
+not watch its parent), holding memory and, on a GPU host, the GPU. So the heartbeat
+thread also records, within a second of their start, the processes this one started (its
+descendants, by pid and start time), and whoever takes over a dead holder's lease on the
+same host stops those still running. (Not by a tag in their environment: vLLM renames its
+processes with setproctitle, which overwrites that memory.)
 """
 
 from __future__ import annotations
 
 import atexit
 import os
+import signal
 import socket
 import threading
+import time
 import uuid
 import weakref
 from datetime import datetime
@@ -30,8 +34,8 @@ from storage.queue import utc_now
 from storage.store import Store, StoreError
 
 DEFAULT_TTL_SECONDS = 60.0
-# Set to the lease holder's id in the holder's environment; its engine processes inherit it.
-HOLDER_ENV = "FLYWHEEL_LEASE_HOLDER"
+# How often the heartbeat thread looks for new child processes to record.
+PROCESS_CHECK_SECONDS = 1.0
 
 
 class LeaseHeldError(UserError):
@@ -55,22 +59,50 @@ def process_is_alive(pid: int) -> bool:
     return True
 
 
-def kill_leftovers(holder: str) -> list[int]:
-    """SIGKILL the processes on this host that a dead lease holder started (its vLLM
-    engine processes, orphaned when it was killed); returns their pids."""
-    tag = f"{HOLDER_ENV}={holder}".encode()
-    killed = []
+def proc_stat_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat after the process name (which may hold spaces): state is [0],
+    the parent's pid [1], the start time [19]."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def started_processes(root: int) -> tuple[tuple[int, int], ...]:
+    """(pid, start time) of every live descendant of `root`, on this host."""
+    children: dict[int, list[int]] = {}
+    starts: dict[int, int] = {}
     for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+        if not proc.name.isdigit():
             continue
-        try:
-            if tag not in (proc / "environ").read_bytes().split(b"\0"):
+        fields = proc_stat_fields(int(proc.name))
+        if fields is None or fields[0] == "Z":
+            continue
+        children.setdefault(int(fields[1]), []).append(int(proc.name))
+        starts[int(proc.name)] = int(fields[19])
+    found, todo = [], list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        found.append((pid, starts[pid]))
+        todo += children.get(pid, [])
+    return tuple(sorted(found))
+
+
+def stop_processes(recorded: tuple[tuple[int, int], ...]) -> list[int]:
+    """SIGKILL the recorded processes that still run (same pid and start time), and what
+    they started since; returns their pids."""
+    killed = []
+    for pid, start in recorded:
+        fields = proc_stat_fields(pid)
+        if fields is None or fields[0] == "Z" or int(fields[19]) != start:
+            continue  # gone, or its pid now belongs to another process
+        for victim in [pid, *(child for child, _ in started_processes(pid))]:
+            try:
+                os.kill(victim, signal.SIGKILL)
+                killed.append(victim)
+            except OSError:  # gone meanwhile, or not ours
                 continue
-            os.kill(int(proc.name), 9)
-            killed.append(int(proc.name))
-        except (OSError, ValueError):  # gone meanwhile, or not ours to read
-            continue
-    return killed
+    return sorted(set(killed))
 
 
 def stale_because(lease: RunLease, now: datetime, host: str) -> str | None:
@@ -131,25 +163,32 @@ class RoundLease:
                     )
                 self.log(f"taking over the run lease of {lease.holder}: {because}")
                 if lease.host == self.host and lease.pid != os.getpid():
-                    left = kill_leftovers(lease.holder)
+                    left = stop_processes(lease.processes)
                     if left:
                         self.log(f"stopped {len(left)} process(es) it left running (pids {', '.join(map(str, left))})")
-            take_lease(tx, RunLease(self.holder, self.host, os.getpid(), self.ttl_seconds, now, now))
-        os.environ[HOLDER_ENV] = self.holder
+            take_lease(tx, RunLease(self.holder, self.host, os.getpid(), self.ttl_seconds, now, now,
+                                    started_processes(os.getpid())))
         self._stop.clear()
         self._heartbeat = threading.Thread(target=self._beat, name="flywheel-lease-heartbeat", daemon=True)
         self._heartbeat.start()
         _BEATING.add(self)
 
     def _beat(self) -> None:
-        # Four beats per ttl: a few slow or locked beats in a row do not make the lease stale.
-        while not self._stop.wait(self.ttl_seconds / 4):
+        # Four beats per ttl: a few slow or locked beats in a row do not make the lease
+        # stale. Between beats, a new child process (an engine starting) is recorded at once.
+        beat_every = self.ttl_seconds / 4
+        recorded, last_beat = None, time.monotonic()
+        while not self._stop.wait(min(beat_every, PROCESS_CHECK_SECONDS)):
+            processes = started_processes(os.getpid())
+            if processes == recorded and time.monotonic() - last_beat < beat_every:
+                continue
             try:
                 with self.store.transaction() as tx:
-                    still_ours = refresh_lease(tx, self.holder, utc_now())
+                    still_ours = refresh_lease(tx, self.holder, utc_now(), processes)
             except StoreError as error:
                 self.log(f"run lease heartbeat failed, will retry: {error}")
                 continue
+            recorded, last_beat = processes, time.monotonic()
             if not still_ours:
                 self.log("warning: another process took over this database's run lease")
                 return
@@ -169,5 +208,4 @@ class RoundLease:
         self.stop_heartbeat()
         with self.store.transaction() as tx:
             release_lease(tx, self.holder)
-        os.environ.pop(HOLDER_ENV, None)
 

@@ -3,14 +3,31 @@
 from __future__ import annotations
 
 import os
+import signal
 from array import array
 from pathlib import Path
 from typing import Sequence
 
 from flywheel.config import SampleConfig
-from flywheel.errors import UserError
+from flywheel.errors import EngineDiedError, UserError
 from flywheel.vllm_idle import DEFAULT_IDLE_SPIN_S, IDLE_SPIN_ENV
 from storage.records import Completion, Prompt
+
+
+def cpu_engine_arguments() -> dict:
+    """Engine arguments that vLLM's CPU backend needs and GPUs do not.
+
+    Every request carries its own seed, so a prompt's samples do not depend on its batch
+    neighbours. With chunked prefill, vLLM splits a prompt across two steps whenever a
+    step's token budget (4,096) runs out mid-prompt (256 prompts of 17 tokens do it), and
+    then rewinds the request's generator, which a CPU `torch.Generator` cannot do
+    (vLLM 0.32, `gpu_model_runner.py`: "CPU Generator does not use offset"). Without
+    chunked prefill each prompt is prefilled in one step: vLLM then sets the budget to at
+    least `max_model_len`, so any prompt that fits the context fits a step.
+    """
+    from vllm.platforms import current_platform
+
+    return {"enable_chunked_prefill": False} if current_platform.is_cpu() else {}
 
 
 class VLLMSampler:
@@ -18,7 +35,7 @@ class VLLMSampler:
 
     Starting an engine costs tens of seconds on CPU, so the first `sample` starts one and
     later calls with another checkpoint of the same architecture reload its weights in
-    place (`reload_weights` on the worker), which takes milliseconds.
+    place (`flywheel.vllm_worker.CheckpointReload`), which takes milliseconds.
     """
 
     def __init__(self, config: SampleConfig, seed: int = 0) -> None:
@@ -47,9 +64,11 @@ class VLLMSampler:
                 max_model_len=self.config.max_model_len,
                 gpu_memory_utilization=self.config.gpu_memory_utilization,
                 enforce_eager=self.config.enforce_eager,
+                worker_extension_cls="flywheel.vllm_worker.CheckpointReload",
+                **cpu_engine_arguments(),
             )
         else:
-            self._llm.collective_rpc("reload_weights", kwargs={"weights_path": str(checkpoint_path)})
+            self._llm.collective_rpc("flywheel_reload_checkpoint", kwargs={"weights_path": str(checkpoint_path)})
             # Cached prefixes hold keys and values of the old weights.
             self._llm.reset_prefix_cache()
         self._loaded = checkpoint_path
@@ -75,7 +94,7 @@ class VLLMSampler:
         )
         # One seed per prompt, so a prompt's samples do not depend on its batch neighbours.
         sampling = [SamplingParams(**params, seed=seed + p.prompt_id) for p in prompts]
-        outputs = self._llm.generate([p.text for p in prompts], sampling, use_tqdm=progress)
+        outputs = self._generate([p.text for p in prompts], sampling, progress)
         records = []
         for prompt, output in zip(prompts, outputs):
             # Token ids as C ints: 4 bytes an id instead of about 36 in a list, and
@@ -102,6 +121,31 @@ class VLLMSampler:
                     )
                 )
         return records
+
+    def _generate(self, texts: list[str], sampling: list, progress: bool) -> list:
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        try:
+            return self._llm.generate(texts, sampling, use_tqdm=progress)
+        except EngineDeadError as error:
+            cause = self._engine_exit_cause()
+            # A dead engine cannot be used again: the next call starts a new one.
+            self._llm, self._loaded = None, None
+            raise EngineDiedError(
+                f"the vLLM engine stopped while sampling: {cause}; the batch it was sampling "
+                "was not stored: rerun to resume the round"
+            ) from error
+
+    def _engine_exit_cause(self) -> str:
+        """Why the engine process ended, as far as this process can tell."""
+        manager = getattr(self._llm.llm_engine.engine_core.resources, "engine_manager", None)
+        for process in getattr(manager, "processes", []):
+            process.join(timeout=5)
+            if process.exitcode is not None and process.exitcode < 0:
+                signal_name = signal.Signals(-process.exitcode).name
+                return (f"its process was killed by {signal_name}"
+                        + (" (often the kernel's out-of-memory killer)" if signal_name == "SIGKILL" else ""))
+        return "it raised an error (its log above names the cause)"
 
     def close(self) -> None:
         if self._llm is not None:

@@ -6,6 +6,7 @@ is stale, the heartbeat) lives in `flywheel.lease`.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -24,31 +25,38 @@ class RunLease:
     ttl_seconds: float
     acquired_at: datetime
     heartbeat_at: datetime
+    # (pid, start time) of each process the holder started, as last recorded.
+    processes: tuple[tuple[int, int], ...] = ()
 
 
 def current_lease(tx: StoreSession) -> RunLease | None:
     row = tx.conn.execute(
-        "SELECT holder, host, pid, ttl_seconds, acquired_at, heartbeat_at FROM run_lease WHERE lease_key = ?",
+        "SELECT holder, host, pid, ttl_seconds, acquired_at, heartbeat_at, processes FROM run_lease "
+        "WHERE lease_key = ?",
         [LEASE_KEY],
     ).fetchone()
-    return RunLease(*row) if row else None
+    if row is None:
+        return None
+    return RunLease(*row[:-1], processes=tuple((pid, start) for pid, start in json.loads(row[-1] or "[]")))
 
 
 def take_lease(tx: StoreSession, lease: RunLease) -> None:
     """Hold the lease, replacing whoever held it (the caller decided they may be replaced)."""
     tx.conn.execute("DELETE FROM run_lease WHERE lease_key = ?", [LEASE_KEY])
     tx.conn.execute(
-        "INSERT INTO run_lease (lease_key, holder, host, pid, ttl_seconds, acquired_at, heartbeat_at) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?)",
-        [LEASE_KEY, lease.holder, lease.host, lease.pid, lease.ttl_seconds, lease.acquired_at, lease.heartbeat_at],
+        "INSERT INTO run_lease (lease_key, holder, host, pid, ttl_seconds, acquired_at, heartbeat_at, processes) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        [LEASE_KEY, lease.holder, lease.host, lease.pid, lease.ttl_seconds, lease.acquired_at, lease.heartbeat_at,
+         json.dumps(lease.processes)],
     )
 
 
-def refresh_lease(tx: StoreSession, holder: str, now: datetime) -> bool:
-    """Move the heartbeat on; False if `holder` no longer holds the lease."""
+def refresh_lease(tx: StoreSession, holder: str, now: datetime, processes: tuple[tuple[int, int], ...]) -> bool:
+    """Move the heartbeat on and record the holder's processes; False if `holder` no
+    longer holds the lease."""
     row = tx.conn.execute(
-        "UPDATE run_lease SET heartbeat_at = ? WHERE lease_key = ? AND holder = ? RETURNING holder",
-        [now, LEASE_KEY, holder],
+        "UPDATE run_lease SET heartbeat_at = ?, processes = ? WHERE lease_key = ? AND holder = ? RETURNING holder",
+        [now, json.dumps(processes), LEASE_KEY, holder],
     ).fetchone()
     return row is not None
 

@@ -637,3 +637,16 @@ def m007_round_summary_by_blocks(conn: duckdb.DuckDBPyConnection) -> None:
         ORDER BY r.round_id;
         """
     )
+
+
+@migration
+def m008_lease_processes(conn: duckdb.DuckDBPyConnection) -> None:
+    conn.execute(
+        """
+        -- The processes the lease holder started (its vLLM engine and workers), as JSON
+        -- [[pid, start time in clock ticks after boot], ...]: whoever takes over a dead
+        -- holder's lease on the same host stops those still running. The start time tells
+        -- a leftover from a new process that reuses its pid.
+        ALTER TABLE run_lease ADD COLUMN processes VARCHAR DEFAULT '[]';
+        """
+    )

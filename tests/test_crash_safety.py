@@ -6,7 +6,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from flywheel.lease import HOLDER_ENV
+from flywheel.lease import proc_stat_fields, started_processes, stop_processes
 from flywheel.pairing import form_pairs
 from storage.store import Store
 
@@ -25,7 +24,7 @@ PROMPTS_PER_ROUND, N, EPOCHS, TRAIN_BATCH = 128, 4, 60, 4
 TOO_LONG = "1+" * 40 + "1="  # longer than the context of 64: skipped and recorded, not a crash
 
 
-def write_config(tmp_path: Path, tiny_policy: Path, demo_prompts) -> Path:
+def write_config(tmp_path: Path, tiny_policy: Path, demo_prompts, judge: str = "rule:slow_score:slow_addition_score") -> Path:
     train, heldout = demo_prompts
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(train.read_text() + json.dumps({"prompt": ""}) + "\n" + json.dumps({"prompt": TOO_LONG}) + "\n")
@@ -36,7 +35,7 @@ reference_model: {tiny_policy}
 prompts: prompts.jsonl
 heldout_prompts: {heldout}
 judge:
-  spec: rule:slow_score:slow_addition_score
+  spec: {judge}
   batch_size: 8
 sample:
   prompts_per_round: {PROMPTS_PER_ROUND}
@@ -80,23 +79,23 @@ def query(db: Path, sql: str):
     return row[0] if row else None
 
 
-def processes_left_by(pids: list[int]) -> list[int]:
-    """Live processes that a killed flywheel process (one of `pids`) started."""
-    prefixes = [f"{HOLDER_ENV}={socket.gethostname()}:{pid}:".encode() for pid in pids]
-    left = []
-    for proc in Path("/proc").iterdir():
-        try:
-            environ = (proc / "environ").read_bytes().split(b"\0")
-            zombie = "zombie" in (proc / "status").read_text()
-        except (OSError, ValueError):
-            continue
-        if not zombie and any(v.startswith(p) for v in environ for p in prefixes):
-            left.append(int(proc.name))
-    return left
+def still_running(processes: dict[int, int]) -> list[int]:
+    """Those of `processes` (pid: start time) that still run: same pid, same start time."""
+    return [pid for pid, start in processes.items()
+            if (fields := proc_stat_fields(pid)) is not None and fields[0] != "Z" and int(fields[19]) == start]
 
 
-def kill_when(process: subprocess.Popen, moment, what: str, killed: list[int], then_wait_s: float = 0.0,
+def ordinary_environment(env: dict) -> dict:
+    """`env` grown to the size of a login shell's (several KB), where vLLM's renamed
+    processes no longer keep the end of their environment readable in /proc."""
+    padding = 8192 - sum(len(k) + len(v) + 2 for k, v in env.items())
+    return {**env, "FLYWHEEL_TEST_PADDING": "x" * max(padding, 0)}
+
+
+def kill_when(process: subprocess.Popen, moment, what: str, killed: dict[int, int], then_wait_s: float = 0.0,
               timeout_s: float = 400) -> None:
+    """SIGKILL `process` alone (not its process group), as a user or the OOM killer would,
+    once `moment()`; adds the processes it had started to `killed` (pid: start time)."""
     deadline = time.monotonic() + timeout_s
     while not moment():
         if process.poll() is not None:
@@ -105,9 +104,9 @@ def kill_when(process: subprocess.Popen, moment, what: str, killed: list[int], t
         time.sleep(0.02)
     time.sleep(then_wait_s)
     assert process.poll() is None, f"the run ended before it was killed in {what}"
+    killed.update(started_processes(process.pid))
     process.send_signal(signal.SIGKILL)
     process.wait()
-    killed.append(process.pid)
 
 
 def test_killed_runs_resume_without_loss_or_duplicates_and_a_second_process_is_refused(
@@ -117,19 +116,19 @@ def test_killed_runs_resume_without_loss_or_duplicates_and_a_second_process_is_r
     config = write_config(tmp_path, tiny_policy, demo_prompts)
     db = tmp_path / "work" / "flywheel.duckdb"
     # The session's Prefect API, so that each process does not start its own (~15 s).
-    env = {**os.environ, "PREFECT_API_URL": get_current_settings().api.url,
-           "PYTHONPATH": f"{Path(__file__).parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = ordinary_environment({**os.environ, "PREFECT_API_URL": get_current_settings().api.url,
+                                "PYTHONPATH": f"{Path(__file__).parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
 
     def state():
         return query(db, "SELECT state FROM rounds WHERE round_id = 1")
 
-    killed = []
+    killed = {}
 
     # 1. Mid-sampling: some batches stored, the round not sampled.
     run = start_run(config, env)
     kill_when(run, lambda: state() == "started" and (query(db, "SELECT count(*) FROM completions") or 0) > 0,
               "sampling", killed)
-    assert processes_left_by(killed)  # its vLLM engine outlives it...
+    assert still_running(killed)  # its vLLM engine outlives it...
     partial = query(db, "SELECT count(*) FROM completions")
     assert state() == "started" and 0 < partial < PROMPTS_PER_ROUND * N
 
@@ -160,7 +159,7 @@ def test_killed_runs_resume_without_loss_or_duplicates_and_a_second_process_is_r
     assert "is in use by another flywheel (pid " in second.stderr and "Traceback" not in second.stderr
     assert run.wait(timeout=600) == 0, output(config)
     # ...until the next run takes the lease over and stops it.
-    assert processes_left_by(killed) == []
+    assert still_running(killed) == []
     # (The runs killed in sampling and in labelling had started an engine; the one killed in
     # training had not: it resumed after sampling.)
     assert (config.parent / "run.log").read_text().count("process(es) it left running") == 2
@@ -196,3 +195,71 @@ def test_killed_runs_resume_without_loss_or_duplicates_and_a_second_process_is_r
         assert [r[0].split(" (")[0] for r in skipped] == ["empty", "longer than the context"]
         assert one("SELECT count(*) FROM prompts WHERE split = 'train'") == (256,)
         assert one("SELECT count(*) FROM run_lease") == (0,)  # released at the end
+
+
+def titles(pids) -> dict[int, str]:
+    """Process titles (vLLM renames its processes `VLLM::EngineCore`, `VLLM::Worker...`)."""
+    found = {}
+    for pid in pids:
+        try:
+            found[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+    return found
+
+
+def test_an_engine_that_dies_mid_sampling_ends_the_run_in_one_line_and_the_round_resumes(
+        tmp_path, tiny_policy, demo_prompts, prefect_harness):
+    from prefect.settings import get_current_settings
+
+    config = write_config(tmp_path, tiny_policy, demo_prompts)
+    db = tmp_path / "work" / "flywheel.duckdb"
+    env = {**os.environ, "PREFECT_API_URL": get_current_settings().api.url,
+           "PYTHONPATH": f"{Path(__file__).parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    run = start_run(config, env)
+    deadline = time.monotonic() + 400
+    while (query(db, "SELECT count(*) FROM completions") or 0) == 0:
+        assert run.poll() is None and time.monotonic() < deadline, output(config)
+        time.sleep(0.02)
+    children = titles(pid for pid, _ in started_processes(run.pid))
+    engines = [pid for pid, title in children.items() if "EngineCore" in title]
+    assert len(engines) == 1, children
+    os.kill(engines[0], signal.SIGKILL)
+    assert run.wait(timeout=300) == 1, output(config)
+    log = output(config)
+    assert [line for line in log.splitlines() if line.startswith("flywheel: error:")] == [
+        "flywheel: error: the vLLM engine stopped while sampling: its process was killed by SIGKILL (often the "
+        "kernel's out-of-memory killer); the batch it was sampling was not stored: rerun to resume the round"]
+    assert "Traceback" not in log
+    # The batches stored before it died are kept, and the round waits to be resumed.
+    stored = query(db, "SELECT count(*) FROM completions")
+    assert query(db, "SELECT state FROM rounds WHERE round_id = 1") == "started"
+    assert 0 < stored < PROMPTS_PER_ROUND * N
+
+
+def test_a_run_killed_in_training_leaves_no_engine_once_the_next_run_takes_over(
+        tmp_path, tiny_policy, demo_prompts, prefect_harness):
+    from prefect.settings import get_current_settings
+
+    config = write_config(tmp_path, tiny_policy, demo_prompts, judge="rule:flywheel.demo_task:addition_score")
+    db = tmp_path / "work" / "flywheel.duckdb"
+    env = ordinary_environment({**os.environ, "PREFECT_API_URL": get_current_settings().api.url})
+    killed = {}
+    # This run sampled, so its engine is alive (asleep) while it trains.
+    run = start_run(config, env)
+    kill_when(run, lambda: query(db, "SELECT state FROM rounds WHERE round_id = 1") == "labelled"
+              and (query(db, "SELECT count(*) FROM reference_logps") or 0) > 0, "training", killed, then_wait_s=1.0)
+    assert any("EngineCore" in title for title in titles(killed).values()), titles(killed)
+    assert still_running(killed)
+    rerun = start_run(config, env)
+    try:
+        deadline = time.monotonic() + 300
+        while query(db, "SELECT pid FROM run_lease") != rerun.pid:
+            assert rerun.poll() is None and time.monotonic() < deadline, output(config)
+            time.sleep(0.1)
+        assert still_running(killed) == []
+        assert "process(es) it left running" in output(config)
+    finally:
+        stop_processes(started_processes(rerun.pid))
+        rerun.kill()
+        rerun.wait()
