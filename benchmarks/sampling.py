@@ -3,6 +3,8 @@ reloading weights into a running engine against starting a new one each round.
 
     .venv/bin/python benchmarks/sampling.py [--layers 6] [--hidden 512] [--prompts 256] [--n 4] [--max-tokens 64]
                                             [--hf-batch 256 64]  # try several transformers batch sizes
+    .venv/bin/python benchmarks/sampling.py --prompt-tokens 200   # long prompts (a prefill-heavy round)
+    .venv/bin/python benchmarks/sampling.py --prompt-tokens 200 --chunked-prefill-cost
     .venv/bin/python benchmarks/sampling.py --quick        # small and fast, for development
 
 Builds a Llama with random weights and the demo's character tokenizer, then prints
@@ -94,16 +96,20 @@ def build_models(directory: Path, layers: int, hidden: int, max_positions: int) 
     return first, second
 
 
-def make_prompts(count: int, seed: int = 0):
-    """Addition prompts of the demo task, as the store's `Prompt` records."""
+def make_prompts(count: int, seed: int = 0, tokens: int | None = None):
+    """Addition prompts of the demo task, as the store's `Prompt` records; with `tokens`,
+    sums of many one-digit operands (`3+1+4+...=`) of that many tokens, <bos> included."""
     import random
 
     from flywheel.demo_task import addition_prompt
     from storage.records import Prompt
 
     rng = random.Random(seed)
-    return [Prompt(prompt_id=i, text=addition_prompt(rng.randint(0, 99), rng.randint(0, 99)), split="train")
-            for i in range(count)]
+    if tokens is None:
+        texts = [addition_prompt(rng.randint(0, 99), rng.randint(0, 99)) for _ in range(count)]
+    else:
+        texts = ["+".join(str(rng.randint(0, 9)) for _ in range(tokens // 2))[: tokens - 2] + "=" for _ in range(count)]
+    return [Prompt(prompt_id=i, text=text, split="train") for i, text in enumerate(texts)]
 
 
 def generated_length(token_ids, eos: int, limit: int) -> int:
@@ -152,6 +158,28 @@ def greedy_ids(completions) -> list[tuple[int, ...]]:
     return [tuple(c.token_ids) for c in sorted(completions, key=lambda c: (c.prompt_id, c.sample_index))]
 
 
+def chunked_prefill_cost(model_path: Path, prompts, n: int, max_tokens: int, max_model_len: int,
+                         gpu_memory_utilization: float) -> dict[bool, float]:
+    """Tokens per second of vLLM with chunked prefill on and off, unseeded (seeded requests
+    crash on CPU with it on, which is why the sampler turns it off there): what turning it
+    off costs. Each setting gets an engine of its own; the first call warms it up."""
+    from vllm import LLM, SamplingParams
+
+    rates = {}
+    for chunked in (True, False):
+        llm = LLM(model=str(model_path), dtype="float32", max_model_len=max_model_len, enforce_eager=True,
+                  gpu_memory_utilization=gpu_memory_utilization, enable_chunked_prefill=chunked)
+        params = SamplingParams(n=n, temperature=1.0, max_tokens=max_tokens)
+        llm.generate([p.text for p in prompts[:4]], params, use_tqdm=False)
+        started = time.perf_counter()
+        outputs = llm.generate([p.text for p in prompts], params, use_tqdm=False)
+        seconds = time.perf_counter() - started
+        rates[chunked] = sum(len(o.token_ids) for out in outputs for o in out.outputs) / seconds
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+    return rates
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=6, help="Llama decoder layers (default %(default)s)")
@@ -159,6 +187,9 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=256, help="prompts sampled in the throughput run (default %(default)s)")
     parser.add_argument("--n", type=int, default=4, help="completions per prompt (default %(default)s)")
     parser.add_argument("--max-tokens", type=int, default=64, help="new tokens per completion (default %(default)s)")
+    parser.add_argument("--prompt-tokens", type=int, default=None,
+                        help="long prompts of this many tokens each (sums of one-digit operands) instead of "
+                             "the demo's two-number sums of about 6 tokens")
     parser.add_argument("--hf-batch", type=int, nargs="+", default=None,
                         help="prompts per transformers generate call; several values run several "
                              "transformers passes and the fastest is compared (default: all prompts in one call)")
@@ -169,6 +200,9 @@ def main() -> None:
                              "engine refuses to start for lack of free memory (default %(default)s)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for transformers (default: torch's own choice)")
+    parser.add_argument("--chunked-prefill-cost", action="store_true",
+                        help="only measure vLLM's throughput with chunked prefill on and off (unseeded), "
+                             "on this run's model and prompts")
     parser.add_argument("--quick", action="store_true",
                         help="a small fast run for development: 2 layers, hidden 128, 32 prompts, n 2, "
                              "16 tokens, 8 switch prompts (explicit flags still win)")
@@ -187,15 +221,15 @@ def main() -> None:
     from flywheel.config import SampleConfig
     from flywheel.sampling import VLLMSampler
 
-    prompts = make_prompts(args.prompts)
-    switch_prompts = make_prompts(args.switch_prompts, seed=1)
+    prompts = make_prompts(args.prompts, tokens=args.prompt_tokens)
+    switch_prompts = make_prompts(args.switch_prompts, seed=1, tokens=args.prompt_tokens)
     longest_prompt = 1 + max(len(p.text) for p in prompts + switch_prompts)  # + <bos>
     max_model_len = longest_prompt + args.max_tokens
     config = SampleConfig(n=args.n, max_tokens=args.max_tokens, max_model_len=max_model_len, dtype="float32",
                           gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=True)
     rows: list[tuple[str, str]] = []
     print(f"model: Llama {args.layers} layers, hidden {args.hidden}, random weights, EOS blocked; "
-          f"{args.prompts} prompts x n={args.n} x {args.max_tokens} new tokens; "
+          f"{args.prompts} prompts of {longest_prompt} tokens at most x n={args.n} x {args.max_tokens} new tokens; "
           f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads() if not args.threads else args.threads}",
           flush=True)
 
@@ -203,6 +237,12 @@ def main() -> None:
         first, second = build_models(Path(scratch), args.layers, args.hidden, max_positions=max_model_len + 8)
         from transformers import AutoTokenizer
         eos = AutoTokenizer.from_pretrained(first).eos_token_id
+        if args.chunked_prefill_cost:
+            rates = chunked_prefill_cost(first, prompts, args.n, args.max_tokens, max_model_len,
+                                         args.gpu_memory_utilization)
+            print(f"vLLM, chunked prefill on: {rates[True]:.0f} tok/s; off: {rates[False]:.0f} tok/s; "
+                  f"off / on = {rates[False] / rates[True]:.2f}")
+            return
 
         # 1. transformers generate, before any engine exists so nothing competes for the cores.
         hf_runs = {}

@@ -16,6 +16,7 @@ import pytest
 
 from flywheel.lease import proc_stat_fields, started_processes, stop_processes
 from flywheel.pairing import form_pairs
+from storage.records import Prompt
 from storage.store import Store
 
 pytestmark = pytest.mark.slow
@@ -110,7 +111,7 @@ def kill_when(process: subprocess.Popen, moment, what: str, killed: dict[int, in
 
 
 def test_killed_runs_resume_without_loss_or_duplicates_and_a_second_process_is_refused(
-        tmp_path, tiny_policy, demo_prompts, prefect_harness):
+        tmp_path, tiny_policy, demo_prompts, prefect_harness, policy_sampler):
     from prefect.settings import get_current_settings
 
     config = write_config(tmp_path, tiny_policy, demo_prompts)
@@ -164,8 +165,18 @@ def test_killed_runs_resume_without_loss_or_duplicates_and_a_second_process_is_r
     # training had not: it resumed after sampling.)
     assert (config.parent / "run.log").read_text().count("process(es) it left running") == 2
 
-    # Pairs: exactly those the round's seeded pairing forms from its completions, once each.
+    # Sampling resumed after the kill drew exactly what one uninterrupted engine draws:
+    # each prompt has its own seed, and an engine's samples do not depend on the batch.
     store = Store.open(db)
+    stored = store.completions(round_id=1, purpose="train")
+    texts = dict(store.query("SELECT prompt_id, text FROM prompts")[1])
+    prompts = [Prompt(prompt_id, texts[prompt_id], "train") for prompt_id in sorted({c.prompt_id for c in stored})]
+    uninterrupted = policy_sampler.sample(tiny_policy, 1, prompts, n=N, temperature=1.0, seed=store.get_round(1).seed,
+                                          purpose="train", round_id=1, progress=False)
+    assert sorted((c.prompt_id, c.sample_index, c.text) for c in stored) == sorted(
+        (c.prompt_id, c.sample_index, c.text) for c in uninterrupted)
+
+    # Pairs: exactly those the round's seeded pairing forms from its completions, once each.
     expected = form_pairs(store.completions(round_id=1, purpose="train"), 1, "random",
                           seed=store.get_round(1).seed, scores={})
 
