@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from array import array
 from pathlib import Path
 from typing import Sequence
@@ -28,6 +29,10 @@ def cpu_engine_arguments() -> dict:
     from vllm.platforms import current_platform
 
     return {"enable_chunked_prefill": False} if current_platform.is_cpu() else {}
+
+
+# How often a sampling call checks that the engine's processes still run.
+ENGINE_CHECK_SECONDS = 1.0
 
 
 class VLLMSampler:
@@ -123,11 +128,33 @@ class VLLMSampler:
         return records
 
     def _generate(self, texts: list[str], sampling: list, progress: bool) -> list:
+        """`LLM.generate`, or EngineDiedError when the engine process dies meanwhile.
+
+        vLLM 0.32 waits for outputs for ever when its engine process dies in the middle of
+        a call (its monitor marks the engine dead but wakes no waiting caller: an engine
+        killed by the out-of-memory killer would hang the round). So the call runs on a
+        thread while this one watches the engine processes."""
         from vllm.v1.engine.exceptions import EngineDeadError
 
-        try:
-            return self._llm.generate(texts, sampling, use_tqdm=progress)
-        except EngineDeadError as error:
+        outcome: dict = {}
+
+        def generate() -> None:
+            try:
+                outcome["outputs"] = self._llm.generate(texts, sampling, use_tqdm=progress)
+            except BaseException as error:  # handed to the calling thread
+                outcome["error"] = error
+
+        caller = threading.Thread(target=generate, name="flywheel-vllm-generate", daemon=True)
+        caller.start()
+        while caller.is_alive():
+            caller.join(timeout=ENGINE_CHECK_SECONDS)
+            if caller.is_alive() and self._engine_exit_codes():
+                caller.join(timeout=ENGINE_CHECK_SECONDS)  # a moment to raise EngineDeadError itself
+                if caller.is_alive():
+                    outcome["error"] = EngineDeadError()
+                break
+        error = outcome.get("error")
+        if isinstance(error, EngineDeadError):
             cause = self._engine_exit_cause()
             # A dead engine cannot be used again: the next call starts a new one.
             self._llm, self._loaded = None, None
@@ -135,11 +162,21 @@ class VLLMSampler:
                 f"the vLLM engine stopped while sampling: {cause}; the batch it was sampling "
                 "was not stored: rerun to resume the round"
             ) from error
+        if error is not None:
+            raise error
+        return outcome["outputs"]
+
+    def _engine_processes(self) -> list:
+        """The engine's processes (none where vLLM runs the engine in this process)."""
+        manager = getattr(getattr(self._llm.llm_engine.engine_core, "resources", None), "engine_manager", None)
+        return list(getattr(manager, "processes", []))
+
+    def _engine_exit_codes(self) -> list[int]:
+        return [p.exitcode for p in self._engine_processes() if p.exitcode is not None]
 
     def _engine_exit_cause(self) -> str:
         """Why the engine process ended, as far as this process can tell."""
-        manager = getattr(self._llm.llm_engine.engine_core.resources, "engine_manager", None)
-        for process in getattr(manager, "processes", []):
+        for process in self._engine_processes():
             process.join(timeout=5)
             if process.exitcode is not None and process.exitcode < 0:
                 signal_name = signal.Signals(-process.exitcode).name

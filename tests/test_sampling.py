@@ -106,3 +106,36 @@ def test_a_checkpoint_reloaded_in_place_samples_exactly_as_a_fresh_engine_tied_o
         assert after_reload[0] == from_fresh[0], f"{checkpoint.name}: samples differ after a reload"
         assert after_reload[1] == from_fresh[1], f"{checkpoint.name}: top-5 log-probs differ after a reload"
     untied_sampler.close()
+
+
+@pytest.mark.timeout(300)  # vLLM alone would wait for the dead engine for ever
+def test_an_engine_killed_in_the_middle_of_a_call_ends_it_with_the_cause_and_the_next_call_starts_anew(
+        tiny_policy, demo_prompts):
+    import dataclasses
+    import os
+    import signal
+    import threading
+
+    from flywheel.errors import EngineDiedError
+    from flywheel.lease import started_processes, stop_processes
+    from flywheel.prompts import load_prompts
+    from flywheel.sampling import VLLMSampler
+
+    prompts = [Prompt(i, text, "train") for i, text in enumerate(load_prompts(demo_prompts[0])[:32])]
+    sampler = VLLMSampler(dataclasses.replace(E2E_SAMPLE, gpu_memory_utilization=0.1), seed=0)
+    draw = dict(n=2, temperature=1.0, seed=0, purpose="train", round_id=None, progress=False)
+    first = sampler.sample(tiny_policy, 1, prompts, **draw)
+    (engine,) = [process.pid for process in sampler._engine_processes()]
+    workers = started_processes(engine)
+    # Stopped first, so the next call is surely waiting for it when it is killed.
+    os.kill(engine, signal.SIGSTOP)
+    threading.Timer(2.0, os.kill, (engine, signal.SIGKILL)).start()
+    try:
+        with pytest.raises(EngineDiedError, match="its process was killed by SIGKILL"):
+            sampler.sample(tiny_policy, 1, prompts, **draw)
+    finally:
+        stop_processes(workers)
+    # A new engine, and the same seeded samples as before.
+    again = sampler.sample(tiny_policy, 1, prompts, **draw)
+    sampler.close()
+    assert [c.text for c in again] == [c.text for c in first]
