@@ -40,7 +40,7 @@ class VLLMSampler:
 
     Starting an engine costs tens of seconds on CPU, so the first `sample` starts one and
     later calls with another checkpoint of the same architecture reload its weights in
-    place (`flywheel.vllm_worker.CheckpointReload`), which takes milliseconds.
+    place (`flywheel.vllm_worker.CheckpointReload`), in a fraction of an engine start.
     """
 
     def __init__(self, config: SampleConfig, seed: int = 0) -> None:

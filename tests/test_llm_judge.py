@@ -11,8 +11,10 @@ from tiny_judges import TEMPLATES, build_llm_judge
 
 pytestmark = pytest.mark.slow
 
-# Engine settings for the tiny judge; judges with equal settings share one engine.
-ENGINE = dict(max_model_len=128, dtype="float32", enforce_eager=True)
+# Engine settings for the tiny judge; judges with equal settings share one engine. A tenth
+# of the RAM for its KV cache (not vLLM's 0.3): the session's policy engine holds 0.3 of it,
+# and the `flywheel judge` call below starts an engine of its own beside both.
+ENGINE = dict(max_model_len=128, dtype="float32", enforce_eager=True, gpu_memory_utilization=0.1)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +59,8 @@ def test_unparseable_replies_are_recorded_failures_never_labels(judge_model, tmp
         ids = tx.add_completions([Completion(prompt_id, checkpoint, "train", i, text, [1], [2], None, "stop", {},
                                              round_id=round_id) for i, text in enumerate(["good", "bad"])])
         tx.add_pairs([Pair(round_id, prompt_id, ids[0], ids[1], "all")])
-    options = [f"template={TEMPLATES['rambling']}", "max_model_len=128", "dtype=float32", "enforce_eager=true"]
+    options = [f"template={TEMPLATES['rambling']}", "max_model_len=128", "dtype=float32", "enforce_eager=true",
+               "gpu_memory_utilization=0.1"]
     args = ["judge", "--judge", f"llm:{judge_model}", "--db", str(store.path)]
     for option in options:
         args += ["--judge-option", option]
