@@ -88,14 +88,20 @@ def started_processes(root: int) -> tuple[tuple[int, int], ...]:
     return tuple(sorted(found))
 
 
+def still_running(pid: int, start: int) -> bool:
+    """Whether the process recorded as (pid, start time) still runs: not gone, not a
+    zombie, and its pid not taken by a newer process."""
+    fields = proc_stat_fields(pid)
+    return fields is not None and fields[0] != "Z" and int(fields[19]) == start
+
+
 def stop_processes(recorded: tuple[tuple[int, int], ...]) -> list[int]:
     """SIGKILL the recorded processes that still run (same pid and start time), and what
     they started since; returns their pids."""
     killed = []
     for pid, start in recorded:
-        fields = proc_stat_fields(pid)
-        if fields is None or fields[0] == "Z" or int(fields[19]) != start:
-            continue  # gone, or its pid now belongs to another process
+        if not still_running(pid, start):
+            continue
         for victim in [pid, *(child for child, _ in started_processes(pid))]:
             try:
                 os.kill(victim, signal.SIGKILL)

@@ -14,7 +14,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from flywheel.lease import proc_stat_fields, started_processes, stop_processes
+from flywheel.lease import started_processes, still_running, stop_processes
 from flywheel.pairing import form_pairs
 from storage.records import Prompt
 from storage.store import Store
@@ -80,15 +80,20 @@ def query(db: Path, sql: str):
     return row[0] if row else None
 
 
-def still_running(processes: dict[int, int]) -> list[int]:
-    """Those of `processes` (pid: start time) that still run: same pid, same start time."""
-    return [pid for pid, start in processes.items()
-            if (fields := proc_stat_fields(pid)) is not None and fields[0] != "Z" and int(fields[19]) == start]
+def left_running(processes: dict[int, int]) -> list[int]:
+    """Those of `processes` (pid: start time) that still run."""
+    return [pid for pid, start in processes.items() if still_running(pid, start)]
 
 
-def ordinary_environment(env: dict) -> dict:
-    """`env` grown to the size of a login shell's (several KB), where vLLM's renamed
-    processes no longer keep the end of their environment readable in /proc."""
+def run_environment() -> dict:
+    """The environment of a `flywheel run` subprocess: the session's Prefect API (so that
+    each run does not start its own, ~15 s), the tests' modules importable, and the size
+    of a login shell's (several KB), where vLLM's renamed processes no longer keep the end
+    of their environment readable in /proc."""
+    from prefect.settings import get_current_settings
+
+    env = {**os.environ, "PREFECT_API_URL": get_current_settings().api.url,
+           "PYTHONPATH": f"{Path(__file__).parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     padding = 8192 - sum(len(k) + len(v) + 2 for k, v in env.items())
     return {**env, "FLYWHEEL_TEST_PADDING": "x" * max(padding, 0)}
 
@@ -112,13 +117,9 @@ def kill_when(process: subprocess.Popen, moment, what: str, killed: dict[int, in
 
 def test_killed_runs_resume_without_loss_or_duplicates_and_a_second_process_is_refused(
         tmp_path, tiny_policy, demo_prompts, prefect_harness, policy_sampler):
-    from prefect.settings import get_current_settings
-
     config = write_config(tmp_path, tiny_policy, demo_prompts)
     db = tmp_path / "work" / "flywheel.duckdb"
-    # The session's Prefect API, so that each process does not start its own (~15 s).
-    env = ordinary_environment({**os.environ, "PREFECT_API_URL": get_current_settings().api.url,
-                                "PYTHONPATH": f"{Path(__file__).parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    env = run_environment()
 
     def state():
         return query(db, "SELECT state FROM rounds WHERE round_id = 1")
@@ -129,7 +130,7 @@ def test_killed_runs_resume_without_loss_or_duplicates_and_a_second_process_is_r
     run = start_run(config, env)
     kill_when(run, lambda: state() == "started" and (query(db, "SELECT count(*) FROM completions") or 0) > 0,
               "sampling", killed)
-    assert still_running(killed)  # its vLLM engine outlives it...
+    assert left_running(killed)  # its vLLM engine outlives it...
     partial = query(db, "SELECT count(*) FROM completions")
     assert state() == "started" and 0 < partial < PROMPTS_PER_ROUND * N
 
@@ -160,7 +161,7 @@ def test_killed_runs_resume_without_loss_or_duplicates_and_a_second_process_is_r
     assert "is in use by another flywheel (pid " in second.stderr and "Traceback" not in second.stderr
     assert run.wait(timeout=600) == 0, output(config)
     # ...until the next run takes the lease over and stops it.
-    assert still_running(killed) == []
+    assert left_running(killed) == []
     # (The runs killed in sampling and in labelling had started an engine; the one killed in
     # training had not: it resumed after sampling.)
     assert (config.parent / "run.log").read_text().count("process(es) it left running") == 2
@@ -221,12 +222,9 @@ def titles(pids) -> dict[int, str]:
 
 def test_an_engine_that_dies_mid_sampling_ends_the_run_in_one_line_and_the_round_resumes(
         tmp_path, tiny_policy, demo_prompts, prefect_harness):
-    from prefect.settings import get_current_settings
-
     config = write_config(tmp_path, tiny_policy, demo_prompts)
     db = tmp_path / "work" / "flywheel.duckdb"
-    env = {**os.environ, "PREFECT_API_URL": get_current_settings().api.url,
-           "PYTHONPATH": f"{Path(__file__).parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = run_environment()
     run = start_run(config, env)
     deadline = time.monotonic() + 400
     while (query(db, "SELECT count(*) FROM completions") or 0) == 0:
@@ -256,25 +254,23 @@ def test_an_engine_that_dies_mid_sampling_ends_the_run_in_one_line_and_the_round
 
 def test_a_run_killed_in_training_leaves_no_engine_once_the_next_run_takes_over(
         tmp_path, tiny_policy, demo_prompts, prefect_harness):
-    from prefect.settings import get_current_settings
-
     config = write_config(tmp_path, tiny_policy, demo_prompts, judge="rule:flywheel.demo_task:addition_score")
     db = tmp_path / "work" / "flywheel.duckdb"
-    env = ordinary_environment({**os.environ, "PREFECT_API_URL": get_current_settings().api.url})
+    env = run_environment()
     killed = {}
     # This run sampled, so its engine is alive (asleep) while it trains.
     run = start_run(config, env)
     kill_when(run, lambda: query(db, "SELECT state FROM rounds WHERE round_id = 1") == "labelled"
               and (query(db, "SELECT count(*) FROM reference_logps") or 0) > 0, "training", killed, then_wait_s=1.0)
     assert any("EngineCore" in title for title in titles(killed).values()), titles(killed)
-    assert still_running(killed)
+    assert left_running(killed)
     rerun = start_run(config, env)
     try:
         deadline = time.monotonic() + 300
         while query(db, "SELECT pid FROM run_lease") != rerun.pid:
             assert rerun.poll() is None and time.monotonic() < deadline, output(config)
             time.sleep(0.1)
-        assert still_running(killed) == []
+        assert left_running(killed) == []
         assert "process(es) it left running" in output(config)
     finally:
         stop_processes(started_processes(rerun.pid))

@@ -43,8 +43,13 @@ RM_MAX_OPERAND = 9
 NEAR_MISSES = (-10, -2, -1, 1, 2, 10)
 
 
+def near_miss_offsets(a: int, b: int) -> tuple[int, ...]:
+    """What a near miss of a + b may add to it (never below zero)."""
+    return NEAR_MISSES if a + b >= 10 else (1, 2, 10)
+
+
 def near_miss(a: int, b: int, rng: random.Random) -> str:
-    return str(max(0, a + b + rng.choice(NEAR_MISSES)) if a + b >= 10 else a + b + rng.choice((1, 2, 10)))
+    return str(max(0, a + b + rng.choice(near_miss_offsets(a, b))))
 
 
 def every_training_pair() -> list[tuple[str, str]]:
@@ -53,8 +58,7 @@ def every_training_pair() -> list[tuple[str, str]]:
     pairs = []
     for a in range(RM_MAX_OPERAND + 1):
         for b in range(RM_MAX_OPERAND + 1):
-            offsets = NEAR_MISSES if a + b >= 10 else (1, 2, 10)
-            for wrong in sorted({str(max(0, a + b + offset)) for offset in offsets} - {str(a + b)}):
+            for wrong in sorted({str(max(0, a + b + offset)) for offset in near_miss_offsets(a, b)} - {str(a + b)}):
                 pairs.append((addition_prompt(a, b) + str(a + b), addition_prompt(a, b) + wrong))
     return pairs
 
