@@ -32,7 +32,7 @@ def build_model(directory: Path, layers: int, hidden: int) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from flywheel.demo_task import build_char_tokenizer
+    from flywheel.examples.addition import build_char_tokenizer
 
     tokenizer = build_char_tokenizer()
     torch.manual_seed(0)
@@ -53,7 +53,7 @@ def make_data(model: Path, count: int, prompt_len: int, completion_len: int):
 
     from transformers import AutoTokenizer
 
-    from flywheel.demo_task import ALPHABET
+    from flywheel.examples.addition import ALPHABET
     from storage.records import PreferenceTriple
 
     tokenizer = AutoTokenizer.from_pretrained(model)

@@ -88,7 +88,7 @@ def make_config(workdir: Path, policy_config, cache: Path, seed: int, source: st
     """`flywheel demo`'s config with the flywheel seed, the sample source, the label budget
     and fixed steps per round, and the shared engine's memory share (every flywheel's engine
     settings must match the shared engine's)."""
-    from flywheel.demo_task import demo_flywheel_config
+    from flywheel.examples.addition import demo_flywheel_config
 
     config = demo_flywheel_config(workdir, policy_config, cache, log, nll_weight=nll_weight, seed=seed, source=source,
                                   prompts_per_round=prompts_per_round, gpu_memory_utilization=memory_share)
@@ -298,7 +298,7 @@ def main(argv=None) -> int:
     docs_dir = (args.docs_dir or (out_dir if args.quick else ROOT / "docs")).resolve()
     quiet_libraries()
 
-    from flywheel.demo_task import DemoPolicyConfig, build_demo_policy
+    from flywheel.examples.addition import DemoPolicyConfig, build_demo_policy
     from flywheel.sampling import VLLMSampler
 
     started = time.monotonic()

@@ -149,7 +149,7 @@ def main() -> None:
 
     from prefect.testing.utilities import prefect_test_harness
 
-    from flywheel.demo_task import DemoPolicyConfig, demo_flywheel_config
+    from flywheel.examples.addition import DemoPolicyConfig, demo_flywheel_config
     from flywheel.rounds import Flywheel
     from storage.records import Prompt
 

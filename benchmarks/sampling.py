@@ -72,7 +72,7 @@ def build_models(directory: Path, layers: int, hidden: int, max_positions: int) 
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from flywheel.checkpoints import save_checkpoint
-    from flywheel.demo_task import build_char_tokenizer
+    from flywheel.examples.addition import build_char_tokenizer
 
     tokenizer = build_char_tokenizer()
     heads = max(hidden // 64, 1)
@@ -101,7 +101,7 @@ def make_prompts(count: int, seed: int = 0, tokens: int | None = None):
     sums of many one-digit operands (`3+1+4+...=`) of that many tokens, <bos> included."""
     import random
 
-    from flywheel.demo_task import addition_prompt
+    from flywheel.examples.addition import addition_prompt
     from storage.records import Prompt
 
     rng = random.Random(seed)

@@ -12,7 +12,7 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from flywheel.config import SampleConfig  # noqa: E402
-from flywheel.demo_task import DemoPolicyConfig, build_demo_policy, write_demo_prompts  # noqa: E402
+from flywheel.examples.addition import DemoPolicyConfig, build_demo_policy, write_demo_prompts  # noqa: E402
 
 # A deliberately small build of the real demo policy: enough SFT that it answers in the
 # task's format, fast enough for CI. Cached across sessions like the demo's own.
@@ -79,7 +79,7 @@ def labelling_server(database: Path):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     server = subprocess.Popen(
-        [sys.executable, "-m", "flywheel.cli", "label", "serve", "--db", str(database), "--port", str(port)],
+        [sys.executable, "-m", "cli", "label", "serve", "--db", str(database), "--port", str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     url = f"http://127.0.0.1:{port}"

@@ -3,7 +3,7 @@ test to kill the process in the middle of it."""
 
 import time
 
-from flywheel.demo_task import addition_score
+from flywheel.examples.addition import addition_score
 
 SECONDS_PER_CALL = 0.01
 

@@ -11,7 +11,7 @@ from storage.store import Store
 
 
 def flywheel(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "flywheel.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
 def assert_one_line_error(result, fragment):
@@ -35,7 +35,7 @@ def test_rounds_must_be_positive():
 
 def test_missing_model_path(tmp_path):
     result = flywheel("run", "--model", str(tmp_path / "nope"), "--prompts", "p.jsonl", "--heldout", "h.jsonl",
-                      "--score", "flywheel.demo_task:addition_score", "--workdir", str(tmp_path / "w"))
+                      "--score", "flywheel.examples.addition:addition_score", "--workdir", str(tmp_path / "w"))
     assert_one_line_error(result, "does not exist")
 
 
@@ -47,7 +47,7 @@ def test_bad_prompts_file(tiny_policy, tmp_path, prompts_text, fragment):
     heldout = tmp_path / "heldout.jsonl"
     heldout.write_text(json.dumps({"prompt": "1+1="}) + "\n")
     result = flywheel("run", "--model", str(tiny_policy), "--prompts", str(prompts), "--heldout", str(heldout),
-                      "--score", "flywheel.demo_task:addition_score", "--workdir", str(tmp_path / "w"))
+                      "--score", "flywheel.examples.addition:addition_score", "--workdir", str(tmp_path / "w"))
     assert_one_line_error(result, fragment)
 
 
@@ -55,9 +55,9 @@ def test_bad_prompts_file(tiny_policy, tmp_path, prompts_text, fragment):
     (["--score", "nosuchpackage.judges:score"], "score function 'nosuchpackage.judges:score' does not import"),
     (["--judge", "nosuchpackage.judges:MyJudge"], "judge 'nosuchpackage.judges:MyJudge' does not import"),
     (["--judge", "flywheel.config:FlywheelConfig"], "cannot be built with options []"),
-    (["--judge", "flywheel.demo_task:ALPHABET"], "does not fit the Judge interface"),
+    (["--judge", "flywheel.examples.addition:ALPHABET"], "does not fit the Judge interface"),
     (["--judge", "reward-model:/no/such/model"], "has no config.json"),
-    (["--judge", "rule:flywheel.demo_task:addition_score", "--judge-option", "batch"], "takes KEY=VALUE"),
+    (["--judge", "rule:flywheel.examples.addition:addition_score", "--judge-option", "batch"], "takes KEY=VALUE"),
     ([], "give --judge SPEC, or --score"),
 ])
 def test_judges_that_cannot_be_built(tiny_policy, tmp_path, judge_args, fragment):
@@ -73,7 +73,7 @@ def test_a_label_budget_below_one_is_refused(tmp_path):
     result = flywheel("run", "--config", str(tmp_path / "unused.yaml"), "--max-pairs-per-round", "0")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.splitlines()[-1] == "flywheel run: error: argument --max-pairs-per-round: must be at least 1, got 0"
-    from flywheel.cli import _run_config_from_flags, build_parser
+    from cli.main import _run_config_from_flags, build_parser
 
     args = build_parser().parse_args(["run", "--model", "m", "--prompts", "p.jsonl", "--heldout", "h.jsonl",
                                       "--workdir", "w", "--score", "m:f", "--max-pairs-per-round", "5"])

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from flywheel import cli
+import cli.main as cli
 from flywheel.config import EvalConfig, JudgeConfig, PairConfig, SampleConfig, TrainConfig, load_config_file
 from flywheel.errors import UserError
 from test_cli import assert_one_line_error, flywheel
@@ -18,7 +18,7 @@ heldout_prompts: /data/heldout.jsonl
 rounds: 3
 seed: 7
 judge:
-  spec: rule:flywheel.demo_task:addition_score
+  spec: rule:flywheel.examples.addition:addition_score
   options: {name: addition-verifier}
   batch_size: 64
 sample: {prompts_per_round: 128, n: 8, temperature: 0.7, max_tokens: 32, max_model_len: 256, enforce_eager: true}
@@ -34,7 +34,7 @@ train:
 eval:
   samples_per_prompt: 2
   promotion_margin: 0.01
-  accuracy_score: flywheel.demo_task:addition_score
+  accuracy_score: flywheel.examples.addition:addition_score
   judge: {spec: "llm:judge-model", options: {max_tokens: 8}}
 """
 
@@ -67,7 +67,7 @@ def test_full_file_loads_with_paths_from_its_directory(tmp_path, monkeypatch):
     assert config.heldout_prompts == Path("/data/heldout.jsonl")
     assert config.reference_model == Path.home() / "models" / "sft"
     assert config.seed == 7
-    assert config.judge == JudgeConfig("rule:flywheel.demo_task:addition_score", {"name": "addition-verifier"}, 64)
+    assert config.judge == JudgeConfig("rule:flywheel.examples.addition:addition_score", {"name": "addition-verifier"}, 64)
     assert config.sample == SampleConfig(prompts_per_round=128, n=8, temperature=0.7, max_tokens=32,
                                          max_model_len=256, enforce_eager=True)
     assert config.pair == PairConfig("all", max_pairs_per_round=300)
@@ -75,7 +75,7 @@ def test_full_file_loads_with_paths_from_its_directory(tmp_path, monkeypatch):
                                        lora_rank=8, bf16=True, steps_per_round=40)
     assert isinstance(config.train.beta, float)
     assert config.eval == EvalConfig(samples_per_prompt=2, promotion_margin=0.01,
-                                     accuracy_score="flywheel.demo_task:addition_score",
+                                     accuracy_score="flywheel.examples.addition:addition_score",
                                      judge=JudgeConfig("llm:judge-model", {"max_tokens": 8}))
 
 
@@ -149,7 +149,7 @@ def test_cli_refuses_flags_the_file_covers(tmp_path):
 
 
 def test_cli_without_config_names_missing_flags(tmp_path):
-    result = flywheel("run", "--model", "m", "--prompts", "p.jsonl", "--score", "flywheel.demo_task:addition_score")
+    result = flywheel("run", "--model", "m", "--prompts", "p.jsonl", "--score", "flywheel.examples.addition:addition_score")
     assert_one_line_error(result, "run needs --heldout, --workdir (or --config FILE)")
 
 
@@ -170,9 +170,9 @@ def test_cli_runs_the_file_config(tiny_policy, tmp_path, monkeypatch, flags, rou
     calls = []
     monkeypatch.setattr(cli, "_run_flywheel", lambda *args: calls.append(args))
     monkeypatch.setattr(cli, "_print_round_table", lambda database: None)
-    path = _runnable(tmp_path, tiny_policy, "rule:flywheel.demo_task:addition_score")
+    path = _runnable(tmp_path, tiny_policy, "rule:flywheel.examples.addition:addition_score")
     assert cli.main(["run", "--config", str(path), *flags]) == 0
     [(config, ran_rounds, judge, eval_judge)] = calls
     assert ran_rounds == rounds
     assert config.workdir == tmp_path / "w" and config.prompts == tmp_path / "prompts.jsonl"
-    assert judge.name == "rule:flywheel.demo_task:addition_score" and eval_judge is None
+    assert judge.name == "rule:flywheel.examples.addition:addition_score" and eval_judge is None

@@ -52,7 +52,7 @@ train:
   learning_rate: 1.0e-4
 eval:
   samples_per_prompt: 2
-  accuracy_score: flywheel.demo_task:addition_score
+  accuracy_score: flywheel.examples.addition:addition_score
 """)
     return config
 
@@ -60,7 +60,7 @@ eval:
 def start_run(config: Path, env: dict) -> subprocess.Popen:
     # Output to a file: a pipe nobody reads until the end could fill and stall the run.
     log = open(config.parent / "run.log", "a")
-    process = subprocess.Popen([sys.executable, "-m", "flywheel.cli", "run", "--config", str(config)],
+    process = subprocess.Popen([sys.executable, "-m", "cli", "run", "--config", str(config)],
                                stdout=log, stderr=subprocess.STDOUT, env=env)
     log.close()
     return process
@@ -155,7 +155,7 @@ def test_killed_runs_resume_without_loss_or_duplicates_and_a_second_process_is_r
     while query(db, "SELECT pid FROM run_lease") != run.pid:
         assert run.poll() is None and time.monotonic() < deadline, output(config)
         time.sleep(0.1)
-    second = subprocess.run([sys.executable, "-m", "flywheel.cli", "run", "--config", str(config)],
+    second = subprocess.run([sys.executable, "-m", "cli", "run", "--config", str(config)],
                             capture_output=True, text=True, env=env, timeout=300)
     assert second.returncode == 2, second.stderr
     assert "is in use by another flywheel (pid " in second.stderr and "Traceback" not in second.stderr
@@ -254,7 +254,7 @@ def test_an_engine_that_dies_mid_sampling_ends_the_run_in_one_line_and_the_round
 
 def test_a_run_killed_in_training_leaves_no_engine_once_the_next_run_takes_over(
         tmp_path, tiny_policy, demo_prompts, prefect_harness):
-    config = write_config(tmp_path, tiny_policy, demo_prompts, judge="rule:flywheel.demo_task:addition_score")
+    config = write_config(tmp_path, tiny_policy, demo_prompts, judge="rule:flywheel.examples.addition:addition_score")
     db = tmp_path / "work" / "flywheel.duckdb"
     env = run_environment()
     killed = {}

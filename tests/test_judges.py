@@ -3,9 +3,9 @@ the position-swap rule, batch-wise labelling on a real store, agreement, `flywhe
 
 import pytest
 
-from flywheel.cli import main
+from cli.main import main
 from flywheel.config import FlywheelConfig, JudgeConfig, PairConfig
-from flywheel.demo_task import addition_score
+from flywheel.examples.addition import addition_score
 from flywheel.errors import UserError
 from flywheel.pairing import form_pairs
 from flywheel.rounds import Flywheel
@@ -71,7 +71,7 @@ def make_flywheel(tmp_path, judge=None, strategy="all", batch_size=256):
     config = FlywheelConfig(
         workdir=tmp_path / "fw", reference_model=tmp_path / "policy", prompts=tmp_path / "p.jsonl",
         heldout_prompts=tmp_path / "h.jsonl",
-        judge=JudgeConfig("rule:flywheel.demo_task:addition_score", {"name": "adder"}, batch_size=batch_size),
+        judge=JudgeConfig("rule:flywheel.examples.addition:addition_score", {"name": "adder"}, batch_size=batch_size),
         pair=PairConfig(strategy=strategy),
     )
     return Flywheel(config, judge=judge)  # the vLLM engine starts only on the first sample
@@ -201,8 +201,8 @@ def test_custom_judges_load_by_import_path_with_options():
     judge = load_judge(f"{__name__}:ShorterAnswerJudge", {"version": "7"})
     assert (judge.name, judge.version) == ("shorter-answer", "7")
     assert load_judge(f"{__name__}:a_judge_instance") is a_judge_instance
-    rule = load_judge("rule:flywheel.demo_task:addition_score")
-    assert rule.name == "rule:flywheel.demo_task:addition_score"
+    rule = load_judge("rule:flywheel.examples.addition:addition_score")
+    assert rule.name == "rule:flywheel.examples.addition:addition_score"
     assert rule.judge([PairToJudge(1, "1+1=", "2", "3")])[0].winner == "a"
 
 
@@ -212,7 +212,7 @@ def test_custom_judges_load_by_import_path_with_options():
     (f"{__name__}:NoVersion", {}, "does not fit the Judge interface: it needs a string 'version'"),
     (f"{__name__}:ShorterAnswerJudge", {"temperature": 2}, "cannot be built with options ['temperature']"),
     (f"{__name__}:a_judge_instance", {"version": "2"}, "takes no options"),
-    ("rule:flywheel.demo_task:ALPHABET", {}, "is not callable"),
+    ("rule:flywheel.examples.addition:ALPHABET", {}, "is not callable"),
     ("reward-model:/no/such/dir", {}, "has no config.json"),
     ("MyJudge", {}, "must look like 'package.module:name'"),
 ])

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from conftest import labelling_server
-from flywheel.cli import main
+from cli.main import main
 from flywheel.labelling import label_pairs
 from judges import HumanJudge, JudgeSpecError, load_judge
 from judges.human import ready_to_train
@@ -187,7 +187,7 @@ def test_a_round_trains_on_the_labels_given_before_it_stopped_waiting(store):
 
 def test_people_appear_in_judge_agreement_beside_an_ai_judge(store):
     round_id = queued_round(store, 6)
-    rule = load_judge("rule:flywheel.demo_task:addition_score", {"name": "adder"})
+    rule = load_judge("rule:flywheel.examples.addition:addition_score", {"name": "adder"})
     label_pairs(store, rule, round_id, batch_size=4, progress=False)
     now = queue.utc_now()
     with store.transaction() as tx:

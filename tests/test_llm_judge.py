@@ -2,7 +2,7 @@
 
 import pytest
 
-from flywheel.cli import main
+from cli.main import main
 from judges import NoVerdict, PairToJudge
 from judges.llm import PairwiseLLMJudge
 from storage.records import Completion, Pair

@@ -24,7 +24,7 @@ from storage.queue import utc_now
 from storage.store import SCHEMA_VERSION, Store, StoreError
 from test_cli import assert_one_line_error, flywheel
 
-SCORE = "flywheel.demo_task:addition_score"
+SCORE = "flywheel.examples.addition:addition_score"
 
 
 # -- the run lease ------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import random
 import pytest
 
 from flywheel.config import PairConfig, SampleConfig, TrainConfig
-from flywheel.demo_task import addition_score, build_char_tokenizer, noisy_answer
+from flywheel.examples.addition import addition_score, build_char_tokenizer, noisy_answer
 from flywheel.errors import UserError
 from flywheel.evaluation import promote_if_better
 from flywheel.pairing import form_pairs, within_budget

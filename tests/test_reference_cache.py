@@ -113,8 +113,8 @@ def test_the_reference_is_the_initial_model_or_the_previous_promoted_one(tiny_po
     for choice in ("initial", "previous"):
         config = FlywheelConfig(
             workdir=tmp_path / choice, reference_model=tiny_policy, prompts=prompts, heldout_prompts=heldout,
-            judge=JudgeConfig("rule:flywheel.demo_task:addition_score"), train=TrainConfig(reference=choice),
-            eval=EvalConfig(accuracy_score="flywheel.demo_task:addition_score"))
+            judge=JudgeConfig("rule:flywheel.examples.addition:addition_score"), train=TrainConfig(reference=choice),
+            eval=EvalConfig(accuracy_score="flywheel.examples.addition:addition_score"))
         flywheel = Flywheel(config)  # the vLLM engine starts only when something is sampled
         try:
             flywheel.initialise()
@@ -137,7 +137,7 @@ def test_a_round_trains_on_its_fresh_pairs_plus_the_replay_share_and_records_the
     prompts, heldout = demo_prompts
     config = FlywheelConfig(
         workdir=tmp_path, reference_model=tiny_policy, prompts=prompts, heldout_prompts=heldout,
-        judge=JudgeConfig("rule:flywheel.demo_task:addition_score"),
+        judge=JudgeConfig("rule:flywheel.examples.addition:addition_score"),
         train=TrainConfig(replay_fraction=0.25, batch_size=8, learning_rate=1e-4))
     flywheel = Flywheel(config)
     try:

@@ -6,7 +6,7 @@ from datetime import timedelta
 
 import pytest
 
-from flywheel.cli import main
+from cli.main import main
 from flywheel.report import markdown_table, plot_rounds, recent_promotions, round_table, status_lines
 from storage.lease import RunLease, take_lease
 from storage.queue import utc_now

@@ -7,7 +7,7 @@ import pytest
 
 from judges import JudgeSpecError, PairToJudge, load_judge
 from tiny_judges import RM_ACCURACY, RM_MAX_OPERAND, build_reward_model, every_training_pair, near_miss
-from flywheel.demo_task import addition_prompt
+from flywheel.examples.addition import addition_prompt
 
 
 @pytest.fixture(scope="module")

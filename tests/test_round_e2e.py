@@ -20,10 +20,10 @@ def flywheel(tiny_policy, demo_prompts, policy_sampler, tmp_path_factory):
     config = FlywheelConfig(
         workdir=tmp_path_factory.mktemp("flywheel"), reference_model=tiny_policy,
         prompts=prompts, heldout_prompts=heldout, seed=3,
-        judge=JudgeConfig("rule:flywheel.demo_task:addition_score", {"name": "adder"}),
+        judge=JudgeConfig("rule:flywheel.examples.addition:addition_score", {"name": "adder"}),
         sample=E2E_SAMPLE,
         train=TrainConfig(learning_rate=1e-4, batch_size=16),
-        eval=EvalConfig(samples_per_prompt=2, accuracy_score="flywheel.demo_task:addition_score"),
+        eval=EvalConfig(samples_per_prompt=2, accuracy_score="flywheel.examples.addition:addition_score"),
     )
     wheel = Flywheel(config, sampler=policy_sampler)
     wheel.initialise()

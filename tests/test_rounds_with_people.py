@@ -15,9 +15,9 @@ import pytest
 
 from conftest import E2E_SAMPLE, labelling_server
 from flows.rounds import run_rounds
-from flywheel.cli import main
+from cli.main import main
 from flywheel.config import EvalConfig, FlywheelConfig, JudgeConfig, TrainConfig
-from flywheel.demo_task import addition_score
+from flywheel.examples.addition import addition_score
 from flywheel.labelling import label_pairs
 from flywheel.rounds import Flywheel
 from queue_data import round_with_pairs
@@ -25,7 +25,7 @@ from storage import queue
 
 pytestmark = pytest.mark.slow
 
-ADDITION = "flywheel.demo_task:addition_score"
+ADDITION = "flywheel.examples.addition:addition_score"
 
 
 def make_flywheel(workdir, tiny_policy, demo_prompts, sampler, judge: JudgeConfig) -> Flywheel:

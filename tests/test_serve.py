@@ -39,10 +39,10 @@ workdir: work
 reference_model: {tiny_policy}
 prompts: {train}
 heldout_prompts: {heldout}
-judge: rule:flywheel.demo_task:addition_score
+judge: rule:flywheel.examples.addition:addition_score
 sample: {{prompts_per_round: 32, n: 4, max_tokens: 6, dtype: float32, enforce_eager: true, gpu_memory_utilization: 0.1}}
 train: {{batch_size: 16, learning_rate: 1.0e-4}}
-eval: {{samples_per_prompt: 1, accuracy_score: flywheel.demo_task:addition_score}}
+eval: {{samples_per_prompt: 1, accuracy_score: flywheel.examples.addition:addition_score}}
 """)
     prefect_home = tmp_path / "prefect-home"
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
@@ -52,7 +52,7 @@ eval: {{samples_per_prompt: 1, accuracy_score: flywheel.demo_task:addition_score
     log_path = tmp_path / "serve.log"
     with open(log_path, "w") as log:
         serve = subprocess.Popen(
-            [sys.executable, "-m", "flywheel.cli", "serve", "--config", str(config), "--cron", "* * * * *",
+            [sys.executable, "-m", "cli", "serve", "--config", str(config), "--cron", "* * * * *",
              "--server-port", str(free_port())],
             stdout=log, stderr=subprocess.STDOUT, env=env)
     db = tmp_path / "work" / "flywheel.duckdb"

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from flywheel.checkpoints import save_checkpoint
-from flywheel.demo_task import ALPHABET, sft_batch, addition_prompt, build_char_tokenizer
+from flywheel.examples.addition import ALPHABET, sft_batch, addition_prompt, build_char_tokenizer
 
 
 def tiny_llama_config(tokenizer, max_position_embeddings: int, **extra):

@@ -53,7 +53,7 @@ def _run_flywheel(config, rounds: int, judge=None, eval_judge=None) -> None:
 
 
 def command_demo(args: argparse.Namespace) -> None:
-    from flywheel.demo_task import DemoPolicyConfig, demo_flywheel_config
+    from flywheel.examples.addition import DemoPolicyConfig, demo_flywheel_config
 
     started = time.monotonic()
     workdir = args.dir.resolve()

@@ -225,7 +225,7 @@ def demo_flywheel_config(
         reference_model=reference,
         prompts=prompts,
         heldout_prompts=heldout,
-        judge=JudgeConfig("rule:flywheel.demo_task:addition_score", {"name": "addition-verifier"}),
+        judge=JudgeConfig("rule:flywheel.examples.addition:addition_score", {"name": "addition-verifier"}),
         seed=policy_config.seed if seed is None else seed,
         # A model this small gains nothing from torch.compile, which costs ~30 s per start.
         sample=SampleConfig(**{"prompts_per_round": 512, "n": 4, "max_tokens": 8, "dtype": "float32",
@@ -234,5 +234,5 @@ def demo_flywheel_config(
         train=TrainConfig(beta=beta, learning_rate=learning_rate, batch_size=32, epochs=2, nll_weight=nll_weight,
                           keep_reference_loaded=True),
         pair=PairConfig(strategy=pairing),
-        eval=EvalConfig(samples_per_prompt=4, accuracy_score="flywheel.demo_task:addition_score"),
+        eval=EvalConfig(samples_per_prompt=4, accuracy_score="flywheel.examples.addition:addition_score"),
     )

@@ -1,0 +1,1 @@
+"""The `flywheel` command line: on top of flywheel/, flows/, judges/ and storage/."""
