@@ -11,7 +11,6 @@ from typing import Sequence
 
 from flywheel.config import SampleConfig
 from flywheel.errors import EngineDiedError, UserError
-from flywheel.vllm_idle import DEFAULT_IDLE_SPIN_S, IDLE_SPIN_ENV
 from storage.records import Completion, Prompt
 
 
@@ -54,8 +53,6 @@ class VLLMSampler:
         if self._loaded == checkpoint_path:
             return
         if self._llm is None:
-            # Read by our vLLM plugin in the engine's processes, which inherit it.
-            os.environ.setdefault(IDLE_SPIN_ENV, str(DEFAULT_IDLE_SPIN_S))
             try:
                 from vllm import LLM
             except ImportError as error:

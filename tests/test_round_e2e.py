@@ -47,51 +47,6 @@ def test_sampler_is_seeded_and_keeps_vllm_token_ids(flywheel):
         assert c.sampling_params["seed"] == 11 + c.prompt_id
 
 
-def _proc_stat(pid: int) -> tuple[str, list[str]]:
-    """A process's name and the fields of /proc/PID/stat after it (state, ppid, ...)."""
-    stat = open(f"/proc/{pid}/stat").read()
-    return stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
-
-
-def _vllm_worker_pids() -> list[int]:
-    """This process's vLLM worker processes (its engine process's children)."""
-    processes = {}
-    for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
-        try:
-            processes[pid] = _proc_stat(pid)
-        except OSError:  # gone meanwhile
-            continue
-    ours = {os.getpid()}
-    for _ in range(2):  # the engine process, then its workers
-        ours |= {pid for pid, (_, fields) in processes.items() if int(fields[1]) in ours}
-    return [pid for pid in ours if processes.get(pid, ("",))[0].startswith("VLLM::Worker")]
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = _proc_stat(pid)[1]
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def test_vllm_workers_stop_spinning_soon_after_sampling(flywheel):
-    # vLLM's workers busy-wait (a whole core each) for 1 s after every message; our vLLM
-    # plugin caps that at 0.1 s. Without it a worker burns about 1 s of CPU in the second
-    # after `sample` returns, which on a small host is taken from the round's store writes
-    # and training.
-    import time
-
-    policy = flywheel.store.current_policy()
-    prompts = flywheel.store.prompts("heldout")[:8]
-    flywheel.sampler.sample(policy.path, policy.checkpoint_id, prompts, n=2, temperature=1.0, seed=1,
-                            purpose="eval", round_id=None)
-    workers = _vllm_worker_pids()
-    if not workers:  # one GPU: vLLM runs the model inside its engine process, and nothing spins apart
-        pytest.skip("vLLM started no worker process of its own")
-    before = {pid: _cpu_seconds(pid) for pid in workers}
-    time.sleep(1.0)
-    spent = {pid: _cpu_seconds(pid) - before[pid] for pid in workers}
-    assert max(spent.values()) < 0.35, spent
-
-
 def test_flow_runs_rounds_and_records_everything(flywheel, prefect_harness):
     from flows.rounds import run_rounds
 
