@@ -1,6 +1,5 @@
 """Whole rounds with the real vLLM engine, the real Prefect flow and a real DuckDB file."""
 
-import os
 from pathlib import Path
 
 import pytest
