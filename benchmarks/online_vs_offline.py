@@ -48,6 +48,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from storage import tables
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -102,7 +103,7 @@ def run_flywheel(config, rounds: int, sampler) -> None:
     flywheel = Flywheel(config, log=log, sampler=sampler)
     try:
         flywheel.initialise()
-        for _ in range(rounds - flywheel.store.count("rounds", "state = 'done'")):
+        for _ in range(rounds - flywheel.store.read(tables.count, "rounds", "state = 'done'")):
             flywheel.run_round()
     finally:
         flywheel.close()

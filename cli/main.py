@@ -182,16 +182,10 @@ def _judge_options(pairs: Sequence[str]) -> dict[str, str]:
 
 
 def command_annotators_add(args: argparse.Namespace) -> None:
-    import secrets
-
-    from judges.labelling_app import token_sha256
-    from storage import queue
+    from judges.human import new_annotator
     from storage.store import Store
 
-    token = secrets.token_urlsafe(24)
-    store = Store.open(args.db)
-    with store.transaction() as tx:
-        queue.add_annotator(tx, args.name, token_sha256(token))
+    token = new_annotator(Store.open(args.db), args.name)
     print(token)
     _log(f"annotator {args.name} added; the line above is their token, shown only this once. "
          f"They log in with it at `flywheel label serve --db {args.db}`.")
@@ -226,7 +220,7 @@ def command_label_enqueue(args: argparse.Namespace) -> None:
     from storage import queue
     from storage.store import Store
 
-    from judges.human import MAX_LEASE_MINUTES
+    from judges.human import HUMAN_JUDGE_NAME, MAX_LEASE_MINUTES
 
     if args.lease_minutes > MAX_LEASE_MINUTES:
         raise UserError(f"--lease-minutes must be at most {MAX_LEASE_MINUTES} (a week), got {args.lease_minutes}")
@@ -237,7 +231,7 @@ def command_label_enqueue(args: argparse.Namespace) -> None:
         # Only a round an AI judge has started labelling: a round with no judge yet, queued
         # here, would later be mistaken for a human round's own queue.
         judge_name = tx.get_round(args.round).judge_name
-        if judge_name is None or judge_name == queue.HUMAN_JUDGE_NAME:
+        if judge_name is None or judge_name == HUMAN_JUDGE_NAME:
             raise UserError(f"round {args.round} " + ("is labelled by people already" if judge_name else
                             "has no judge yet: enqueue it for comparison once its judge has labelled it"))
         request = queue.request_labels(tx, args.round, judge_version="1", labels_per_pair=args.labels_per_pair,
@@ -270,13 +264,14 @@ def command_label_export(args: argparse.Namespace) -> None:
 
 
 def command_label_import(args: argparse.Namespace) -> None:
+    from judges.human import HUMAN_JUDGE_NAME
     from storage import queue
     from storage.store import Store
 
     labels = _read_label_lines(args.file, args.annotator)
     with Store.open(args.db).transaction() as tx:
         try:
-            added, present = queue.import_labels(tx, labels, queue.utc_now())
+            added, present = queue.import_labels(tx, labels, queue.utc_now(), judge_name=HUMAN_JUDGE_NAME)
         except queue.QueueError as error:
             raise UserError(f"{args.file}: {error}; nothing imported") from error
     _log(f"imported {added} labels from {args.file} ({present} were already there)")
@@ -287,7 +282,8 @@ def _read_label_lines(path: Path, default_annotator: str | None) -> list:
     texts an export wrote) are ignored. Any bad line refuses the file, naming the line."""
     import json
 
-    from storage.queue import HumanLabel, QueueError
+    from judges.human import HumanLabel
+    from storage.queue import QueueError
 
     try:
         lines = path.read_text(encoding="utf-8").splitlines()

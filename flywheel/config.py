@@ -7,7 +7,7 @@ import types
 from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any, Sequence, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -24,6 +24,9 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 # which is online DPO, or always the initial model, which is offline DPO fed in chunks.
 SAMPLE_SOURCES = ("current", "initial")
 REFERENCES = ("initial", "previous")
+# The dtypes vLLM's engine takes (`vllm.config.model._STR_DTYPE_TO_TORCH_DTYPE`, and auto:
+# the checkpoint's own).
+ENGINE_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -56,6 +59,10 @@ class SampleConfig:
         _require(self.temperature > 0, f"sample.temperature must be > 0, got {self.temperature}")
         _require(0 < self.top_p <= 1, f"sample.top_p must be in (0, 1], got {self.top_p}")
         _require(self.max_tokens >= 1, f"sample.max_tokens must be >= 1, got {self.max_tokens}")
+        _require(self.max_tokens < self.max_model_len,
+                 f"sample.max_tokens ({self.max_tokens}) must be less than sample.max_model_len "
+                 f"({self.max_model_len}): the context holds the prompt and the completion")
+        _require(isinstance(self.dtype, str) and self.dtype.lower() in ENGINE_DTYPES, f"sample.dtype must be one of {ENGINE_DTYPES}, got {self.dtype!r}")
         _require(0 < self.gpu_memory_utilization <= 1,
                  f"sample.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
@@ -232,14 +239,20 @@ class FlywheelConfig:
 
 @dataclass(frozen=True)
 class RunFile:
-    """A config file: the flywheel's config, and `rounds` (the default for `--rounds`)."""
+    """What one `flywheel run` runs: the flywheel's config, and how many rounds (the
+    file's top-level `rounds`, which `--rounds` or `rounds=N` overrides)."""
 
     config: FlywheelConfig
-    rounds: int | None = None
+    rounds: int = 1
+
+    def __post_init__(self) -> None:
+        _require(self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}")
 
 
 # Keys of the top level that are not FlywheelConfig fields.
 RUN_FILE_KEYS = ("rounds",)
+# The FlywheelConfig fields that are paths.
+PATH_KEYS = ("workdir", "reference_model", "prompts", "heldout_prompts")
 
 
 class _Loader(yaml.SafeLoader):
@@ -265,7 +278,44 @@ def load_config_file(path: Path) -> RunFile:
     """Read a YAML config file into a validated `RunFile`. Relative paths in it are taken
     from the file's directory. Every mistake is a one-line UserError naming the file and
     the key (`flywheel.yaml: unknown key 'train.betta' (train takes: beta, ...)`)."""
-    path = Path(path).expanduser()
+    return load_run_config(path)
+
+
+def load_run_config(path: Path | None = None, settings: Sequence[tuple[str, Any]] = (),
+                    overrides: Sequence[str] = ()) -> RunFile:
+    """A run's config: the YAML file at `path` (if any), then each of `settings` (`(key,
+    value)` pairs) and `overrides` (`"key=value"` strings, the value read as YAML) set at
+    its dotted key (`train.beta`, `judge.options.name`), in order, then validated once.
+
+    Relative paths in the file are taken from its directory, those set here from the
+    current directory. Every mistake is one line naming the key: an override's own
+    mistakes (an unknown key, a value the config refuses) start `override KEY=VALUE: `,
+    the file's start with the file's path.
+    """
+    given = [*((key, value, f"{key}={value}") for key, value in settings), *map(parse_override, overrides)]
+    if path is not None:
+        path = Path(path).expanduser()
+        data, base, source = _read_config_data(path, empty_ok=bool(given)), path.parent, f"{path}: "
+    else:
+        data, base, source = {}, Path("."), ""
+    for key, value, shown in given:
+        try:
+            _set_key(data, key, value)
+        except UserError as error:
+            raise UserError(f"override {shown}: {error}") from None
+    try:
+        rounds = _convert(data.pop("rounds"), int, "rounds", base) if "rounds" in data else None
+        config = config_from_mapping(FlywheelConfig, data, base=base, extra_keys=RUN_FILE_KEYS)
+        return RunFile(config) if rounds is None else RunFile(config, rounds)
+    except UserError as error:
+        message = str(error)
+        # The last override of the key the message names is where the value came from.
+        culprit = next((shown for key, _, shown in reversed(given)
+                        if message.startswith((key + " ", key + "."))), None)
+        raise UserError(f"override {culprit}: {message}" if culprit else f"{source}{message}") from None
+
+
+def _read_config_data(path: Path, empty_ok: bool = False) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -279,21 +329,111 @@ def load_config_file(path: Path) -> RunFile:
         where = f"line {mark.line + 1}: " if mark is not None else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise UserError(f"{path}: not valid YAML ({where}{problem})") from None
-    if data is None:
+    if data is None and not empty_ok:
         raise UserError(f"{path}: the file is empty; it needs at least "
                         f"{', '.join(_required_keys(FlywheelConfig))}")
-    if not isinstance(data, Mapping):
+    if data is not None and not isinstance(data, Mapping):
         raise UserError(f"{path}: the top level must be a mapping of keys "
                         f"({', '.join([*_keys(FlywheelConfig), *RUN_FILE_KEYS])}), "
                         f"got {_shown(data)}")
-    data = dict(data)
+    return dict(data or {})
+
+
+_OVERRIDE_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_-]+)*")
+
+
+def parse_override(text: str) -> tuple[str, Any, str]:
+    """`"train.beta=0.2"` -> `("train.beta", 0.2, text)`: the value is read as YAML
+    (`true`, `3e-4`, `null`, `[a, b]`, `{name: x}`; anything else a string)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not _OVERRIDE_KEY.fullmatch(key):
+        raise UserError(f"{text!r} is not KEY=VALUE with a dotted key (e.g. train.beta=0.2)")
     try:
-        rounds = _convert(data.pop("rounds"), int, "rounds", path.parent) if "rounds" in data else None
-        _require(rounds is None or rounds >= 1, f"rounds must be >= 1, got {rounds}")
-        config = config_from_mapping(FlywheelConfig, data, base=path.parent, extra_keys=RUN_FILE_KEYS)
-    except UserError as error:
-        raise UserError(f"{path}: {error}") from None
-    return RunFile(config, rounds)
+        return key, yaml.load(raw, Loader=_Loader), text
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise UserError(f"override {text}: the value is not valid YAML ({problem})") from None
+
+
+def _set_key(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set the dotted `key` in the config mapping `data`, checking each part against the
+    config classes. A mapping given for a section is merged into it, key by key."""
+    cls: type | None = FlywheelConfig  # None: inside a free-form mapping (judge.options)
+    node, where, parts = data, "", key.split(".")
+    for index, part in enumerate(parts):
+        last = index == len(parts) - 1
+        if cls is None:
+            hint: Any = Any
+        else:
+            keys = [*_keys(cls), *(RUN_FILE_KEYS if cls is FlywheelConfig else ())]
+            if part not in keys:
+                raise UserError(f"unknown key {_dotted(where, part)!r} ({where or 'the top level'} takes: "
+                                f"{', '.join(keys)})")
+            hint = int if cls is FlywheelConfig and part in RUN_FILE_KEYS else _without_none(get_type_hints(cls)[part])
+        where = _dotted(where, part)
+        if last:
+            if is_dataclass(hint) and isinstance(value, Mapping):
+                for name, item in value.items():
+                    _set_key(data, f"{key}.{name}", item)
+                node.setdefault(part, {})
+            else:
+                if hint is Path and isinstance(value, str) and value:
+                    value = str(Path.cwd() / Path(value).expanduser())
+                node[part] = value
+            return
+        child = node.get(part)
+        if hint is JudgeConfig and isinstance(child, str):
+            child = {"spec": child}  # the `judge: SPEC` shorthand
+        if is_dataclass(hint):
+            cls = hint
+        elif not (hint is Any or hint is dict or get_origin(hint) is dict):
+            raise UserError(f"{where} is a single value, so {key!r} is not a key")
+        else:
+            cls = None
+        node[part] = child = dict(child) if isinstance(child, Mapping) else {}
+        node = child
+
+
+def _without_none(hint: Any) -> Any:
+    if get_origin(hint) in (Union, types.UnionType):
+        options = [arg for arg in get_args(hint) if arg is not type(None)]
+        if len(options) == 1:
+            return options[0]
+    return hint
+
+
+def config_mapping(config: FlywheelConfig, relative_to: Path | None = None) -> dict[str, Any]:
+    """The config as the mapping a config file holds, every key written out; paths under
+    `relative_to` (the file's directory) relative to it."""
+    data = asdict(config)
+    for name in PATH_KEYS:
+        data[name] = _relative_path(getattr(config, name), relative_to)
+    return data
+
+
+def write_config_file(path: Path, run_file: RunFile, header: str = "",
+                      replace: Mapping[str, Any] | None = None) -> Path:
+    """Write `run_file` as the YAML `load_config_file` reads back, top-level values in
+    `replace` put in place of the config's, `header` (comment lines) first."""
+    path = Path(path)
+    data = {**config_mapping(run_file.config, path.parent.resolve()), **(replace or {})}
+    ordered = {}
+    for key, value in data.items():
+        ordered[key] = value
+        if key == "heldout_prompts":
+            ordered["rounds"] = run_file.rounds
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = header + yaml.safe_dump(ordered, sort_keys=False, default_flow_style=False, allow_unicode=True)
+    scratch = path.with_name(path.name + ".partial")
+    scratch.write_text(text, encoding="utf-8")
+    scratch.replace(path)
+    return path
+
+
+def _relative_path(path: Path, base: Path | None) -> str:
+    if base is not None and path.is_relative_to(base):
+        return str(path.relative_to(base)) or "."
+    return str(path)
 
 
 def config_from_mapping(cls: type, data: Mapping[str, Any], where: str = "", base: Path = Path("."),

@@ -15,6 +15,7 @@ from tqdm import tqdm
 from judges import Judge, NoVerdict, PairToJudge, ScalarJudge, judge_batch, score_batch
 from storage.records import Completion, CompletionScore, JudgeFailure, Label
 from storage.store import Store
+from storage import tables
 
 
 @dataclass(frozen=True)
@@ -27,8 +28,8 @@ class LabellingResult:
 def label_pairs(store: Store, judge: Judge, round_id: int, batch_size: int, progress: bool = True) -> LabellingResult:
     """Judge every pair of the round that this judge (name and version) has not judged yet."""
     with store.transaction() as tx:
-        todo = tx.pairs_to_judge(round_id, judge.name, judge.version)
-        already_done = tx.count("pairs", "round_id = ?", [round_id]) - len(todo)
+        todo = tables.pairs_to_judge(tx, round_id, judge.name, judge.version)
+        already_done = tables.count(tx, "pairs", "round_id = ?", [round_id]) - len(todo)
     labelled = failed = 0
     with tqdm(total=len(todo), desc=f"labelling round {round_id} ({judge.name})", unit="pair",
               disable=not progress or not todo, leave=False) as bar:
@@ -44,8 +45,8 @@ def label_pairs(store: Store, judge: Judge, round_id: int, batch_size: int, prog
                                         judge_version=judge.version, confidence=verdict.confidence,
                                         rationale=verdict.rationale))
             with store.transaction() as tx:
-                tx.add_labels(labels)
-                tx.add_judge_failures(failures)
+                tables.add_labels(tx, labels)
+                tables.add_judge_failures(tx, failures)
             labelled += len(labels)
             failed += len(failures)
             bar.update(len(rows))

@@ -10,28 +10,29 @@ from __future__ import annotations
 
 from flywheel.errors import UserError
 from storage.store import Store
+from storage import tables
 
 
 def promote_checkpoint(store: Store, checkpoint_id: int, decided_by: str, reason: str | None) -> None:
     """Make `checkpoint_id` the policy, whatever the gate said."""
     with store.transaction() as tx:
-        if tx.count("checkpoints", "checkpoint_id = ?", [checkpoint_id]) == 0:
+        if tables.count(tx, "checkpoints", "checkpoint_id = ?", [checkpoint_id]) == 0:
             raise UserError(f"no checkpoint with id {checkpoint_id} (see: flywheel sql \"SELECT * FROM checkpoints\")")
-        before = tx.current_policy()
+        before = tables.current_policy(tx)
         if before is not None and before.checkpoint_id == checkpoint_id:
             raise UserError(f"checkpoint {checkpoint_id} is already the current policy")
-        tx.set_checkpoint_status(checkpoint_id, "promoted")
-        tx.record_promotion(checkpoint_id, "promote", decided_by, reason, round_id=None,
+        tables.set_checkpoint_status(tx, checkpoint_id, "promoted")
+        tables.record_promotion(tx, checkpoint_id, "promote", decided_by, reason, round_id=None,
                             policy_before=before.checkpoint_id if before else None)
 
 
 def roll_back(store: Store, decided_by: str, reason: str | None) -> int:
     """Retire the current policy; returns the checkpoint that is the policy again."""
     with store.transaction() as tx:
-        current = tx.current_policy()
+        current = tables.current_policy(tx)
         if current is None or current.role == "reference":
             raise UserError("nothing to roll back: the current policy is the reference model")
-        tx.set_checkpoint_status(current.checkpoint_id, "rejected")
-        tx.record_promotion(current.checkpoint_id, "rollback", decided_by, reason, round_id=None,
+        tables.set_checkpoint_status(tx, current.checkpoint_id, "rejected")
+        tables.record_promotion(tx, current.checkpoint_id, "rollback", decided_by, reason, round_id=None,
                             policy_before=current.checkpoint_id)
-        return tx.current_policy().checkpoint_id
+        return tables.current_policy(tx).checkpoint_id

@@ -1,7 +1,7 @@
 """What a flywheel has done so far, for people: the per-round table, a markdown rendering
 of it, a PNG of the curves across rounds, and the few lines `flywheel status` prints.
 
-Everything here only reads the store (`Store.query`, read-only connections), so it is
+Everything here only reads the store (`Store.query`, read-only transactions), so it is
 safe to call while another process runs rounds, and from any orchestrator: the CLI after
 a run, `flywheel status`, a Prefect markdown artifact. matplotlib is imported only when
 a plot is drawn, and only its Agg backend is used (no display, no pyplot state).
@@ -9,11 +9,8 @@ a plot is drawn, and only its Agg backend is used (no display, no pyplot state).
 
 from __future__ import annotations
 
-import functools
 import os
 import tempfile
-import threading
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
@@ -121,57 +118,47 @@ def plot_round_table(table: tuple[Sequence[str], Sequence[Sequence[Any]]], path:
     rounds = [row[0] for row in rows]
     promoted = [row[0] for row in rows if row[6]]
 
-    canvas = _rounds_canvas()
-    with canvas.lock:
-        figure, axes = canvas.figure, canvas.axes
-        for ax in axes.flat:  # what the last call drew
-            for artist in [*ax.lines, *ax.texts]:
-                artist.remove()
-            ax.set_visible(bool(rows))
-        for legend in list(figure.legends):
-            legend.remove()
-        canvas.nothing_yet.set_visible(not rows)
-        if not rows:
-            figure.suptitle("flywheel rounds")
-            return _save_atomically(figure, path)
-        figure.suptitle(f"flywheel rounds: {len(rounds)} evaluated, {len(promoted)} promoted")
-        for ax, (_, series, when_empty) in zip(axes.flat, _PANELS):
-            if len(rounds) <= 15:
-                ax.set_xticks(rounds)
-            else:
-                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            for number, round_id in enumerate(promoted):
-                ax.axvline(round_id, color="tab:green", alpha=0.25, linewidth=6,
-                           label="promoted" if number == 0 else None)
-            drawn = False
-            for label, column in series:
-                points = [(row[0], row[column]) for row in rows if row[column] is not None]
-                if not points:
-                    continue
-                drawn = True
-                style = "o-" if label == "candidate" else "s--"
-                ax.plot([p[0] for p in points], [p[1] for p in points], style, label=label,
-                        color="tab:blue" if label == "candidate" else "tab:gray")
-            if not drawn and when_empty:
-                ax.text(0.5, 0.5, when_empty, transform=ax.transAxes, ha="center", va="center",
-                        fontsize=13, color="0.4")
-            if ax is axes[0][1]:  # win rate
-                ax.axhline(0.5, color="tab:red", linestyle=":", linewidth=1, label="win rate 0.5")
-            elif drawn:  # the y range of this call's data, not the last call's
-                ax.relim()
-                ax.autoscale(axis="y")
-            else:  # as a new panel with nothing in it
-                ax.set_ylim(0, 1)
-        # One legend for all panels, under the title: a legend in each panel cost 4 searches
-        # for a free spot at every draw, and could still cover a curve.
-        named = {}
+    figure, axes = _new_figure()
+    if not rows:
+        figure.text(0.5, 0.5, "no evaluated rounds yet", ha="center", va="center", fontsize=16, color="0.4")
         for ax in axes.flat:
-            named.update(zip(*reversed(ax.get_legend_handles_labels())))
-        figure.legend(list(named.values()), list(named), loc="lower center", ncol=len(named),
-                      bbox_to_anchor=(0.5, 0.91), fontsize=9, frameon=False)
-        # Half a round of room each side, so the first and last promoted marks show whole.
-        axes[0][0].set_xlim(rounds[0] - 0.5, rounds[-1] + 0.5)
+            ax.set_visible(False)
+        figure.suptitle("flywheel rounds")
         return _save_atomically(figure, path)
+    figure.suptitle(f"flywheel rounds: {len(rounds)} evaluated, {len(promoted)} promoted")
+    for ax, (_, series, when_empty) in zip(axes.flat, _PANELS):
+        if len(rounds) <= 15:
+            ax.set_xticks(rounds)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        for number, round_id in enumerate(promoted):
+            ax.axvline(round_id, color="tab:green", alpha=0.25, linewidth=6,
+                       label="promoted" if number == 0 else None)
+        drawn = False
+        for label, column in series:
+            points = [(row[0], row[column]) for row in rows if row[column] is not None]
+            if not points:
+                continue
+            drawn = True
+            style = "o-" if label == "candidate" else "s--"
+            ax.plot([p[0] for p in points], [p[1] for p in points], style, label=label,
+                    color="tab:blue" if label == "candidate" else "tab:gray")
+        if not drawn and when_empty:
+            ax.text(0.5, 0.5, when_empty, transform=ax.transAxes, ha="center", va="center",
+                    fontsize=13, color="0.4")
+        if ax is axes[0][1]:  # win rate
+            ax.axhline(0.5, color="tab:red", linestyle=":", linewidth=1, label="win rate 0.5")
+        elif not drawn:  # an empty panel gets a plain 0-1 axis
+            ax.set_ylim(0, 1)
+    # One legend for all panels, under the title, where it cannot cover a curve.
+    named = {}
+    for ax in axes.flat:
+        named.update(zip(*reversed(ax.get_legend_handles_labels())))
+    figure.legend(list(named.values()), list(named), loc="lower center", ncol=len(named),
+                  bbox_to_anchor=(0.5, 0.91), fontsize=9, frameon=False)
+    # Half a round of room each side, so the first and last promoted marks show whole.
+    axes[0][0].set_xlim(rounds[0] - 0.5, rounds[-1] + 0.5)
+    return _save_atomically(figure, path)
 
 
 # Panels left to right, top to bottom: title, (series label, column in a plotted row), and
@@ -184,46 +171,23 @@ _PANELS = (
 )
 
 
-@dataclass
-class _RoundsCanvas:
-    figure: Any
-    axes: Any
-    nothing_yet: Any  # the text shown instead of the panels
-    lock: threading.Lock
-
-
-@functools.cache  # one per process (a forked child makes its own), redrawn by every call
-def _rounds_canvas() -> _RoundsCanvas:
-    """The plot's figure, panels, titles and grids, made once: making them (and their ticks)
-    was half of the 0.14 s a plot took, which a flow spends after every round. Each call
-    removes the last call's lines, texts and legends and draws its own."""
-    # The Agg canvas directly, not pyplot: no display and no global pyplot state.
+def _new_figure() -> tuple[Any, Any]:
+    """The plot's figure and its 2x2 panels with titles and grids. The Agg canvas directly,
+    not pyplot: no display and no global pyplot state."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    # Fixed margins, not a layout engine: the panels never change, and constrained layout
-    # was a third of the plot's time.
     figure = Figure(figsize=(11, 7.5), dpi=100)
     figure.subplots_adjust(left=0.07, right=0.98, bottom=0.07, top=0.865, wspace=0.18, hspace=0.22)
     FigureCanvasAgg(figure)
     axes = figure.subplots(2, 2, sharex=True)
     for ax, (title, _, _) in zip(axes.flat, _PANELS):
-        # Placed, not left to matplotlib to place at every draw (by measuring all tick labels
-        # again: a quarter of a draw), where it would put them anyway.
-        ax.set_title(title, y=1.0)
-        ax.xaxis.set_label_coords(0.5, -0.1)
-        ax.yaxis.set_label_coords(-0.1, 0.5)
+        ax.set_title(title)
         ax.grid(True, alpha=0.3)
     axes[0][1].set_ylim(0, 1)  # win rate
     for ax in axes[1]:
         ax.set_xlabel("round")
-    nothing_yet = figure.text(0.5, 0.5, "no evaluated rounds yet", ha="center", va="center", fontsize=16,
-                              color="0.4")
-    return _RoundsCanvas(figure, axes, nothing_yet, threading.Lock())
-
-
-# Its lock may have been held by another thread at the fork, which did not come along.
-os.register_at_fork(after_in_child=_rounds_canvas.cache_clear)
+    return figure, axes
 
 
 def _save_atomically(figure: Any, path: Path) -> Path:
@@ -235,8 +199,7 @@ def _save_atomically(figure: Any, path: Path) -> Path:
     temporary = Path(handle.name)
     try:
         with handle:
-            # Light compression: 6 ms less a plot than PNG's default level, 10% bigger file.
-            figure.savefig(handle, format="png", pil_kwargs={"compress_level": 1})
+            figure.savefig(handle, format="png")
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(temporary, 0o644)  # NamedTemporaryFile makes it 0600; a plot is for reading

@@ -8,10 +8,6 @@ nothing lost and nothing duplicated. Nothing here imports Prefect.
 
 from __future__ import annotations
 
-import atexit
-import functools
-import gc
-import itertools
 import random
 from pathlib import Path
 from typing import Callable
@@ -34,53 +30,18 @@ from judges.human import ready_to_train, waiting_message
 from storage.queue import close_request, utc_now
 from storage.queue import progress as queue_progress
 from storage.records import Evaluation, TrainStep
-from storage.store import Store, StoreSession, set_threads
+from storage.store import Store, Transaction
+from storage import tables
 
 Log = Callable[[str], None]
-
-
-def _settle_long_lived_objects() -> None:
-    """Collect garbage, then freeze what is left between rounds (the engine, the models, the
-    modules): the cycle collector skips frozen objects. A full collection of all of them
-    took about 0.5 s here, every other round or so, in the middle of a step; after the
-    first freeze, a round's collections walk only what that round made. Every tenth round
-    the frozen objects are collected too, at the round's start, so that those that became
-    garbage are not kept for a whole run; and at exit they are unfrozen, so that
-    finalisation frees them (DuckDB's nanobind reports frozen objects as leaks)."""
-    if next(_ROUNDS_SETTLED) % FULL_COLLECTION_EVERY_ROUNDS == 0:
-        gc.unfreeze()
-    gc.collect()
-    gc.freeze()
-    _unfreeze_at_exit()
-
-
-FULL_COLLECTION_EVERY_ROUNDS = 10
-_ROUNDS_SETTLED = itertools.count()
-
-
-@functools.cache  # registered once per process
-def _unfreeze_at_exit() -> None:
-    atexit.register(gc.unfreeze)
-
-
-# The round runner keeps the database open this long after each store call: a step's last
-# write, the orchestrator's hand-over and the next step's reads come a few ms apart, and
-# one open for such a burst instead of one per call took the demo round's opens from
-# about 20 to about 6. Long work still runs with the file closed, 50 ms in.
-STORE_LINGER_S = 0.05
-# DuckDB on one thread in the round runner's process: its store calls are short statements,
-# and a second DuckDB thread mostly waited for a core that vLLM, torch or the closer had
-# (on the 2-core demo machine, a fifth of a round's store time: 160 -> 125 ms a round).
-# It holds for the whole process: other store calls in it (a notebook's queries) too.
-STORE_THREADS = 1
 
 
 class Flywheel:
     """A flywheel on disk (its config and database) plus the live sampler engine.
 
     The judges are built from `config.judge` and `config.eval` unless given; a sampler can
-    be shared between flywheels in one process (its engine is slow to start), and is then
-    closed by whoever made it.
+    be shared between flywheels in one process (its engine is slow to start). Judges and a
+    sampler that were given are closed by whoever made them.
     """
 
     def __init__(
@@ -94,6 +55,7 @@ class Flywheel:
         self.config = config
         self.log = log
         self.judge = judge if judge is not None else load_judge(config.judge.spec, config.judge.options)
+        self._built_judges = [] if judge is not None else [self.judge]
         if config.pair.strategy in NEEDS_SCORES and not isinstance(self.judge, ScalarJudge):
             raise UserError(
                 f"pair.strategy {config.pair.strategy!r} ranks completions by score, and judge "
@@ -104,8 +66,9 @@ class Flywheel:
         if config.eval.accuracy_score is not None:
             self.accuracy_score = import_object(config.eval.accuracy_score, "eval.accuracy_score")
         self.eval_judge = eval_judge if eval_judge is not None else self._build_eval_judge()
-        set_threads(STORE_THREADS)  # the process's DuckDB (see STORE_THREADS)
-        self.store = Store.create(config.database, linger_s=STORE_LINGER_S)
+        if eval_judge is None and self.eval_judge is not self.judge:
+            self._built_judges.append(self.eval_judge)
+        self.store = Store.create(config.database)
         self.lease = RoundLease(self.store, log)
         self._owns_sampler = sampler is None
         self.sampler = sampler if sampler is not None else VLLMSampler(config.sample, seed=config.seed)
@@ -125,15 +88,14 @@ class Flywheel:
         return load_judge(f"rule:{self.config.eval.accuracy_score}")
 
     def close(self) -> None:
+        """Release the run lease, and close what this flywheel built (not what it was given)."""
         self.lease.release()
-        self.store.release()
         if self.kept_reference is not None:
             self.kept_reference.release()
         if self._owns_sampler:
             self.sampler.close()
-        close_judge(self.judge)
-        if self.eval_judge is not self.judge:
-            close_judge(self.eval_judge)
+        for judge in self._built_judges:
+            close_judge(judge)
 
     # -- set-up --------------------------------------------------------------------------
 
@@ -160,10 +122,10 @@ class Flywheel:
                          f"(empty or longer than {max_prompt_tokens} tokens; see the skipped_prompts table)")
         with self.store.transaction() as tx:
             for split, (texts, skipped) in usable.items():
-                tx.add_prompts(texts, split, source=str(splits[split]))
-                tx.add_skipped_prompts(str(splits[split]), split, skipped)
-            if tx.reference_checkpoint() is None:
-                tx.add_checkpoint(str(self.config.reference_model), role="reference", status="promoted")
+                tables.add_prompts(tx, texts, split, source=str(splits[split]))
+                tables.add_skipped_prompts(tx, str(splits[split]), split, skipped)
+            if tables.reference_checkpoint(tx) is None:
+                tables.add_checkpoint(tx, str(self.config.reference_model), role="reference", status="promoted")
 
     def _token_counter(self) -> Callable[[str], int]:
         from transformers import AutoTokenizer
@@ -178,26 +140,22 @@ class Flywheel:
     def begin_round(self) -> int:
         """The unfinished round if a previous run stopped inside one, else a new round.
         Takes this database's run lease first: one process runs rounds at a time."""
-        _settle_long_lived_objects()
-        with self.store.held():  # the lease and the round: two short writes, one open
-            self.lease.acquire()
-            with self.store.transaction() as tx:
-                unfinished = tx.unfinished_round()
-                if unfinished is not None:
-                    self.log(f"resuming round {unfinished.round_id} after step '{unfinished.state}'")
-                    return unfinished.round_id
-                policy = tx.current_policy()
-                reference = tx.reference_checkpoint()
-                if policy is None or reference is None:
-                    raise UserError(f"{self.config.database} has no reference checkpoint: call initialise() first")
-                if self.config.train.reference == "previous":
-                    # DPO against the incumbent: each round stays close to the last promoted policy.
-                    reference = policy
-                done = tx.count("rounds")
-                return tx.start_round(
-                    policy.checkpoint_id, reference.checkpoint_id,
-                    seed=self.config.seed * 1_000_003 + done + 1, config=self.config.to_dict(),
-                )
+        self.lease.acquire()
+        with self.store.transaction() as tx:
+            unfinished = tables.unfinished_round(tx)
+            if unfinished is not None:
+                self.log(f"resuming round {unfinished.round_id} after step '{unfinished.state}'")
+                return unfinished.round_id
+            policy = tables.current_policy(tx)
+            reference = tables.reference_checkpoint(tx)
+            if policy is None or reference is None:
+                raise UserError(f"{self.config.database} has no reference checkpoint: call initialise() first")
+            if self.config.train.reference == "previous":
+                # DPO against the incumbent: each round stays close to the last promoted policy.
+                reference = policy
+            done = tables.count(tx, "rounds")
+            return tables.start_round(tx, policy.checkpoint_id, reference.checkpoint_id,
+                                      seed=self.config.seed * 1_000_003 + done + 1, config=self.config.to_dict())
 
     # -- the steps -----------------------------------------------------------------------
 
@@ -210,15 +168,15 @@ class Flywheel:
         prompt has its own seed, so they are the completions the first run would have drawn).
         """
         with self.store.transaction() as tx:
-            round_ = tx.get_round(round_id)
+            round_ = tables.get_round(tx, round_id)
             if round_.has_finished("sampled"):
-                return tx.count("completions", "round_id = ? AND purpose = 'train'", [round_id])
+                return tables.count(tx, "completions", "round_id = ? AND purpose = 'train'", [round_id])
             if self.config.sample.source == "current":
-                policy = tx.checkpoint(round_.policy_checkpoint_id)
+                policy = tables.checkpoint(tx, round_.policy_checkpoint_id)
             else:  # offline: every round's pairs come from the initial model
-                policy = tx.reference_checkpoint()
-            prompts = tx.prompts("train")
-            done = tx.sampled_prompt_ids(round_id)
+                policy = tables.reference_checkpoint(tx)
+            prompts = tables.prompts(tx, "train")
+            done = tables.sampled_prompt_ids(tx, round_id)
         count = min(self.config.sample.prompts_per_round, len(prompts))
         chosen = random.Random(round_.seed).sample(prompts, count)
         todo = [p for p in chosen if p.prompt_id not in done]
@@ -244,20 +202,20 @@ class Flywheel:
         """Store a batch of the round's completions in one transaction; with `finish`, the
         step's end too, and return the round's count of training completions."""
         with self.store.transaction() as tx:
-            tx.add_completions(completions)
+            tables.add_completions(tx, completions)
             if finish:
-                tx.finish_step(round_id, "sampled")
-                return tx.count("completions", "round_id = ? AND purpose = 'train'", [round_id])
+                tables.finish_step(tx, round_id, "sampled")
+                return tables.count(tx, "completions", "round_id = ? AND purpose = 'train'", [round_id])
         return None
 
     def pair(self, round_id: int) -> int:
         strategy = self.config.pair.strategy
         with self.store.transaction() as tx:
-            round_ = tx.get_round(round_id)
+            round_ = tables.get_round(tx, round_id)
             if round_.has_finished("paired"):
-                return tx.count("pairs", "round_id = ?", [round_id])
-            completions = tx.completions(round_id=round_id, purpose="train")
-            prompt_texts = ({p.prompt_id: p.text for p in tx.prompts("train")}
+                return tables.count(tx, "pairs", "round_id = ?", [round_id])
+            completions = tables.completions(tx, round_id=round_id, purpose="train")
+            prompt_texts = ({p.prompt_id: p.text for p in tables.prompts(tx, "train")}
                             if strategy in NEEDS_SCORES else {})
         scores = []
         if strategy in NEEDS_SCORES:
@@ -266,9 +224,9 @@ class Flywheel:
                             scores={s.completion_id: s.score for s in scores})
         pairs = within_budget(formed, self.config.pair.max_pairs_per_round, seed=round_.seed)
         with self.store.transaction() as tx:
-            tx.add_completion_scores(scores)
-            tx.add_pairs(pairs)
-            tx.finish_step(round_id, "paired")
+            tables.add_completion_scores(tx, scores)
+            tables.add_pairs(tx, pairs)
+            tables.finish_step(tx, round_id, "paired")
         kept = f", kept {len(pairs)} (pair.max_pairs_per_round)" if len(pairs) < len(formed) else ""
         self.log(f"round {round_id}: formed {len(formed)} pairs ({strategy}){kept}")
         return len(pairs)
@@ -282,9 +240,9 @@ class Flywheel:
         label a round owns it: resuming with another judge would mix two labellers.
         """
         with self.store.transaction() as tx:
-            if tx.get_round(round_id).has_finished("labelled"):
-                return tx.count_preferences(round_id)
-            owner = tx.claim_round_judge(round_id, self.judge.name, self.judge.version)
+            if tables.get_round(tx, round_id).has_finished("labelled"):
+                return tables.count_preferences(tx, round_id)
+            owner = tables.claim_round_judge(tx, round_id, self.judge.name, self.judge.version)
         if owner != (self.judge.name, self.judge.version):
             raise UserError(
                 f"round {round_id} is being labelled by {owner[0]}@{owner[1]}, not "
@@ -294,8 +252,8 @@ class Flywheel:
             return self._wait_for_people(round_id, self.judge)
         result = label_pairs(self.store, self.judge, round_id, self.config.judge.batch_size)
         with self.store.transaction() as tx:
-            tx.finish_step(round_id, "labelled")
-            count = tx.count_preferences(round_id)
+            tables.finish_step(tx, round_id, "labelled")
+            count = tables.count_preferences(tx, round_id)
         failed = f", {result.failed} undecided (see judge_failures)" if result.failed else ""
         self.log(f"round {round_id}: {self.judge.name} labelled {result.labelled} pairs, {count} with a winner{failed}")
         return count
@@ -305,8 +263,8 @@ class Flywheel:
         now = utc_now()
         with self.store.transaction() as tx:
             request = judge.queue_round(tx, round_id, now)
-            if not tx.get_round(round_id).has_finished("labelling"):
-                tx.finish_step(round_id, "labelling")
+            if not tables.get_round(tx, round_id).has_finished("labelling"):
+                tables.finish_step(tx, round_id, "labelling")
             progress = queue_progress(tx, round_id)
         if request.labels_per_pair != judge.labels_per_pair:
             self.log(f"round {round_id} keeps the settings it was queued with "
@@ -319,8 +277,8 @@ class Flywheel:
             return None
         with self.store.transaction() as tx:
             close_request(tx, round_id, because, now)
-            tx.finish_step(round_id, "labelled")
-        count = self.store.count_preferences(round_id)
+            tables.finish_step(tx, round_id, "labelled")
+        count = self.store.read(tables.count_preferences, round_id)
         self.log(f"round {round_id}: people labelled {progress.labels} times ({because} met), {count} preferences; "
                  f"{progress.pairs - progress.pairs_done} pairs stay queued")
         return count
@@ -328,17 +286,17 @@ class Flywheel:
     def train(self, round_id: int) -> int | None:
         """DPO on the round's preferences; returns the candidate checkpoint id (None: no data)."""
         with self.store.transaction() as tx:
-            round_ = tx.get_round(round_id)
+            round_ = tables.get_round(tx, round_id)
             if round_.has_finished("trained"):
                 return round_.candidate_checkpoint_id
-            triples = tx.preference_triples(round_id)
+            triples = tables.preference_triples(tx, round_id)
             if not triples:
                 self.log(f"round {round_id}: no preferences to train on; the incumbent stays")
-                tx.finish_step(round_id, "trained")
+                tables.finish_step(tx, round_id, "trained")
                 return None
             triples += self._replayed(tx, round_id, round_.seed, len(triples))
-            policy = tx.checkpoint(round_.policy_checkpoint_id)
-            reference = tx.checkpoint(round_.reference_checkpoint_id)
+            policy = tables.checkpoint(tx, round_.policy_checkpoint_id)
+            reference = tables.checkpoint(tx, round_.reference_checkpoint_id)
         output_dir = self.config.checkpoints_dir / f"round-{round_id:04d}"
         reference_logps = reference_logps_for(self.store, triples, reference, self.config.train.batch_size,
                                               self.kept_reference)
@@ -350,41 +308,41 @@ class Flywheel:
             metrics = train_dpo(Path(policy.path), reference_logps, triples, self.config.train, output_dir,
                                 seed=round_.seed)
         with self.store.transaction() as tx:
-            candidate_id = tx.add_checkpoint(
+            candidate_id = tables.add_checkpoint(tx,
                 str(output_dir), role="candidate", status="candidate",
                 parent_checkpoint_id=policy.checkpoint_id, round_id=round_id,
             )
-            tx.add_train_steps([TrainStep(round_id, candidate_id, m) for m in metrics])
-            tx.finish_step(round_id, "trained", candidate_checkpoint_id=candidate_id)
+            tables.add_train_steps(tx, [TrainStep(round_id, candidate_id, m) for m in metrics])
+            tables.finish_step(tx, round_id, "trained", candidate_checkpoint_id=candidate_id)
         self.log(f"round {round_id}: trained {len(metrics)} DPO steps, final loss {metrics[-1].loss:.4f}")
         return candidate_id
 
-    def _replayed(self, tx: StoreSession, round_id: int, seed: int, fresh: int) -> list:
+    def _replayed(self, tx: Transaction, round_id: int, seed: int, fresh: int) -> list:
         """Earlier rounds' preferences to mix in, so that they make `replay_fraction` of the
         training set: r / (fresh + r) = f, so r = fresh * f / (1 - f), as far as there are."""
         fraction = self.config.train.replay_fraction
         if fraction == 0:
             return []
-        earlier = tx.preference_triples(round_id, earlier_rounds=True)
+        earlier = tables.preference_triples(tx, round_id, earlier_rounds=True)
         wanted = min(round(fresh * fraction / (1 - fraction)), len(earlier))
         return random.Random(seed).sample(earlier, wanted)
 
     def evaluate(self, round_id: int) -> None:
         """Sample held-out prompts from the candidate (and the incumbent, once) and compare."""
         with self.store.transaction() as tx:
-            round_ = tx.get_round(round_id)
+            round_ = tables.get_round(tx, round_id)
             if round_.has_finished("evaluated"):
                 return
             if round_.candidate_checkpoint_id is None:
-                tx.finish_step(round_id, "evaluated")
+                tables.finish_step(tx, round_id, "evaluated")
                 return
-            heldout = tx.prompts("heldout")
-            incumbent = tx.checkpoint(round_.policy_checkpoint_id)
-            candidate = tx.checkpoint(round_.candidate_checkpoint_id)
-            reference = tx.checkpoint(round_.reference_checkpoint_id)
+            heldout = tables.prompts(tx, "heldout")
+            incumbent = tables.checkpoint(tx, round_.policy_checkpoint_id)
+            candidate = tables.checkpoint(tx, round_.candidate_checkpoint_id)
+            reference = tables.checkpoint(tx, round_.reference_checkpoint_id)
             # Every checkpoint is evaluated with the same seed (common random numbers), and an
             # incumbent's held-out samples are reused from when it was itself evaluated.
-            incumbent_samples = tx.completions(checkpoint_id=incumbent.checkpoint_id, purpose="eval")
+            incumbent_samples = tables.completions(tx, checkpoint_id=incumbent.checkpoint_id, purpose="eval")
         by_id = {p.prompt_id: p for p in heldout}
         new_incumbent_samples = []
         if not incumbent_samples:
@@ -407,9 +365,9 @@ class Flywheel:
             kl_to_reference=self._kl_to_reference(candidate, reference, candidate_samples),
         )
         with self.store.transaction() as tx:
-            tx.add_completions(new_incumbent_samples + candidate_samples)
-            tx.add_evaluation(evaluation)
-            tx.finish_step(round_id, "evaluated")
+            tables.add_completions(tx, new_incumbent_samples + candidate_samples)
+            tables.add_evaluation(tx, evaluation)
+            tables.finish_step(tx, round_id, "evaluated")
         if accuracy is not None:
             self.log(f"round {round_id}: held-out accuracy {accuracy:.3f} vs incumbent {incumbent_accuracy:.3f}")
         self.log(f"round {round_id}: win rate against the incumbent {evaluation.win_rate:.3f}")
@@ -433,25 +391,25 @@ class Flywheel:
     def promote(self, round_id: int) -> bool:
         """Promote the candidate if it passed the gate; otherwise keep it, marked rejected."""
         with self.store.transaction() as tx:  # the decision and its record land together
-            round_ = tx.get_round(round_id)
+            round_ = tables.get_round(tx, round_id)
             if round_.candidate_checkpoint_id is None:
                 if not round_.has_finished("done"):
-                    tx.finish_step(round_id, "done")
+                    tables.finish_step(tx, round_id, "done")
                 return False
             if round_.has_finished("done"):
-                return tx.checkpoint(round_.candidate_checkpoint_id).status == "promoted"
-            evaluation = tx.evaluation(round_id, round_.candidate_checkpoint_id)
+                return tables.checkpoint(tx, round_.candidate_checkpoint_id).status == "promoted"
+            evaluation = tables.evaluation(tx, round_id, round_.candidate_checkpoint_id)
             promoted = promote_if_better(
                 evaluation.accuracy, evaluation.incumbent_accuracy, evaluation.win_rate,
                 self.config.eval.promotion_margin,
             )
-            tx.set_checkpoint_status(round_.candidate_checkpoint_id, "promoted" if promoted else "rejected")
-            tx.record_promotion(
+            tables.set_checkpoint_status(tx, round_.candidate_checkpoint_id, "promoted" if promoted else "rejected")
+            tables.record_promotion(tx,
                 round_.candidate_checkpoint_id, "promote" if promoted else "reject", "gate",
                 gate_reason(evaluation, self.config.eval.promotion_margin), round_id,
                 policy_before=round_.policy_checkpoint_id,
             )
-            tx.finish_step(round_id, "done")
+            tables.finish_step(tx, round_id, "done")
         self.log(f"round {round_id}: candidate {'promoted' if promoted else 'kept, not promoted'}")
         return promoted
 

@@ -1,4 +1,6 @@
-"""DPO training against a frozen reference, the loop written out top to bottom.
+"""DPO training against a frozen reference, in three parts as a torchtune recipe:
+`setup_training` (models, LoRA, optimiser, batch schedule), `training_loop` (written out
+top to bottom) and `save_trained_policy`; `train_dpo` runs the three.
 
 The reference's log-probs are computed once per completion and cached in the store
 (`reference_logps_for`), so training holds only the policy in memory (and, with
@@ -13,7 +15,7 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from tqdm import tqdm
@@ -29,8 +31,13 @@ from flywheel.dpo import (
     dpo_loss,
     sequence_logps,
 )
+from storage import tables
 from storage.records import Checkpoint, PreferenceTriple, StepMetrics
 from storage.store import Store
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,20 @@ class ReferenceLogps:
 
     chosen: torch.Tensor
     rejected: torch.Tensor
+
+
+@dataclass(frozen=True)
+class TrainingSetup:
+    """What `training_loop` steps and `save_trained_policy` saves, from `setup_training`."""
+
+    accelerator: Accelerator
+    tokenizer: PreTrainedTokenizerBase
+    policy: torch.nn.Module  # wrapped in a PeftModel under LoRA
+    # The cached log-probs, or the live reference model (frozen, eval mode).
+    reference: ReferenceLogps | torch.nn.Module
+    trainable: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    batches: list[list[int]]  # the triples' indices of each optimiser step (`batch_schedule`)
 
 
 def train_dpo(
@@ -60,18 +81,27 @@ def train_dpo(
     function: each takes its share of every batch, and the gradients are summed across
     processes before the step, so N processes take exactly the steps one process would.
     """
+    setup = setup_training(policy_path, reference, len(triples), config, seed)
+    metrics = training_loop(setup, triples, config)
+    save_trained_policy(setup, config, output_dir)
+    return metrics
+
+
+def setup_training(
+    policy_path: Path, reference: Path | ReferenceLogps, num_triples: int, config: TrainConfig, seed: int,
+) -> TrainingSetup:
+    """Load the policy (LoRA-wrapped if `config.lora_rank`) and, given a path, the live
+    reference; the AdamW optimiser over the trainable parameters; the batch schedule."""
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    rank, world = accelerator.process_index, accelerator.num_processes
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # before LoRA draws its A matrices
     tokenizer = AutoTokenizer.from_pretrained(policy_path)
     policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32).to(accelerator.device)
-    live_reference = None
     if not isinstance(reference, ReferenceLogps):
-        live_reference = AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32).to(accelerator.device)
-        live_reference.eval().requires_grad_(False)
+        reference = AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32).to(accelerator.device)
+        reference.eval().requires_grad_(False)
     if config.lora_rank > 0:
         from peft import LoraConfig, get_peft_model
 
@@ -86,17 +116,29 @@ def train_dpo(
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         _disable_dropout(policy)
         policy.train()
-    autocast = torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=config.bf16)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
+    # Its own generator, seeded alike in every process: the same shuffles in all of them.
+    batches = batch_schedule(num_triples, config, random.Random(seed))
+    return TrainingSetup(accelerator, tokenizer, policy, reference, trainable, optimizer, batches)
 
-    # The same shuffles in every process.
-    schedule = batch_schedule(len(triples), config, random.Random(seed))
-    total_steps = len(schedule)
+
+def training_loop(setup: TrainingSetup, triples: Sequence[PreferenceTriple], config: TrainConfig) -> list[StepMetrics]:
+    """Take the optimiser steps of `setup.batches` over the triples; each step's metrics.
+
+    Each step minimises the batch mean of the configured DPO loss (`dpo_loss`; sigmoid is
+    Rafailov et al. 2023, eq. 7) plus `nll_weight` times the chosen completions' per-token
+    NLL (Pang et al. 2024, eq. 1), with the learning rate of `learning_rate_at`.
+    """
+    accelerator, policy, reference = setup.accelerator, setup.policy, setup.reference
+    optimizer, trainable, batches = setup.optimizer, setup.trainable, setup.batches
+    rank, world = accelerator.process_index, accelerator.num_processes
+    autocast = torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=config.bf16)
+    total_steps = len(batches)
     metrics: list[StepMetrics] = []
     # One bar, in the main process; None: shown only on a terminal.
     bar = tqdm(total=total_steps, desc="DPO training", unit="step", disable=None if rank == 0 else True)
-    for step, indices in enumerate(schedule, start=1):
+    for step, indices in enumerate(batches, start=1):
         learning_rate = learning_rate_at(step, total_steps, config)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate
@@ -110,15 +152,16 @@ def train_dpo(
         for micro_start in range(0, len(share), micro_size):
             micro = share[micro_start : micro_start + micro_size]
             batch = {k: v.to(accelerator.device) for k, v in
-                     collate_concatenated([triples[i] for i in micro], tokenizer.pad_token_id).items()}
+                     collate_concatenated([triples[i] for i in micro], setup.tokenizer.pad_token_id).items()}
+            # One forward pass over the chosen and rejected rows together.
             with autocast:
                 policy_chosen, policy_rejected = concatenated_logps(policy, batch)
-            if live_reference is None:
+            if isinstance(reference, ReferenceLogps):
                 reference_chosen = reference.chosen[micro].to(accelerator.device)
                 reference_rejected = reference.rejected[micro].to(accelerator.device)
             else:
                 with torch.no_grad():
-                    reference_chosen, reference_rejected = concatenated_logps(live_reference, batch)
+                    reference_chosen, reference_rejected = concatenated_logps(reference, batch)
             chosen_lengths, rejected_lengths = completion_lengths(batch)
             nll = chosen_nll(policy_chosen, batch)
             lengths = (chosen_lengths, rejected_lengths)  # IPO's per-token log-ratios
@@ -167,12 +210,16 @@ def train_dpo(
         bar.set_postfix(loss=f"{metrics[-1].loss:.4f}", refresh=False)
         bar.update(1)
     bar.close()
-    if config.lora_rank > 0:
-        policy = policy.merge_and_unload()  # a plain checkpoint: no adapter files to serve
-    if accelerator.is_main_process:
-        save_checkpoint(policy, tokenizer, output_dir)
-    accelerator.wait_for_everyone()
     return metrics
+
+
+def save_trained_policy(setup: TrainingSetup, config: TrainConfig, output_dir: Path) -> None:
+    """Save the trained policy and its tokenizer to `output_dir` (from the main process),
+    with any LoRA adapters merged in: a plain checkpoint, no adapter files to serve."""
+    policy = setup.policy.merge_and_unload() if config.lora_rank > 0 else setup.policy
+    if setup.accelerator.is_main_process:
+        save_checkpoint(policy, setup.tokenizer, output_dir)
+    setup.accelerator.wait_for_everyone()
 
 
 def batch_schedule(num_triples: int, config: TrainConfig, rng: random.Random) -> list[list[int]]:
@@ -281,13 +328,13 @@ def reference_logps_for(
     for t in triples:
         sequences[t.chosen_completion_id] = (t.prompt_token_ids, t.chosen_token_ids)
         sequences[t.rejected_completion_id] = (t.prompt_token_ids, t.rejected_token_ids)
-    cached = store.reference_logps(reference.checkpoint_id, list(sequences))
+    cached = store.read(tables.reference_logps, reference.checkpoint_id, list(sequences))
     missing = [completion_id for completion_id in sequences if completion_id not in cached]
     if missing:
         computed = dict(zip(missing, completion_logps(
             Path(reference.path), [sequences[c] for c in missing], batch_size, kept)))
         with store.transaction() as tx:
-            tx.add_reference_logps(reference.checkpoint_id, computed)
+            tables.add_reference_logps(tx, reference.checkpoint_id, computed)
         cached.update(computed)
     return ReferenceLogps(
         chosen=torch.tensor([cached[t.chosen_completion_id] for t in triples], dtype=torch.float32),

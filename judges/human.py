@@ -9,16 +9,76 @@ labels from another tool with `flywheel label import`.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import re
+import secrets
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar, Literal, get_args
 
 from judges.base import JudgeSpecError
-from storage.queue import HUMAN_JUDGE_NAME, LabelRequest, Progress, deadline_after, request_labels
+from storage.queue import (
+    BIGINT_MAX,
+    LabelRequest,
+    Progress,
+    QueueError,
+    add_annotator,
+    deadline_after,
+    request_labels,
+)
+from storage.records import WINNERS
+from storage.store import Store, Transaction
+from storage import tables
 
-if TYPE_CHECKING:
-    from storage.store import StoreSession
+# The judge name of every person's label (the annotator column says who).
+HUMAN_JUDGE_NAME = "human"
+# What a person answers on the labelling page: the left or the right answer, a tie, or neither.
+Choice = Literal["left", "right", "tie", "both_bad"]
+CHOICES = get_args(Choice)
+ANNOTATOR_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
+
+
+def check_annotator_name(name: str) -> None:
+    if not isinstance(name, str) or not ANNOTATOR_NAME.fullmatch(name):
+        raise QueueError(
+            f"annotator name {name!r} must be 1-64 letters, digits or _.@- and start with a letter or digit", 400)
+
+
+def token_sha256(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_annotator(store: Store, name: str) -> str:
+    """Add an annotator; returns their token for the labelling page (only its hash is stored)."""
+    check_annotator_name(name)
+    token = secrets.token_urlsafe(24)
+    with store.transaction() as tx:
+        add_annotator(tx, name, token_sha256(token))
+    return token
+
+
+@dataclass(frozen=True)
+class HumanLabel:
+    """A person's label, in the JSONL format of `flywheel label export --labels` and `import`."""
+
+    pair_id: int
+    winner: str
+    annotator: str
+    rationale: str | None = None
+
+    def __post_init__(self) -> None:
+        if type(self.pair_id) is not int or not 1 <= self.pair_id <= BIGINT_MAX:
+            raise QueueError(f"pair_id must be a positive integer id, got {self.pair_id!r}", 422)
+        if self.winner not in WINNERS:
+            raise QueueError(f"winner must be one of {WINNERS}, got {self.winner!r}", 422)
+        if not isinstance(self.annotator, str) or not ANNOTATOR_NAME.fullmatch(self.annotator):
+            raise QueueError(f"annotator must be a name of letters, digits or _.@-, got {self.annotator!r}", 422)
+        if self.rationale is not None and not isinstance(self.rationale, str):
+            raise QueueError(f"rationale must be text, got {self.rationale!r}", 422)
+
+
+
 
 
 MAX_LEASE_MINUTES = 7 * 24 * 60
@@ -63,9 +123,9 @@ class HumanJudge:
         if problems:
             raise JudgeSpecError("human judge: " + "; ".join(problems))
 
-    def queue_round(self, tx: "StoreSession", round_id: int, now: datetime) -> LabelRequest:
+    def queue_round(self, tx: Transaction, round_id: int, now: datetime) -> LabelRequest:
         """Queue the round's pairs for people (once; later calls return the request)."""
-        pairs = tx.count("pairs", "round_id = ?", [round_id])
+        pairs = tables.count(tx, "pairs", "round_id = ?", [round_id])
         quota = self.quota_pairs or math.ceil(self.quota_fraction * pairs)
         return request_labels(
             tx, round_id, judge_version=self.version, labels_per_pair=self.labels_per_pair,

@@ -17,13 +17,12 @@ between requests (the store retries a lock conflict with back-off).
 
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations, and
 # they name the `Annotator` dependency made inside `create_app`.
-import hashlib
 import random
 import threading
 import time
 from importlib import resources
 from os import PathLike
-from typing import Annotated, Any, Callable, Literal, TypeVar
+from typing import Annotated, Any, Callable, TypeVar
 
 from fastapi import Depends, FastAPI, Path, Request
 from fastapi.concurrency import run_in_threadpool
@@ -31,14 +30,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from judges.human import HUMAN_JUDGE_NAME, Choice, token_sha256
 from storage import queue
-from storage.store import Store, StoreError, StoreSession
+from storage.store import Store, StoreError, Transaction
 
 T = TypeVar("T")
-
-
-def token_sha256(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 class LeaseBody(BaseModel):
@@ -48,7 +44,7 @@ class LeaseBody(BaseModel):
 
 
 class LabelBody(LeaseBody):
-    choice: Literal["left", "right", "tie", "both_bad"]
+    choice: Choice
     rationale: str | None = Field(default=None, max_length=2000)
 
 
@@ -72,7 +68,7 @@ def create_app(database: str | PathLike, *, lock_timeout_s: float = 30.0, seed: 
     page = resources.files("judges").joinpath("static/label.html").read_text()
     app = FastAPI(title="flywheel labelling", docs_url=None, redoc_url=None)
 
-    def in_transaction(work: Callable[[StoreSession], T]) -> T:
+    def in_transaction(work: Callable[[Transaction], T]) -> T:
         with one_at_a_time:
             try:
                 with store.transaction() as tx:
@@ -143,7 +139,8 @@ def create_app(database: str | PathLike, *, lock_timeout_s: float = 30.0, seed: 
     @app.post("/api/pairs/{pair_id}/label")
     def label(pair_id: PairId, body: LabelBody, name: Annotator) -> dict[str, Any]:
         label_id = in_transaction(lambda tx: queue.submit_label(
-            tx, name, pair_id, body.lease_id, body.choice, queue.utc_now(), body.rationale))
+            tx, name, pair_id, body.lease_id, body.choice, queue.utc_now(), body.rationale,
+            judge_name=HUMAN_JUDGE_NAME))
         return {"label_id": label_id}
 
     @app.post("/api/pairs/{pair_id}/skip")
@@ -153,7 +150,7 @@ def create_app(database: str | PathLike, *, lock_timeout_s: float = 30.0, seed: 
 
     @app.get("/api/progress")
     def progress(name: Annotator) -> dict[str, Any]:
-        def read(tx: StoreSession) -> dict[str, Any]:
+        def read(tx: Transaction) -> dict[str, Any]:
             done = queue.progress(tx)
             return {"pairs": done.pairs, "pairs_done": done.pairs_done, "labels": done.labels,
                     "labels_needed": done.labels_needed, "remaining": done.labels_remaining,

@@ -9,10 +9,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from storage.store import StoreSession
+from storage.store import Transaction
 
 LEASE_KEY = "rounds"
 
@@ -29,8 +27,8 @@ class RunLease:
     processes: tuple[tuple[int, int], ...] = ()
 
 
-def current_lease(tx: StoreSession) -> RunLease | None:
-    row = tx.conn.execute(
+def current_lease(tx: Transaction) -> RunLease | None:
+    row = tx.execute(
         "SELECT holder, host, pid, ttl_seconds, acquired_at, heartbeat_at, processes FROM run_lease "
         "WHERE lease_key = ?",
         [LEASE_KEY],
@@ -40,10 +38,10 @@ def current_lease(tx: StoreSession) -> RunLease | None:
     return RunLease(*row[:-1], processes=tuple((pid, start) for pid, start in json.loads(row[-1] or "[]")))
 
 
-def take_lease(tx: StoreSession, lease: RunLease) -> None:
+def take_lease(tx: Transaction, lease: RunLease) -> None:
     """Hold the lease, replacing whoever held it (the caller decided they may be replaced)."""
-    tx.conn.execute("DELETE FROM run_lease WHERE lease_key = ?", [LEASE_KEY])
-    tx.conn.execute(
+    tx.execute("DELETE FROM run_lease WHERE lease_key = ?", [LEASE_KEY])
+    tx.execute(
         "INSERT INTO run_lease (lease_key, holder, host, pid, ttl_seconds, acquired_at, heartbeat_at, processes) "
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         [LEASE_KEY, lease.holder, lease.host, lease.pid, lease.ttl_seconds, lease.acquired_at, lease.heartbeat_at,
@@ -51,15 +49,15 @@ def take_lease(tx: StoreSession, lease: RunLease) -> None:
     )
 
 
-def refresh_lease(tx: StoreSession, holder: str, now: datetime, processes: tuple[tuple[int, int], ...]) -> bool:
+def refresh_lease(tx: Transaction, holder: str, now: datetime, processes: tuple[tuple[int, int], ...]) -> bool:
     """Move the heartbeat on and record the holder's processes; False if `holder` no
     longer holds the lease."""
-    row = tx.conn.execute(
+    row = tx.execute(
         "UPDATE run_lease SET heartbeat_at = ?, processes = ? WHERE lease_key = ? AND holder = ? RETURNING holder",
         [now, json.dumps(processes), LEASE_KEY, holder],
     ).fetchone()
     return row is not None
 
 
-def release_lease(tx: StoreSession, holder: str) -> None:
-    tx.conn.execute("DELETE FROM run_lease WHERE lease_key = ? AND holder = ?", [LEASE_KEY, holder])
+def release_lease(tx: Transaction, holder: str) -> None:
+    tx.execute("DELETE FROM run_lease WHERE lease_key = ? AND holder = ?", [LEASE_KEY, holder])

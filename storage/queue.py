@@ -1,30 +1,24 @@
 """The human labelling queue: annotators, label requests, leases and people's labels.
 
-Every function runs inside one `StoreSession` transaction. A claim is one
+Every function takes an open transaction (`Store.transaction()`). A claim is one
 `INSERT ... SELECT ... RETURNING` statement and a submission one `UPDATE ... RETURNING`,
 so two annotators can never hold the same slot of a pair, whatever interleaves them.
 Times are naive UTC `datetime`s passed in by the caller, so tests can move the clock.
 
-A person's label is a row in `labels` with `judge_name = 'human'` and the annotator's
-name; the annotator column is what marks a label as a person's.
+A person's label is a row in `labels` with the annotator's name, which is what marks a label
+as a person's, under the judge name the caller gives (`judges.human.HUMAN_JUDGE_NAME`). The
+rules of what people may submit (names, choices) live in `judges.human`.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Sequence
+from typing import Any, Sequence
 
 from storage.records import WINNERS
-from storage.store import StoreError
+from storage.store import StoreError, Transaction
 
-if TYPE_CHECKING:
-    from storage.store import StoreSession
-
-HUMAN_JUDGE_NAME = "human"
-CHOICES = ("left", "right", "tie", "both_bad")
-ANNOTATOR_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
 BIGINT_MAX = 2**63 - 1
 
 
@@ -74,46 +68,23 @@ class Lease:
     expires_at: datetime
 
 
-@dataclass(frozen=True)
-class HumanLabel:
-    """A person's label, in the JSONL format of `flywheel label export --labels` and `import`."""
-
-    pair_id: int
-    winner: str
-    annotator: str
-    rationale: str | None = None
-
-    def __post_init__(self) -> None:
-        if type(self.pair_id) is not int or not 1 <= self.pair_id <= BIGINT_MAX:
-            raise QueueError(f"pair_id must be a positive integer id, got {self.pair_id!r}", 422)
-        if self.winner not in WINNERS:
-            raise QueueError(f"winner must be one of {WINNERS}, got {self.winner!r}", 422)
-        if not isinstance(self.annotator, str) or not ANNOTATOR_NAME.fullmatch(self.annotator):
-            raise QueueError(f"annotator must be a name of letters, digits or _.@-, got {self.annotator!r}", 422)
-        if self.rationale is not None and not isinstance(self.rationale, str):
-            raise QueueError(f"rationale must be text, got {self.rationale!r}", 422)
-
-
 # -- annotators --------------------------------------------------------------------------
 
 
-def add_annotator(tx: "StoreSession", name: str, token_sha256: str) -> None:
-    if not ANNOTATOR_NAME.fullmatch(name):
-        raise QueueError(
-            f"annotator name {name!r} must be 1-64 letters, digits or _.@- and start with a letter or digit", 400)
-    if tx.conn.execute("SELECT 1 FROM annotators WHERE name = ?", [name]).fetchone():
+def add_annotator(tx: Transaction, name: str, token_sha256: str) -> None:
+    if tx.execute("SELECT 1 FROM annotators WHERE name = ?", [name]).fetchone():
         raise QueueError(f"annotator {name!r} already exists", 409)
-    tx.conn.execute("INSERT INTO annotators (name, token_sha256) VALUES (?, ?)", [name, token_sha256])
+    tx.execute("INSERT INTO annotators (name, token_sha256) VALUES (?, ?)", [name, token_sha256])
 
 
-def annotator_tokens(tx: "StoreSession") -> dict[str, str]:
+def annotator_tokens(tx: Transaction) -> dict[str, str]:
     """Token hash -> annotator name, for every annotator."""
-    return dict(tx.conn.execute("SELECT token_sha256, name FROM annotators").fetchall())
+    return dict(tx.execute("SELECT token_sha256, name FROM annotators").fetchall())
 
 
-def annotators(tx: "StoreSession") -> list[tuple[str, int]]:
+def annotators(tx: Transaction) -> list[tuple[str, int]]:
     """(name, labels given) of every annotator."""
-    return tx.conn.execute(
+    return tx.execute(
         "SELECT a.name, count(l.label_id) FROM annotators a LEFT JOIN labels l ON l.annotator = a.name "
         "GROUP BY a.name, a.annotator_id ORDER BY a.annotator_id"
     ).fetchall()
@@ -123,7 +94,7 @@ def annotators(tx: "StoreSession") -> list[tuple[str, int]]:
 
 
 def request_labels(
-    tx: "StoreSession",
+    tx: Transaction,
     round_id: int,
     *,
     judge_version: str,
@@ -137,12 +108,12 @@ def request_labels(
     existing = label_request(tx, round_id)
     if existing is not None:
         return existing
-    tx.conn.execute(
+    tx.execute(
         "INSERT INTO label_requests (round_id, judge_version, labels_per_pair, lease_seconds, quota_pairs, "
         "deadline, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
         [round_id, judge_version, labels_per_pair, lease_seconds, quota_pairs, deadline, now],
     )
-    tx.conn.execute(
+    tx.execute(
         "INSERT INTO label_queue (pair_id, round_id) SELECT pair_id, round_id FROM pairs "
         "WHERE round_id = ? AND pair_id NOT IN (SELECT pair_id FROM label_queue)",
         [round_id],
@@ -150,26 +121,26 @@ def request_labels(
     return label_request(tx, round_id)
 
 
-def label_request(tx: "StoreSession", round_id: int) -> LabelRequest | None:
-    row = tx.conn.execute(
+def label_request(tx: Transaction, round_id: int) -> LabelRequest | None:
+    row = tx.execute(
         f"SELECT {', '.join(LabelRequest.__dataclass_fields__)} FROM label_requests WHERE round_id = ?", [round_id]
     ).fetchone()
     return LabelRequest(*row) if row else None
 
 
-def close_request(tx: "StoreSession", round_id: int, because: str, now: datetime) -> None:
+def close_request(tx: Transaction, round_id: int, because: str, now: datetime) -> None:
     """Let the round go on with the labels given so far (`last_label_id` marks them, so a
     resumed round trains on the same set); its unlabelled pairs stay in the queue."""
-    tx.conn.execute(
+    tx.execute(
         "UPDATE label_requests SET closed_at = ?, closed_because = ?, "
         "last_label_id = (SELECT coalesce(max(label_id), 0) FROM labels) WHERE round_id = ? AND closed_at IS NULL",
         [now, because, round_id],
     )
 
 
-def progress(tx: "StoreSession", round_id: int | None = None) -> Progress:
+def progress(tx: Transaction, round_id: int | None = None) -> Progress:
     """Progress of one round's queue, or of the whole queue."""
-    row = tx.conn.execute(
+    row = tx.execute(
         "SELECT coalesce(sum(pairs), 0), coalesce(sum(pairs_done), 0), coalesce(sum(labels), 0), "
         "coalesce(sum(labels_needed), 0) FROM labelling_progress WHERE ? IS NULL OR round_id = ?",
         [round_id, round_id],
@@ -200,21 +171,21 @@ RETURNING lease_id
 """
 
 
-def claim_next_pair(tx: "StoreSession", annotator: str, now: datetime, left_slot: str) -> Lease | None:
+def claim_next_pair(tx: Transaction, annotator: str, now: datetime, left_slot: str) -> Lease | None:
     """The annotator's live lease if they hold one (a reloaded page), else a new lease on
     the next open pair, with `left_slot` ('a' or 'b') shown on the left; None: nothing left."""
-    held = tx.conn.execute(
+    held = tx.execute(
         "SELECT lease_id FROM label_leases WHERE annotator = ? AND outcome IS NULL AND expires_at > ? "
         "ORDER BY lease_id LIMIT 1",
         [annotator, now],
     ).fetchone()
     if held is None:
-        held = tx.conn.execute(_CLAIM, {"annotator": annotator, "left_slot": left_slot, "now": now}).fetchone()
+        held = tx.execute(_CLAIM, {"annotator": annotator, "left_slot": left_slot, "now": now}).fetchone()
     return _lease(tx, held[0]) if held else None
 
 
-def _lease(tx: "StoreSession", lease_id: int) -> Lease:
-    row = tx.conn.execute(
+def _lease(tx: Transaction, lease_id: int) -> Lease:
+    row = tx.execute(
         "SELECT e.lease_id, e.pair_id, t.round_id, t.prompt, "
         "CASE e.left_slot WHEN 'a' THEN t.completion_a ELSE t.completion_b END, "
         "CASE e.left_slot WHEN 'a' THEN t.completion_b ELSE t.completion_a END, e.expires_at "
@@ -224,11 +195,11 @@ def _lease(tx: "StoreSession", lease_id: int) -> Lease:
     return Lease(*row)
 
 
-def _finish_lease(tx: "StoreSession", annotator: str, pair_id: int, lease_id: int, outcome: str,
+def _finish_lease(tx: Transaction, annotator: str, pair_id: int, lease_id: int, outcome: str,
                   now: datetime) -> str:
     """Close the annotator's live lease in one statement; returns its left slot. Explains a refusal."""
     # A label imported for this person while they held the lease already counts as theirs.
-    row = tx.conn.execute(
+    row = tx.execute(
         "UPDATE label_leases SET outcome = $outcome, finished_at = $now WHERE lease_id = $lease "
         "AND pair_id = $pair AND annotator = $annotator AND outcome IS NULL AND expires_at > $now "
         "AND ($outcome = 'skipped' OR NOT EXISTS "
@@ -237,9 +208,9 @@ def _finish_lease(tx: "StoreSession", annotator: str, pair_id: int, lease_id: in
     ).fetchone()
     if row is not None:
         return row[0]
-    if tx.conn.execute("SELECT 1 FROM pairs WHERE pair_id = ?", [pair_id]).fetchone() is None:
+    if tx.execute("SELECT 1 FROM pairs WHERE pair_id = ?", [pair_id]).fetchone() is None:
         raise QueueError(f"no pair with id {pair_id}", 404)
-    lease = tx.conn.execute(
+    lease = tx.execute(
         "SELECT pair_id, annotator, outcome, expires_at FROM label_leases WHERE lease_id = ?", [lease_id]
     ).fetchone()
     if lease is None or lease[0] != pair_id:
@@ -254,40 +225,40 @@ def _finish_lease(tx: "StoreSession", annotator: str, pair_id: int, lease_id: in
                      "someone else: take the next pair", 409)
 
 
-def submit_label(tx: "StoreSession", annotator: str, pair_id: int, lease_id: int, choice: str, now: datetime,
-                 rationale: str | None = None) -> int:
+def submit_label(tx: Transaction, annotator: str, pair_id: int, lease_id: int, choice: str, now: datetime,
+                 rationale: str | None = None, *, judge_name: str) -> int:
     """Store the annotator's choice (left, right, tie, both_bad) on a live lease; returns the label id."""
-    if choice not in CHOICES:
-        raise QueueError(f"choice must be one of {CHOICES}, got {choice!r}", 422)
     left_slot = _finish_lease(tx, annotator, pair_id, lease_id, "labelled", now)
     right_slot = "b" if left_slot == "a" else "a"
     winner = {"left": left_slot, "right": right_slot}.get(choice, choice)
-    label_id = _insert_person_label(tx, HumanLabel(pair_id, winner, annotator, rationale))
-    tx.conn.execute("UPDATE label_leases SET label_id = ? WHERE lease_id = ?", [label_id, lease_id])
+    if winner not in WINNERS:  # the lease's end is rolled back with the transaction
+        raise QueueError(f"choice must be left, right, tie or both_bad, got {choice!r}", 422)
+    label_id = _insert_person_label(tx, pair_id, winner, annotator, rationale, judge_name)
+    tx.execute("UPDATE label_leases SET label_id = ? WHERE lease_id = ?", [label_id, lease_id])
     return label_id
 
 
-def _insert_person_label(tx: "StoreSession", label: HumanLabel) -> int:
+def _insert_person_label(tx: Transaction, pair_id: int, winner: str, annotator: str, rationale: str | None,
+                         judge_name: str) -> int:
     # Labelled under the version of the request that queued the pair, so a round that
     # trains on people's labels finds them; '1' for a pair that was never queued.
-    return tx.conn.execute(
+    return tx.execute(
         "INSERT INTO labels (pair_id, winner, judge_name, judge_version, annotator, rationale) "
         "SELECT $pair, $winner, $judge, coalesce((SELECT r.judge_version FROM label_queue q "
         "JOIN label_requests r ON r.round_id = q.round_id WHERE q.pair_id = $pair), '1'), $annotator, $rationale "
         "RETURNING label_id",
-        {"pair": label.pair_id, "winner": label.winner, "judge": HUMAN_JUDGE_NAME,
-         "annotator": label.annotator, "rationale": label.rationale},
+        {"pair": pair_id, "winner": winner, "judge": judge_name, "annotator": annotator, "rationale": rationale},
     ).fetchone()[0]
 
 
-def skip_pair(tx: "StoreSession", annotator: str, pair_id: int, lease_id: int, now: datetime) -> None:
+def skip_pair(tx: Transaction, annotator: str, pair_id: int, lease_id: int, now: datetime) -> None:
     """Give the pair back; this annotator is not offered it again."""
     _finish_lease(tx, annotator, pair_id, lease_id, "skipped", now)
 
 
-def labels_of(tx: "StoreSession", annotator: str, limit: int = 50) -> list[dict]:
+def labels_of(tx: Transaction, annotator: str, limit: int = 50) -> list[dict]:
     """An annotator's own latest labels (nobody sees anyone else's)."""
-    return _dicts(tx.conn.execute(
+    return _dicts(tx.execute(
         "SELECT l.label_id, l.pair_id, t.prompt, l.winner, strftime(l.created_at, '%Y-%m-%dT%H:%M:%S') AS created_at "
         "FROM labels l JOIN pair_texts t ON t.pair_id = l.pair_id "
         "WHERE l.annotator = ? ORDER BY l.label_id DESC LIMIT ?",
@@ -295,16 +266,16 @@ def labels_of(tx: "StoreSession", annotator: str, limit: int = 50) -> list[dict]
     ))
 
 
-def count_labels_of(tx: "StoreSession", annotator: str) -> int:
-    return tx.conn.execute("SELECT count(*) FROM labels WHERE annotator = ?", [annotator]).fetchone()[0]
+def count_labels_of(tx: Transaction, annotator: str) -> int:
+    return tx.execute("SELECT count(*) FROM labels WHERE annotator = ?", [annotator]).fetchone()[0]
 
 
 # -- export and import -----------------------------------------------------------------------
 
 
-def pending_pairs(tx: "StoreSession", round_id: int | None = None) -> list[dict]:
+def pending_pairs(tx: Transaction, round_id: int | None = None) -> list[dict]:
     """Queued pairs that still need labels, with their texts, for labelling elsewhere."""
-    return _dicts(tx.conn.execute(
+    return _dicts(tx.execute(
         "SELECT t.*, r.labels_per_pair - (SELECT count(DISTINCT l.annotator) FROM labels l "
         "WHERE l.pair_id = q.pair_id) AS labels_needed "
         "FROM label_queue q JOIN label_requests r ON r.round_id = q.round_id "
@@ -314,9 +285,9 @@ def pending_pairs(tx: "StoreSession", round_id: int | None = None) -> list[dict]
     ))
 
 
-def people_labels(tx: "StoreSession", round_id: int | None = None) -> list[dict]:
+def people_labels(tx: Transaction, round_id: int | None = None) -> list[dict]:
     """Every person's label (with texts), in the format `import_labels` reads."""
-    return _dicts(tx.conn.execute(
+    return _dicts(tx.execute(
         "SELECT l.pair_id, l.winner, l.annotator, l.rationale, t.round_id, t.prompt, t.completion_a, t.completion_b "
         "FROM labels l JOIN pair_texts t ON t.pair_id = l.pair_id "
         "WHERE l.annotator IS NOT NULL AND (? IS NULL OR t.round_id = ?) ORDER BY l.label_id",
@@ -329,17 +300,18 @@ def _dicts(cursor) -> list[dict]:
     return [dict(zip(columns, row)) for row in cursor.fetchall()]
 
 
-def import_labels(tx: "StoreSession", labels: Sequence[HumanLabel], now: datetime) -> tuple[int, int]:
-    """Add people's labels made elsewhere; returns (added, already there). A label for a
+def import_labels(tx: Transaction, labels: Sequence[Any], now: datetime, *, judge_name: str) -> tuple[int, int]:
+    """Add people's labels made elsewhere (`judges.human.HumanLabel`s: pair_id, winner,
+    annotator, rationale); returns (added, already there). A label for a
     pair that does not exist refuses the whole import (nothing is added). A person's live
     lease on a pair they bring a label for ends with it."""
     pair_ids = sorted({label.pair_id for label in labels})
-    known = {r[0] for r in tx.conn.execute(
+    known = {r[0] for r in tx.execute(
         "SELECT pair_id FROM pairs WHERE pair_id IN (SELECT unnest(?::BIGINT[]))", [pair_ids]).fetchall()}
     missing = [p for p in pair_ids if p not in known]
     if missing:
         raise QueueError(f"no pairs with ids {missing[:10]}{' ...' if len(missing) > 10 else ''}", 404)
-    present = set(tx.conn.execute(
+    present = set(tx.execute(
         "SELECT pair_id, annotator FROM labels WHERE annotator IS NOT NULL AND pair_id IN "
         "(SELECT unnest(?::BIGINT[]))", [pair_ids]).fetchall())
     added = 0
@@ -347,8 +319,9 @@ def import_labels(tx: "StoreSession", labels: Sequence[HumanLabel], now: datetim
         if (label.pair_id, label.annotator) in present:
             continue
         present.add((label.pair_id, label.annotator))
-        label_id = _insert_person_label(tx, label)
-        tx.conn.execute(
+        label_id = _insert_person_label(tx, label.pair_id, label.winner, label.annotator, label.rationale,
+                                        judge_name)
+        tx.execute(
             "UPDATE label_leases SET outcome = 'labelled', label_id = ?, finished_at = ? "
             "WHERE pair_id = ? AND annotator = ? AND outcome IS NULL",
             [label_id, now, label.pair_id, label.annotator],

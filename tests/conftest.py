@@ -70,6 +70,16 @@ def policy_sampler():
     sampler.close()
 
 
+def run_flow(flywheel, rounds: int) -> list[int]:
+    """The Prefect flow on `flywheel`'s config, judges and engine, as `flywheel run` runs
+    it; `flywheel` hands its run lease over first and stays open for the test to read."""
+    from flows.rounds import flywheel_rounds
+
+    flywheel.lease.release()
+    return flywheel_rounds(flywheel.config, rounds, judge=flywheel.judge, eval_judge=flywheel.eval_judge,
+                           sampler=flywheel.sampler)
+
+
 @contextmanager
 def labelling_server(database: Path):
     """`flywheel label serve` in its own process, as people would run it; yields its URL."""

@@ -18,6 +18,7 @@ from flywheel.lease import started_processes, still_running, stop_processes
 from flywheel.pairing import form_pairs
 from storage.records import Prompt
 from storage.store import Store
+from storage import tables
 
 pytestmark = pytest.mark.slow
 
@@ -169,17 +170,17 @@ def test_killed_runs_resume_without_loss_or_duplicates_and_a_second_process_is_r
     # Sampling resumed after the kill drew exactly what one uninterrupted engine draws:
     # each prompt has its own seed, and an engine's samples do not depend on the batch.
     store = Store.open(db)
-    stored = store.completions(round_id=1, purpose="train")
+    stored = store.read(tables.completions, round_id=1, purpose="train")
     texts = dict(store.query("SELECT prompt_id, text FROM prompts")[1])
     prompts = [Prompt(prompt_id, texts[prompt_id], "train") for prompt_id in sorted({c.prompt_id for c in stored})]
-    uninterrupted = policy_sampler.sample(tiny_policy, 1, prompts, n=N, temperature=1.0, seed=store.get_round(1).seed,
+    uninterrupted = policy_sampler.sample(tiny_policy, 1, prompts, n=N, temperature=1.0, seed=store.read(tables.get_round, 1).seed,
                                           purpose="train", round_id=1, progress=False)
     assert sorted((c.prompt_id, c.sample_index, c.text) for c in stored) == sorted(
         (c.prompt_id, c.sample_index, c.text) for c in uninterrupted)
 
     # Pairs: exactly those the round's seeded pairing forms from its completions, once each.
-    expected = form_pairs(store.completions(round_id=1, purpose="train"), 1, "random",
-                          seed=store.get_round(1).seed, scores={})
+    expected = form_pairs(store.read(tables.completions, round_id=1, purpose="train"), 1, "random",
+                          seed=store.read(tables.get_round, 1).seed, scores={})
 
     with duckdb.connect(str(db), read_only=True) as conn:
         def one(sql):

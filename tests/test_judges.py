@@ -12,6 +12,7 @@ from flywheel.rounds import Flywheel
 from judges import JudgeError, JudgeSpecError, NoVerdict, PairToJudge, RuleJudge, Verdict, load_judge
 from judges.llm import PairwiseLLMJudge, combine_orders
 from storage.records import Completion, Label
+from storage import tables
 
 
 # -- a user's own judges, named by import path (f"{__name__}:ShorterAnswerJudge") -------
@@ -80,21 +81,21 @@ def make_flywheel(tmp_path, judge=None, strategy="all", batch_size=256):
 def sampled_round(flywheel) -> int:
     """A round in state 'sampled' holding ANSWERS as completions (the sampler's records)."""
     with flywheel.store.transaction() as tx:
-        prompt_ids = tx.add_prompts(list(ANSWERS), "train")
-        checkpoint = tx.add_checkpoint("/policy", "reference", "promoted")
-        round_id = tx.start_round(checkpoint, checkpoint, seed=1, config={})
-        tx.add_completions([
+        prompt_ids = tables.add_prompts(tx, list(ANSWERS), "train")
+        checkpoint = tables.add_checkpoint(tx, "/policy", "reference", "promoted")
+        round_id = tables.start_round(tx, checkpoint, checkpoint, seed=1, config={})
+        tables.add_completions(tx, [
             Completion(prompt_id, checkpoint, "train", i, text, [1, 4], [5, 2], -1.0, "stop", {}, round_id=round_id)
             for prompt_id, texts in zip(prompt_ids, ANSWERS.values()) for i, text in enumerate(texts)
         ])
-        tx.finish_step(round_id, "sampled")
+        tables.finish_step(tx, round_id, "sampled")
     return round_id
 
 
 def labels_of(store, round_id, judge_name=None):
     where = "p.round_id = ?" + (" AND l.judge_name = ?" if judge_name else "")
     params = [round_id] + ([judge_name] if judge_name else [])
-    return store.count("labels l JOIN pairs p USING (pair_id)", where, params)
+    return store.read(tables.count, "labels l JOIN pairs p USING (pair_id)", where, params)
 
 
 # -- scalar judges and pairing -----------------------------------------------------------
@@ -141,15 +142,15 @@ def test_best_vs_worst_round_scores_with_the_rule_judge_and_keeps_the_scores(tmp
     _, scored = store.query("SELECT count(*), min(judge_name), sum(score) FROM completion_scores")
     assert scored == [(12, "adder", 8.0)]  # right answers: 2 + 2 + 4
     assert flywheel.label(round_id) == 2  # every best-vs-worst pair has a winner
-    assert len(store.preference_triples(round_id)) == 2
+    assert len(store.read(tables.preference_triples, round_id)) == 2
 
 
 def test_best_vs_worst_round_without_completions_forms_no_pairs(tmp_path):
     flywheel = make_flywheel(tmp_path, strategy="best_vs_worst")
     with flywheel.store.transaction() as tx:
-        checkpoint = tx.add_checkpoint("/policy", "reference", "promoted")
-        round_id = tx.start_round(checkpoint, checkpoint, seed=1, config={})
-        tx.finish_step(round_id, "sampled")
+        checkpoint = tables.add_checkpoint(tx, "/policy", "reference", "promoted")
+        round_id = tables.start_round(tx, checkpoint, checkpoint, seed=1, config={})
+        tables.finish_step(tx, round_id, "sampled")
     assert flywheel.pair(round_id) == 0  # no scores to rank is not "scores missing"
 
 
@@ -234,12 +235,12 @@ def test_a_judge_that_raises_keeps_earlier_batches_and_stores_none_of_its_batch(
         flywheel.label(round_id)
     store = flywheel.store
     assert labels_of(store, round_id) == 4  # the first batch, none of the second
-    assert store.get_round(round_id).state == "paired"
+    assert store.read(tables.get_round, round_id).state == "paired"
     flywheel.label(round_id)  # the rerun judges only what is left (calls 3 and 4 succeed)
     assert labels_of(store, round_id) == pairs
     _, duplicates = store.query("SELECT count(*) FROM (SELECT pair_id FROM labels GROUP BY pair_id HAVING count(*) > 1)")
     assert duplicates == [(0,)]
-    assert store.get_round(round_id).state == "labelled"
+    assert store.read(tables.get_round, round_id).state == "labelled"
 
 
 def test_a_judge_returning_the_wrong_number_of_labels_stores_nothing(tmp_path):
@@ -290,16 +291,16 @@ def test_judge_agreement_and_training_data_of_a_relabelled_round(tmp_path):
     flywheel.pair(round_id)
     flywheel.label(round_id)
     store = flywheel.store
-    triples_before = store.preference_triples(round_id)
+    triples_before = store.read(tables.preference_triples, round_id)
     # Hand-made labels: a second judge and a person, on the first four of the adder's pairs.
     _, adder_labels = store.query("SELECT pair_id, winner FROM labels WHERE judge_name = 'adder' ORDER BY pair_id")
     adder = dict(adder_labels)
     pairs = [pair_id for pair_id, _ in adder_labels]
     flip = {"a": "b", "b": "a", "tie": "tie"}
     with store.transaction() as tx:
-        tx.add_labels([Label(pair_id, adder[pair_id] if i < 3 else flip[adder[pair_id]], "other", "2")
+        tables.add_labels(tx, [Label(pair_id, adder[pair_id] if i < 3 else flip[adder[pair_id]], "other", "2")
                        for i, pair_id in enumerate(pairs[:4])])
-        tx.add_labels([Label(pair_id, "a", "human", "1", annotator="alice") for pair_id in pairs[:2]])
+        tables.add_labels(tx, [Label(pair_id, "a", "human", "1", annotator="alice") for pair_id in pairs[:2]])
     _, rows = store.query("SELECT judge_a, judge_b, pairs, agreements FROM judge_agreement ORDER BY judge_a, judge_b")
     expected_alice = sum(adder[pair_id] == "a" for pair_id in pairs[:2])
     assert ("adder@1", "other@2", 4, 3) in rows
@@ -307,8 +308,8 @@ def test_judge_agreement_and_training_data_of_a_relabelled_round(tmp_path):
     assert {(r[0], r[1]) for r in rows} == {("adder@1", "other@2"), ("adder@1", "human@1 (alice)"),
                                            ("human@1 (alice)", "other@2")}
     # Labels added by other labellers are for comparison; the round trains on its own judge's.
-    assert store.preference_triples(round_id) == triples_before
-    assert store.count_preferences(round_id) == len(triples_before)
+    assert store.read(tables.preference_triples, round_id) == triples_before
+    assert store.read(tables.count_preferences, round_id) == len(triples_before)
 
 
 def test_flywheel_judge_command_relabels_a_round_with_a_custom_judge(tmp_path, capsys):
@@ -320,7 +321,7 @@ def test_flywheel_judge_command_relabels_a_round_with_a_custom_judge(tmp_path, c
     assert main(["judge", "--judge", f"{__name__}:ShorterAnswerJudge", "--judge-option", "version=3",
                  "--db", db]) == 0
     store = flywheel.store
-    assert labels_of(store, round_id, "shorter-answer") == store.count("pairs", "round_id = ?", [round_id])
+    assert labels_of(store, round_id, "shorter-answer") == store.read(tables.count, "pairs", "round_id = ?", [round_id])
     _, versions = store.query("SELECT DISTINCT judge_version FROM labels WHERE judge_name = 'shorter-answer'")
     assert versions == [("3",)]
     out = capsys.readouterr()
@@ -329,7 +330,7 @@ def test_flywheel_judge_command_relabels_a_round_with_a_custom_judge(tmp_path, c
     assert main(["judge", "--judge", f"{__name__}:ShorterAnswerJudge", "--judge-option", "version=3",
                  "--db", db, "--round", str(round_id)]) == 0
     assert "labelled 0 pairs" in capsys.readouterr().err
-    assert labels_of(store, round_id, "shorter-answer") == store.count("pairs", "round_id = ?", [round_id])
+    assert labels_of(store, round_id, "shorter-answer") == store.read(tables.count, "pairs", "round_id = ?", [round_id])
     assert main(["judge", "--judge", "nosuch.module:Judge", "--db", db]) == 2
     assert main(["judge", "--judge", f"{__name__}:ShorterAnswerJudge", "--db", db, "--round", "99"]) == 2
     assert "round 99 has no pairs" in capsys.readouterr().err

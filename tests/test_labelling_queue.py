@@ -19,7 +19,9 @@ from flywheel.labelling import label_pairs
 from judges import HumanJudge, JudgeSpecError, load_judge
 from judges.human import ready_to_train
 from queue_data import new_store, round_with_pairs
+from judges.human import HUMAN_JUDGE_NAME as HUMAN, HumanLabel
 from storage import queue
+from storage import tables
 
 
 def add_annotator(db, name, capsys) -> str:
@@ -59,10 +61,10 @@ def test_a_pair_needing_k_labels_goes_to_k_different_people(store):
         assert bob.pair_id == alice.pair_id and bob.lease_id != alice.lease_id
         # Two live leases cover both labels the pair needs: nobody else gets it.
         assert queue.claim_next_pair(tx, "carol", now, "a") is None
-        queue.submit_label(tx, "alice", alice.pair_id, alice.lease_id, "left", now)
+        queue.submit_label(tx, "alice", alice.pair_id, alice.lease_id, "left", now, judge_name=HUMAN)
         # Alice has labelled it; she is never offered it again.
         assert queue.claim_next_pair(tx, "alice", now, "a") is None
-        queue.submit_label(tx, "bob", bob.pair_id, bob.lease_id, "tie", now)
+        queue.submit_label(tx, "bob", bob.pair_id, bob.lease_id, "tie", now, judge_name=HUMAN)
         assert queue.claim_next_pair(tx, "carol", now, "a") is None
         done = queue.progress(tx)
     assert (done.pairs, done.pairs_done, done.labels, done.labels_remaining) == (1, 1, 2, 0)
@@ -75,11 +77,11 @@ def test_the_left_right_order_is_recorded_and_maps_back_to_a_and_b(store):
     now = queue.utc_now()
     with store.transaction() as tx:
         shown_b_left = queue.claim_next_pair(tx, "alice", now, "b")
-        _, _, a_text, b_text = tx.pairs_to_judge(1, "nobody", "0")[0]
+        _, _, a_text, b_text = tables.pairs_to_judge(tx, 1, "nobody", "0")[0]
         assert (shown_b_left.left, shown_b_left.right) == (b_text, a_text)
-        queue.submit_label(tx, "alice", shown_b_left.pair_id, shown_b_left.lease_id, "left", now)
+        queue.submit_label(tx, "alice", shown_b_left.pair_id, shown_b_left.lease_id, "left", now, judge_name=HUMAN)
         shown_a_left = queue.claim_next_pair(tx, "alice", now, "a")
-        queue.submit_label(tx, "alice", shown_a_left.pair_id, shown_a_left.lease_id, "left", now)
+        queue.submit_label(tx, "alice", shown_a_left.pair_id, shown_a_left.lease_id, "left", now, judge_name=HUMAN)
     _, rows = store.query("SELECT e.left_slot, l.winner FROM label_leases e JOIN labels l USING (label_id) "
                           "ORDER BY e.lease_id")
     assert rows == [("b", "b"), ("a", "a")]
@@ -95,13 +97,13 @@ def test_an_expired_lease_is_refused_and_the_pair_goes_to_someone_else(store):
         bob = queue.claim_next_pair(tx, "bob", later, "a")
         assert bob.pair_id == alice.pair_id
     with store.transaction() as tx, pytest.raises(queue.QueueError, match="expired") as refused:
-        queue.submit_label(tx, "alice", alice.pair_id, alice.lease_id, "left", later)
+        queue.submit_label(tx, "alice", alice.pair_id, alice.lease_id, "left", later, judge_name=HUMAN)
     assert refused.value.status == 409
     with store.transaction() as tx, pytest.raises(queue.QueueError, match="another annotator") as foreign:
-        queue.submit_label(tx, "alice", bob.pair_id, bob.lease_id, "left", later)
+        queue.submit_label(tx, "alice", bob.pair_id, bob.lease_id, "left", later, judge_name=HUMAN)
     assert foreign.value.status == 403
     with store.transaction() as tx:
-        queue.submit_label(tx, "bob", bob.pair_id, bob.lease_id, "right", later)
+        queue.submit_label(tx, "bob", bob.pair_id, bob.lease_id, "right", later, judge_name=HUMAN)
     assert store.query("SELECT annotator FROM labels")[1] == [("bob",)]
 
 
@@ -114,7 +116,7 @@ def test_a_skipped_pair_is_not_offered_again_to_whoever_skipped_it(store):
         assert queue.claim_next_pair(tx, "alice", now, "a") is None
         assert queue.claim_next_pair(tx, "bob", now, "a").pair_id == lease.pair_id
         with pytest.raises(queue.QueueError, match="already skipped"):
-            queue.submit_label(tx, "alice", lease.pair_id, lease.lease_id, "left", now)
+            queue.submit_label(tx, "alice", lease.pair_id, lease.lease_id, "left", now, judge_name=HUMAN)
 
 
 def test_quota_and_deadline_decide_when_a_human_round_may_train(store):
@@ -130,7 +132,7 @@ def test_quota_and_deadline_decide_when_a_human_round_may_train(store):
         assert ready_to_train(request, queue.progress(tx, round_id), now + timedelta(hours=2)) == "deadline"
         for _ in range(2):
             lease = queue.claim_next_pair(tx, "alice", now, "a")
-            queue.submit_label(tx, "alice", lease.pair_id, lease.lease_id, "left", now)
+            queue.submit_label(tx, "alice", lease.pair_id, lease.lease_id, "left", now, judge_name=HUMAN)
         assert ready_to_train(request, queue.progress(tx, round_id), now) == "quota"
 
 
@@ -153,9 +155,9 @@ def test_one_person_gives_a_pair_one_label_even_through_import(store):
     now = queue.utc_now()
     with store.transaction() as tx:
         lease = queue.claim_next_pair(tx, "alice", now, "a")
-        assert queue.import_labels(tx, [queue.HumanLabel(lease.pair_id, "a", "alice")], now) == (1, 0)
+        assert queue.import_labels(tx, [HumanLabel(lease.pair_id, "a", "alice")], now, judge_name=HUMAN) == (1, 0)
         with pytest.raises(queue.QueueError, match="already labelled") as refused:
-            queue.submit_label(tx, "alice", lease.pair_id, lease.lease_id, "right", now)
+            queue.submit_label(tx, "alice", lease.pair_id, lease.lease_id, "right", now, judge_name=HUMAN)
         assert refused.value.status == 409
         # Her import ended her lease; the pair's second label must come from someone else.
         assert queue.claim_next_pair(tx, "alice", now, "a") is None
@@ -170,17 +172,17 @@ def test_a_round_trains_on_the_labels_given_before_it_stopped_waiting(store):
 
     def label_next(tx, who):
         lease = queue.claim_next_pair(tx, who, now, "a")
-        queue.submit_label(tx, who, lease.pair_id, lease.lease_id, "left", now)
+        queue.submit_label(tx, who, lease.pair_id, lease.lease_id, "left", now, judge_name=HUMAN)
 
     with store.transaction() as tx:
-        tx.claim_round_judge(round_id, judge.name, judge.version)
+        tables.claim_round_judge(tx, round_id, judge.name, judge.version)
         judge.queue_round(tx, round_id, now)
         label_next(tx, "alice")
         label_next(tx, "alice")
         queue.close_request(tx, round_id, "quota", now)
         label_next(tx, "alice")  # a leftover pair, labelled after the round went on
-    assert store.count_preferences(round_id) == 2
-    assert [t.pair_id for t in store.preference_triples(round_id)] == [1, 2]
+    assert store.read(tables.count_preferences, round_id) == 2
+    assert [t.pair_id for t in store.read(tables.preference_triples, round_id)] == [1, 2]
     with store.transaction() as tx:
         assert queue.progress(tx, round_id).labels == 3
 
@@ -197,7 +199,7 @@ def test_people_appear_in_judge_agreement_beside_an_ai_judge(store):
             choice = "left" if right_answer_is_a else "right"
             if lease.pair_id == 6:
                 choice = "tie"
-            queue.submit_label(tx, "alice", lease.pair_id, lease.lease_id, choice, now)
+            queue.submit_label(tx, "alice", lease.pair_id, lease.lease_id, choice, now, judge_name=HUMAN)
     _, rows = store.query("SELECT judge_a, judge_b, pairs, agreements FROM judge_agreement")
     assert rows == [("adder@1", "human@1 (alice)", 6, 5)]
 
@@ -265,7 +267,7 @@ def test_a_bad_import_line_refuses_the_whole_file(store, tmp_path, capsys, lines
     err = capsys.readouterr().err
     assert err.startswith("flywheel: error:") and len(err.strip().splitlines()) == 1
     assert re.search(message, err)
-    assert store.count("labels") == 0
+    assert store.read(tables.count, "labels") == 0
 
 
 # -- the JSON API, served by `flywheel label serve` ----------------------------------------------

@@ -8,6 +8,7 @@ from judges.llm import PairwiseLLMJudge
 from storage.records import Completion, Pair
 from storage.store import Store
 from tiny_judges import TEMPLATES, build_llm_judge
+from storage import tables
 
 pytestmark = pytest.mark.slow
 
@@ -53,12 +54,12 @@ def test_unparseable_replies_are_recorded_failures_never_labels(judge_model, tmp
     # The same through `flywheel judge` on a real store: failures kept, no labels.
     store = Store.create(tmp_path / "fw.duckdb")
     with store.transaction() as tx:
-        (prompt_id,) = tx.add_prompts(["3+4="], "train")
-        checkpoint = tx.add_checkpoint("/policy", "reference", "promoted")
-        round_id = tx.start_round(checkpoint, checkpoint, seed=1, config={})
-        ids = tx.add_completions([Completion(prompt_id, checkpoint, "train", i, text, [1], [2], None, "stop", {},
+        (prompt_id,) = tables.add_prompts(tx, ["3+4="], "train")
+        checkpoint = tables.add_checkpoint(tx, "/policy", "reference", "promoted")
+        round_id = tables.start_round(tx, checkpoint, checkpoint, seed=1, config={})
+        ids = tables.add_completions(tx, [Completion(prompt_id, checkpoint, "train", i, text, [1], [2], None, "stop", {},
                                              round_id=round_id) for i, text in enumerate(["good", "bad"])])
-        tx.add_pairs([Pair(round_id, prompt_id, ids[0], ids[1], "all")])
+        tables.add_pairs(tx, [Pair(round_id, prompt_id, ids[0], ids[1], "all")])
     options = [f"template={TEMPLATES['rambling']}", "max_model_len=128", "dtype=float32", "enforce_eager=true",
                "gpu_memory_utilization=0.1"]
     args = ["judge", "--judge", f"llm:{judge_model}", "--db", str(store.path)]
@@ -66,6 +67,6 @@ def test_unparseable_replies_are_recorded_failures_never_labels(judge_model, tmp
         args += ["--judge-option", option]
     assert main(args) == 0
     assert "1 undecided" in capsys.readouterr().err
-    assert store.count("labels") == 0
+    assert store.read(tables.count, "labels") == 0
     _, failures = store.query("SELECT judge_name, raw_output FROM judge_failures")
     assert failures == [("llm:llm-judge", "a first: 'hmm'; b first: 'hmm'")]

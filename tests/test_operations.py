@@ -23,6 +23,7 @@ from storage.migrations import MIGRATIONS_TABLE
 from storage.queue import utc_now
 from storage.store import SCHEMA_VERSION, Store, StoreError
 from test_cli import assert_one_line_error, flywheel
+from storage import tables
 
 SCORE = "flywheel.examples.addition:addition_score"
 
@@ -171,19 +172,19 @@ def store_with_candidates(tmp_path):
     """The reference, candidate 2 (promoted by the gate) and candidate 3 (rejected)."""
     store = Store.create(tmp_path / "fw.duckdb")
     with store.transaction() as tx:
-        tx.add_checkpoint("/ref", role="reference", status="promoted")
-        tx.add_checkpoint("/c2", role="candidate", status="promoted", parent_checkpoint_id=1, round_id=1)
-        tx.add_checkpoint("/c3", role="candidate", status="rejected", parent_checkpoint_id=2, round_id=2)
+        tables.add_checkpoint(tx, "/ref", role="reference", status="promoted")
+        tables.add_checkpoint(tx, "/c2", role="candidate", status="promoted", parent_checkpoint_id=1, round_id=1)
+        tables.add_checkpoint(tx, "/c3", role="candidate", status="rejected", parent_checkpoint_id=2, round_id=2)
     return store
 
 
 def test_promote_and_roll_back_are_recorded_with_who_and_why(store_with_candidates):
     store = store_with_candidates
-    assert store.current_policy().checkpoint_id == 2
+    assert store.read(tables.current_policy).checkpoint_id == 2
     promote_checkpoint(store, 3, "alice", "the gate's held-out set is too small")
-    assert store.current_policy().checkpoint_id == 3
+    assert store.read(tables.current_policy).checkpoint_id == 3
     assert roll_back(store, "bob", "regressed on our red-team prompts") == 2
-    assert store.current_policy().checkpoint_id == 2
+    assert store.read(tables.current_policy).checkpoint_id == 2
     assert roll_back(store, "bob", None) == 1
     with pytest.raises(UserError, match="nothing to roll back"):
         roll_back(store, "bob", None)
@@ -237,7 +238,7 @@ def test_empty_and_too_long_prompts_are_skipped_and_recorded(tiny_policy, tmp_pa
         flywheel_.initialise()
         flywheel_.initialise()  # every run does: nothing twice
         store = flywheel_.store
-        assert sorted(p.text for p in store.prompts("train")) == ["1+1=", "2+2="]
+        assert sorted(p.text for p in store.read(tables.prompts, "train")) == ["1+1=", "2+2="]
         _, rows = store.query("SELECT split, row_number, reason, token_count FROM skipped_prompts ORDER BY row_number")
     finally:
         flywheel_.close()
@@ -320,7 +321,7 @@ def test_full_disk_simulated_by_a_read_only_directory(tiny_policy, tmp_path, rea
     # A database that was fine stays readable after a write into the read-only place fails.
     db = tmp_path / "fw.duckdb"
     with Store.create(db).transaction() as tx:
-        tx.add_prompts(["1+1="], "train")
+        tables.add_prompts(tx, ["1+1="], "train")
     result = flywheel("label", "export", "--db", str(db), "--out", str(read_only_dir / "out.jsonl"))
     assert_one_line_error(result, "cannot write")
     assert Store.open(db).count("prompts") == 1

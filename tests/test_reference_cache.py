@@ -12,6 +12,7 @@ from flywheel.config import EvalConfig, FlywheelConfig, JudgeConfig, TrainConfig
 from flywheel.training import KeptModel, completion_logps, reference_logps_for, train_dpo
 from storage.records import PreferenceTriple
 from storage.store import Store
+from storage import tables
 
 
 def numbered_triples(count: int) -> list[PreferenceTriple]:
@@ -42,14 +43,14 @@ def test_cached_reference_logps_train_like_the_live_reference_without_loading_it
         tiny_policy, perturbed_policy, tmp_path, loads):
     store = Store.create(tmp_path / "flywheel.duckdb")
     with store.transaction() as tx:
-        reference = tx.checkpoint(tx.add_checkpoint(str(perturbed_policy), role="reference", status="promoted"))
+        reference = tables.checkpoint(tx, tables.add_checkpoint(tx, str(perturbed_policy), role="reference", status="promoted"))
     triples = numbered_triples(7)
     config = TrainConfig(batch_size=3, epochs=2, learning_rate=1e-3, nll_weight=0.5)
 
     live = train_dpo(tiny_policy, perturbed_policy, triples, config, tmp_path / "live", seed=0)
     assert loads == [tiny_policy, perturbed_policy]
     cached = reference_logps_for(store, triples, reference, batch_size=4)
-    assert store.count("reference_logps", "checkpoint_id = ?", [reference.checkpoint_id]) == 14
+    assert store.read(tables.count, "reference_logps", "checkpoint_id = ?", [reference.checkpoint_id]) == 14
     loads.clear()
     assert torch.equal(reference_logps_for(store, triples, reference, batch_size=4).chosen, cached.chosen)
     from_cache = train_dpo(tiny_policy, cached, triples, config, tmp_path / "cached", seed=0)
@@ -64,13 +65,13 @@ def test_cached_reference_logps_train_like_the_live_reference_without_loading_it
 def test_another_reference_gets_its_own_log_probs(tiny_policy, perturbed_policy, tmp_path, loads):
     store = Store.create(tmp_path / "flywheel.duckdb")
     with store.transaction() as tx:
-        first = tx.checkpoint(tx.add_checkpoint(str(tiny_policy), role="reference", status="promoted"))
-        second = tx.checkpoint(tx.add_checkpoint(str(perturbed_policy), role="candidate", status="promoted"))
+        first = tables.checkpoint(tx, tables.add_checkpoint(tx, str(tiny_policy), role="reference", status="promoted"))
+        second = tables.checkpoint(tx, tables.add_checkpoint(tx, str(perturbed_policy), role="candidate", status="promoted"))
     triples = numbered_triples(3)
     by_first = reference_logps_for(store, triples, first, batch_size=8)
     by_second = reference_logps_for(store, triples, second, batch_size=8)
     assert loads == [tiny_policy, perturbed_policy]
-    assert store.count("reference_logps") == 12
+    assert store.read(tables.count, "reference_logps") == 12
     assert not torch.allclose(by_first.chosen, by_second.chosen)
 
 
@@ -119,9 +120,9 @@ def test_the_reference_is_the_initial_model_or_the_previous_promoted_one(tiny_po
         try:
             flywheel.initialise()
             with flywheel.store.transaction() as tx:
-                initial = tx.reference_checkpoint().checkpoint_id
-                promoted = tx.add_checkpoint("/models/round-1", role="candidate", status="promoted")
-            round_ = flywheel.store.get_round(flywheel.begin_round())
+                initial = tables.reference_checkpoint(tx).checkpoint_id
+                promoted = tables.add_checkpoint(tx, "/models/round-1", role="candidate", status="promoted")
+            round_ = flywheel.store.read(tables.get_round, flywheel.begin_round())
             assert round_.policy_checkpoint_id == promoted
             assert round_.reference_checkpoint_id == (initial if choice == "initial" else promoted)
         finally:
@@ -147,10 +148,10 @@ def test_a_round_trains_on_its_fresh_pairs_plus_the_replay_share_and_records_the
         for num_pairs, state in ((24, "done"), (12, "labelled")):
             round_id = round_with_pairs(store, num_pairs)
             with store.transaction() as tx:
-                tx.claim_round_judge(round_id, flywheel.judge.name, flywheel.judge.version)
+                tables.claim_round_judge(tx, round_id, flywheel.judge.name, flywheel.judge.version)
             label_pairs(store, flywheel.judge, round_id, batch_size=64, progress=False)
             with store.transaction() as tx:
-                tx.finish_step(round_id, state)
+                tables.finish_step(tx, round_id, state)
             rounds.append(round_id)
         earlier, current = rounds
         flywheel.train(current)
@@ -163,7 +164,7 @@ def test_a_round_trains_on_its_fresh_pairs_plus_the_replay_share_and_records_the
                                  "JOIN pairs p USING (pair_id) GROUP BY t.step ORDER BY t.step", [earlier])
         assert [(step, n) for step, n, _ in lineage] == steps and sum(old for *_, old in lineage) == 4
         # Cached reference log-probs cover the replayed completions too.
-        assert store.count("reference_logps") == 2 * 16
+        assert store.read(tables.count, "reference_logps") == 2 * 16
     finally:
         flywheel.close()
 
@@ -175,7 +176,7 @@ def test_two_processes_under_accelerate_take_the_steps_of_one(tiny_policy, pertu
 
     store = Store.create(tmp_path / "flywheel.duckdb")
     with store.transaction() as tx:
-        reference = tx.checkpoint(tx.add_checkpoint(str(perturbed_policy), role="reference", status="promoted"))
+        reference = tables.checkpoint(tx, tables.add_checkpoint(tx, str(perturbed_policy), role="reference", status="promoted"))
     triples = numbered_triples(9)  # batches of 4, 4 and 1: the last leaves one process without a pair
     reference_logps = reference_logps_for(store, triples, reference, batch_size=8)
     config = TrainConfig(batch_size=4, learning_rate=1e-3, nll_weight=0.5, num_processes=2)

@@ -12,6 +12,7 @@ from storage.lease import RunLease, take_lease
 from storage.queue import utc_now
 from storage.records import Completion, Evaluation, Label, Pair, StepMetrics, TrainStep
 from storage.store import Store
+from storage import tables
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PLOT_SIZE = (750, 1100)  # rows, columns: 11 x 7.5 inches at 100 dpi
@@ -41,36 +42,36 @@ def _round(store, policy, reference, evaluated, accuracy=True, kl=True):
     """One round through the store's steps: sample, pair, label, train, evaluate, promote.
     `evaluated` is a row of ROUNDS, or None for a round that stops after sampling."""
     with store.transaction() as tx:
-        round_id = tx.start_round(policy, reference, seed=7, config={})
-        (prompt_id,) = tx.add_prompts([f"prompt of round {round_id}"], "train")
-        ids = tx.add_completions([_completion(prompt_id, policy, i, t, round_id) for i, t in enumerate("wxyz")])
-        tx.finish_step(round_id, "sampled")
+        round_id = tables.start_round(tx, policy, reference, seed=7, config={})
+        (prompt_id,) = tables.add_prompts(tx, [f"prompt of round {round_id}"], "train")
+        ids = tables.add_completions(tx, [_completion(prompt_id, policy, i, t, round_id) for i, t in enumerate("wxyz")])
+        tables.finish_step(tx, round_id, "sampled")
     if evaluated is None:
         return round_id, None
     acc, incumbent_acc, win, kl_value, length, final_loss, promoted = evaluated
     with store.transaction() as tx:
-        pair_ids = tx.add_pairs([Pair(round_id, prompt_id, ids[0], ids[1], "random"),
+        pair_ids = tables.add_pairs(tx, [Pair(round_id, prompt_id, ids[0], ids[1], "random"),
                                  Pair(round_id, prompt_id, ids[2], ids[3], "random")])
-        tx.finish_step(round_id, "paired")
-        tx.claim_round_judge(round_id, "rule", "1")
-        tx.add_labels([Label(pair_ids[0], "a", "rule", "1"), Label(pair_ids[1], "tie", "rule", "1")])
-        tx.finish_step(round_id, "labelled")
-        candidate = tx.add_checkpoint(f"/ckpt/round-{round_id}", "candidate", "candidate",
+        tables.finish_step(tx, round_id, "paired")
+        tables.claim_round_judge(tx, round_id, "rule", "1")
+        tables.add_labels(tx, [Label(pair_ids[0], "a", "rule", "1"), Label(pair_ids[1], "tie", "rule", "1")])
+        tables.finish_step(tx, round_id, "labelled")
+        candidate = tables.add_checkpoint(tx, f"/ckpt/round-{round_id}", "candidate", "candidate",
                                       parent_checkpoint_id=policy, round_id=round_id)
-        tx.add_train_steps([TrainStep(round_id, candidate, StepMetrics(step, loss, 0.1, -0.1, 0.2, 0.5, 1.0,
+        tables.add_train_steps(tx, [TrainStep(round_id, candidate, StepMetrics(step, loss, 0.1, -0.1, 0.2, 0.5, 1.0,
                                                                        1e-4, 1, 100.0, pair_ids=(pair_ids[0],)))
                             for step, loss in ((1, 0.69), (2, final_loss))])
-        tx.finish_step(round_id, "trained", candidate_checkpoint_id=candidate)
-        tx.add_evaluation(Evaluation(round_id, candidate, policy, num_prompts=8, num_samples=32,
+        tables.finish_step(tx, round_id, "trained", candidate_checkpoint_id=candidate)
+        tables.add_evaluation(tx, Evaluation(round_id, candidate, policy, num_prompts=8, num_samples=32,
                                      accuracy=acc if accuracy else None,
                                      incumbent_accuracy=incumbent_acc if accuracy else None,
                                      win_rate=win, mean_length=length, kl_to_reference=kl_value if kl else None))
-        tx.finish_step(round_id, "evaluated")
+        tables.finish_step(tx, round_id, "evaluated")
     with store.transaction() as tx:
-        tx.set_checkpoint_status(candidate, "promoted" if promoted else "rejected")
-        tx.record_promotion(candidate, "promote" if promoted else "reject", "gate", "accuracy | margin",
+        tables.set_checkpoint_status(tx, candidate, "promoted" if promoted else "rejected")
+        tables.record_promotion(tx, candidate, "promote" if promoted else "reject", "gate", "accuracy | margin",
                             round_id, policy_before=policy)
-        tx.finish_step(round_id, "done")
+        tables.finish_step(tx, round_id, "done")
     return round_id, candidate
 
 
@@ -78,7 +79,7 @@ def build_store(path, accuracy=True, kl=True):
     """Two evaluated rounds (the first promoted) and a third stopped after sampling."""
     store = Store.create(path)
     with store.transaction() as tx:
-        reference = tx.add_checkpoint("/models/sft", "reference", "promoted")
+        reference = tables.add_checkpoint(tx, "/models/sft", "reference", "promoted")
     policy = reference
     candidates = []
     for evaluated in ROUNDS:
@@ -163,7 +164,7 @@ def test_plot_rounds_with_no_evaluated_round(tmp_path):
     empty = _read_png(plot_rounds(store, tmp_path / "empty.png"))
     assert empty.shape[:2] == PLOT_SIZE
     with store.transaction() as tx:
-        reference = tx.add_checkpoint("/models/sft", "reference", "promoted")
+        reference = tables.add_checkpoint(tx, "/models/sft", "reference", "promoted")
     _round(store, reference, reference, None)  # round 1 stopped before evaluating
     assert _read_png(plot_rounds(store, tmp_path / "one.png")).shape[:2] == PLOT_SIZE
 

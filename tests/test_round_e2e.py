@@ -4,11 +4,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import E2E_SAMPLE
+from conftest import E2E_SAMPLE, run_flow
 from flywheel.config import EvalConfig, FlywheelConfig, JudgeConfig, PairConfig, TrainConfig
 from flywheel.errors import UserError
 from flywheel.rounds import Flywheel
 from judges import Verdict
+from storage import tables
 
 pytestmark = pytest.mark.slow
 
@@ -31,8 +32,8 @@ def flywheel(tiny_policy, demo_prompts, policy_sampler, tmp_path_factory):
 
 
 def test_sampler_is_seeded_and_keeps_vllm_token_ids(flywheel):
-    policy = flywheel.store.current_policy()
-    prompts = flywheel.store.prompts("heldout")[:8]
+    policy = flywheel.store.read(tables.current_policy)
+    prompts = flywheel.store.read(tables.prompts, "heldout")[:8]
     kwargs = dict(n=3, temperature=1.0, seed=11, purpose="eval", round_id=None)
     first = flywheel.sampler.sample(policy.path, policy.checkpoint_id, prompts, **kwargs)
     again = flywheel.sampler.sample(policy.path, policy.checkpoint_id, prompts, **kwargs)
@@ -47,9 +48,8 @@ def test_sampler_is_seeded_and_keeps_vllm_token_ids(flywheel):
 
 
 def test_flow_runs_rounds_and_records_everything(flywheel, prefect_harness):
-    from flows.rounds import run_rounds
-
-    round_ids = run_rounds(flywheel, rounds=2)
+    
+    round_ids = run_flow(flywheel, rounds=2)
     store = flywheel.store
     assert len(round_ids) == 2
     columns, rows = store.query("SELECT * FROM round_summary ORDER BY round_id")
@@ -70,7 +70,7 @@ def test_flow_runs_rounds_and_records_everything(flywheel, prefect_harness):
         "SELECT count(*) FROM preferences p JOIN rounds r ON r.round_id = p.round_id WHERE NOT EXISTS "
         "(SELECT 1 FROM reference_logps x WHERE x.checkpoint_id = r.reference_checkpoint_id "
         "AND x.completion_id IN (p.chosen_completion_id, p.rejected_completion_id) HAVING count(*) = 2)")
-    assert uncached == [(0,)] and store.count("reference_logps") > 0
+    assert uncached == [(0,)] and store.read(tables.count, "reference_logps") > 0
     # Every completion says which checkpoint made it and how.
     _, bad = store.query("SELECT count(*) FROM completions WHERE checkpoint_id IS NULL OR sampling_params IS NULL")
     assert bad == [(0,)]
@@ -96,7 +96,7 @@ def test_flow_runs_rounds_and_records_everything(flywheel, prefect_harness):
     # The candidate is a save_pretrained checkpoint with a tokenizer, reloadable as is.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = store.checkpoint(summary[0]["candidate_checkpoint_id"]).path
+    path = store.read(tables.checkpoint, summary[0]["candidate_checkpoint_id"]).path
     AutoModelForCausalLM.from_pretrained(path)
     assert AutoTokenizer.from_pretrained(path).eos_token == "<eos>"
 
@@ -106,15 +106,15 @@ def test_round_resumes_after_stopping_between_steps(flywheel):
     round_id = flywheel.begin_round()
     flywheel.sample(round_id)
     flywheel.pair(round_id)
-    completions_before = store.count("completions", "round_id = ?", [round_id])
-    pairs_before = store.count("pairs", "round_id = ?", [round_id])
+    completions_before = store.read(tables.count, "completions", "round_id = ?", [round_id])
+    pairs_before = store.read(tables.count, "pairs", "round_id = ?", [round_id])
     # A new process would find the unfinished round and carry on from 'paired'.
     assert flywheel.begin_round() == round_id
     flywheel.run_round()
-    assert store.get_round(round_id).state == "done"
-    assert store.count("completions", "round_id = ? AND purpose = 'train'", [round_id]) == completions_before
-    assert store.count("pairs", "round_id = ?", [round_id]) == pairs_before
-    assert store.count("labels l JOIN pairs p USING (pair_id)", "p.round_id = ?", [round_id]) == pairs_before
+    assert store.read(tables.get_round, round_id).state == "done"
+    assert store.read(tables.count, "completions", "round_id = ? AND purpose = 'train'", [round_id]) == completions_before
+    assert store.read(tables.count, "pairs", "round_id = ?", [round_id]) == pairs_before
+    assert store.read(tables.count, "labels l JOIN pairs p USING (pair_id)", "p.round_id = ?", [round_id]) == pairs_before
 
 
 def _flywheel_like(flywheel, workdir, sample=None, train=None):
@@ -131,23 +131,21 @@ def _flywheel_like(flywheel, workdir, sample=None, train=None):
 
 
 def test_sampling_stores_each_batch_in_turn_and_a_failed_write_loses_only_its_batch(flywheel, tmp_path, monkeypatch):
-    from storage.store import StoreSession
-
     batched = _flywheel_like(flywheel, tmp_path, sample={"batch_prompts": 24})
     events = []  # in order: ("sampled", prompts), ("stored", completions) or ("failed",)
-    sample, add_completions = batched.sampler.sample, StoreSession.add_completions
+    sample, add_completions = batched.sampler.sample, tables.add_completions
     monkeypatch.setattr(batched.sampler, "sample",
                         lambda *args, **kwargs: events.append(("sampled", len(args[2]))) or sample(*args, **kwargs))
 
-    def stored(session, completions):
+    def stored(tx, completions):
         if fail_second_write and len(events) == 3:
             events.append(("failed",))
             raise RuntimeError("disk full (a failure injected into the second batch's write)")
-        ids = add_completions(session, completions)
+        ids = add_completions(tx, completions)
         events.append(("stored", len(completions)))
         return ids
 
-    monkeypatch.setattr(StoreSession, "add_completions", stored)
+    monkeypatch.setattr(tables, "add_completions", stored)
     try:
         round_id = batched.begin_round()
         store = batched.store
@@ -156,8 +154,8 @@ def test_sampling_stores_each_batch_in_turn_and_a_failed_write_loses_only_its_ba
         with pytest.raises(RuntimeError, match="disk full"):
             batched.sample(round_id)
         assert events == [("sampled", 24), ("stored", 96), ("sampled", 24), ("failed",)]
-        assert store.count("completions", "round_id = ?", [round_id]) == 96
-        assert store.get_round(round_id).state == "started"
+        assert store.read(tables.count, "completions", "round_id = ?", [round_id]) == 96
+        assert store.read(tables.get_round, round_id).state == "started"
 
         # The rerun samples only the 40 prompts without completions, in batches of 24 and 16,
         # each stored before the next is sampled; the last also ends the step.
@@ -165,7 +163,7 @@ def test_sampling_stores_each_batch_in_turn_and_a_failed_write_loses_only_its_ba
         events.clear()
         assert batched.sample(round_id) == 64 * 4
         assert events == [("sampled", 24), ("stored", 96), ("sampled", 16), ("stored", 64)]
-        assert store.get_round(round_id).state == "sampled"
+        assert store.read(tables.get_round, round_id).state == "sampled"
         _, counts = store.query("SELECT count(DISTINCT prompt_id), count(DISTINCT (prompt_id, sample_index)), "
                                 "count(*) FROM completions WHERE round_id = ? AND purpose = 'train'", [round_id])
         assert counts == [(64, 256, 256)]  # every prompt's n samples, each once
@@ -187,7 +185,7 @@ def test_a_kept_reference_is_loaded_once_across_rounds(flywheel, tmp_path, monke
         # Each round needs the reference twice (its log-probs of the new completions, and
         # the KL at evaluation); kept, it is loaded once for both rounds. Each candidate is
         # still loaded for its KL.
-        reference = Path(kept.store.reference_checkpoint().path).resolve()
+        reference = Path(kept.store.read(tables.reference_checkpoint).path).resolve()
         assert loads.count(reference) == 1
         assert len(loads) == 3
         _, states = kept.store.query("SELECT state, kl_to_reference IS NOT NULL FROM round_summary")
@@ -225,7 +223,7 @@ def test_a_custom_judge_named_by_import_path_labels_a_round(flywheel, tmp_path):
     _, summary = store.query("SELECT state, judge, pairs, labels, win_rate IS NOT NULL FROM round_summary")
     state, judge, pairs, labels, has_win_rate = summary[0]
     assert (state, judge, has_win_rate) == ("done", "longer-answer@1", True)
-    assert labels == pairs > 0 and store.get_round(round_id).judge_name == "longer-answer"
+    assert labels == pairs > 0 and store.read(tables.get_round, round_id).judge_name == "longer-answer"
     custom.close()  # leaves the shared engine running
     assert flywheel.sampler._llm is not None
 
@@ -238,7 +236,7 @@ def test_vllm_samples_from_a_lora_trained_checkpoint(flywheel, tmp_path):
     path = tmp_path / "lora"
     train_dpo(flywheel.config.reference_model, flywheel.config.reference_model, triples,
               TrainConfig(batch_size=8, learning_rate=1e-2, lora_rank=4), path, seed=0)
-    prompts = flywheel.store.prompts("heldout")[:4]
+    prompts = flywheel.store.read(tables.prompts, "heldout")[:4]
     completions = flywheel.sampler.sample(path, 10_000, prompts, n=2, temperature=1.0, seed=1, purpose="eval",
                                           round_id=None)
     assert len(completions) == 8 and all(c.checkpoint_id == 10_000 for c in completions)

@@ -13,15 +13,16 @@ import time
 import httpx
 import pytest
 
-from conftest import E2E_SAMPLE, labelling_server
-from flows.rounds import run_rounds
+from conftest import E2E_SAMPLE, labelling_server, run_flow
 from cli.main import main
 from flywheel.config import EvalConfig, FlywheelConfig, JudgeConfig, TrainConfig
 from flywheel.examples.addition import addition_score
 from flywheel.labelling import label_pairs
 from flywheel.rounds import Flywheel
 from queue_data import round_with_pairs
+from judges.human import CHOICES
 from storage import queue
+from storage import tables
 
 pytestmark = pytest.mark.slow
 
@@ -60,16 +61,16 @@ def test_a_human_round_waits_for_people_then_trains_on_their_labels(
     flywheel = make_flywheel(tmp_path, tiny_policy, demo_prompts, policy_sampler, judge)
     store = flywheel.store
     # First run: the round samples and pairs, queues its pairs, and the run stops there.
-    assert run_rounds(flywheel, rounds=3) == [1]
-    assert store.get_round(1).state == "labelling"
-    pairs = store.count("pairs", "round_id = 1")
+    assert run_flow(flywheel, rounds=3) == [1]
+    assert store.read(tables.get_round, 1).state == "labelling"
+    pairs = store.read(tables.count, "pairs", "round_id = 1")
     quota = -(-pairs // 2)
     _, request = store.query("SELECT quota_pairs, labels_per_pair, closed_at FROM label_requests")
-    assert request == [(quota, 1, None)] and store.count("label_queue") == pairs > 0
+    assert request == [(quota, 1, None)] and store.read(tables.count, "label_queue") == pairs > 0
     # A run before people have labelled enough still waits, and queues nothing twice.
-    assert run_rounds(flywheel, rounds=1) == [1]
-    assert store.get_round(1).state == "labelling" and store.count("label_queue") == pairs
-    assert store.count("train_steps") == 0
+    assert run_flow(flywheel, rounds=1) == [1]
+    assert store.read(tables.get_round, 1).state == "labelling" and store.read(tables.count, "label_queue") == pairs
+    assert store.read(tables.count, "train_steps") == 0
 
     # People label through the served API: the right sum wins; two right or two wrong tie.
     tokens = add_annotators(store.path, ["alice", "bob"], capsys)
@@ -84,14 +85,14 @@ def test_a_human_round_waits_for_people_then_trains_on_their_labels(
             assert response.status_code == 200, response.text
 
     # The next run picks the round up and trains on what people labelled.
-    assert run_rounds(flywheel, rounds=1) == [1]
-    assert store.get_round(1).state == "done"
+    assert run_flow(flywheel, rounds=1) == [1]
+    assert store.read(tables.get_round, 1).state == "done"
     _, summary = store.query("SELECT judge, labels, preferences, train_steps, win_rate FROM round_summary")
     judge_name, labels, preferences, train_steps, win_rate = summary[0]
     assert (judge_name, labels) == ("human@1", quota)
     _, decided = store.query("SELECT count(*) FROM labels WHERE annotator IS NOT NULL AND winner IN ('a', 'b')")
     assert preferences == decided[0][0] > 0 and train_steps > 0 and win_rate is not None
-    assert len(store.preference_triples(1)) == preferences
+    assert len(store.read(tables.preference_triples, 1)) == preferences
     # Every trained preference picked the right sum (the people were right).
     _, chosen = store.query("SELECT prompt, chosen, rejected FROM preferences WHERE round_id = 1")
     assert all(addition_score(p, c) == 1 and addition_score(p, r) == 0 for p, c, r in chosen)
@@ -112,8 +113,8 @@ def test_eight_annotators_label_500_pairs_while_a_flow_round_writes(
     # to compare with it, while the flow runs a new round.
     old_round = round_with_pairs(store, 500)
     with store.transaction() as tx:
-        tx.claim_round_judge(old_round, flywheel.judge.name, flywheel.judge.version)
-        tx.finish_step(old_round, "done")
+        tables.claim_round_judge(tx, old_round, flywheel.judge.name, flywheel.judge.version)
+        tables.finish_step(tx, old_round, "done")
     label_pairs(store, flywheel.judge, old_round, batch_size=256, progress=False)
     assert main(["label", "enqueue", "--db", str(store.path), "--round", str(old_round)]) == 0
     names = [f"annotator-{i}" for i in range(8)]
@@ -136,7 +137,7 @@ def test_eight_annotators_label_500_pairs_while_a_flow_round_writes(
                     finished_at.append(time.monotonic())
                     return
                 response = client.post(f"/api/pairs/{lease['pair_id']}/label", json={
-                    "lease_id": lease["lease_id"], "choice": choices.choice(queue.CHOICES)})
+                    "lease_id": lease["lease_id"], "choice": choices.choice(CHOICES)})
                 if response.status_code != 200:
                     failures.append(f"{name} label {lease['pair_id']}: {response.status_code} {response.text}")
                     return
@@ -147,7 +148,7 @@ def test_eight_annotators_label_500_pairs_while_a_flow_round_writes(
         for thread in threads:
             thread.start()
         flow_started = time.monotonic()
-        round_ids = run_rounds(flywheel, rounds=1)
+        round_ids = run_flow(flywheel, rounds=1)
         flow_finished = time.monotonic()
         for thread in threads:
             thread.join(timeout=600)
@@ -159,14 +160,14 @@ def test_eight_annotators_label_500_pairs_while_a_flow_round_writes(
     assert sum(1 for name in names if results[name]) >= 2  # the work was shared
     _, per_pair = store.query("SELECT pair_id, count(*) FROM labels WHERE annotator IS NOT NULL GROUP BY pair_id "
                               "HAVING count(*) <> 1")
-    assert per_pair == [] and store.count("labels", "annotator IS NOT NULL") == 500
+    assert per_pair == [] and store.read(tables.count, "labels", "annotator IS NOT NULL") == 500
     _, stored = store.query("SELECT label_id FROM labels WHERE annotator IS NOT NULL ORDER BY label_id")
     assert sorted(label for name in names for _, label in results[name]) == [row[0] for row in stored]
     _, agreement = store.query("SELECT judge_b, pairs FROM judge_agreement WHERE judge_a = 'adder@1' "
                                "AND judge_b LIKE 'human@1 (%' ORDER BY judge_b")
     assert sum(pairs for _, pairs in agreement) == 500
     # And the flow's round finished with everything it wrote.
-    assert round_ids == [old_round + 1] and store.get_round(old_round + 1).state == "done"
+    assert round_ids == [old_round + 1] and store.read(tables.get_round, old_round + 1).state == "done"
     _, summary = store.query(f"SELECT completions, labels = pairs FROM round_summary WHERE round_id = {old_round + 1}")
     assert summary == [(E2E_SAMPLE.prompts_per_round * E2E_SAMPLE.n, True)]
     print(f"labelling took {max(finished_at) - flow_started:.1f} s; the flow round {flow_finished - flow_started:.1f} s")

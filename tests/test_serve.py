@@ -67,7 +67,7 @@ eval: {{samples_per_prompt: 1, accuracy_score: flywheel.examples.addition:additi
         serve.wait(timeout=120)
     output = log_path.read_text()
     assert "no Prefect server found: starting `prefect server start`" in output
-    assert "serving flywheel-scheduled/nightly" in output
+    assert "serving flywheel-rounds/nightly" in output
     # No error of ours. (Prefect may log one of its own on shutdown when a run it stops has
     # just exited: "Failed to kill process ... No such process".)
     assert not re.search(r'File "[^"]*/(flywheel|flows|storage|judges)/', output), output[-4000:]
