@@ -48,7 +48,6 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from storage import tables
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -99,11 +98,12 @@ def make_config(workdir: Path, policy_config, cache: Path, seed: int, source: st
 
 def run_flywheel(config, rounds: int, sampler) -> None:
     from flywheel.rounds import Flywheel
+    from storage import tables as store_tables
 
     flywheel = Flywheel(config, log=log, sampler=sampler)
     try:
         flywheel.initialise()
-        for _ in range(rounds - flywheel.store.read(tables.count, "rounds", "state = 'done'")):
+        for _ in range(rounds - flywheel.store.read(store_tables.count, "rounds", "state = 'done'")):
             flywheel.run_round()
     finally:
         flywheel.close()

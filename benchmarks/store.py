@@ -132,7 +132,9 @@ def labels_table(records: list[Label], first_id: int) -> pa.Table:
 
 
 def raw_insert(path: Path, table_name: str, rows: pa.Table) -> tuple[float, float]:
-    """DuckDB's floor: a prepared Arrow table, one transaction on a fresh connection."""
+    """DuckDB's floor: a prepared Arrow table (in record batches of the size the store
+    uses), one transaction on a fresh connection."""
+    rows = pa.Table.from_batches(rows.to_batches(max_chunksize=8192), rows.schema)
     names = ", ".join(rows.column_names)
     start, cpu = time.perf_counter(), _cpu()
     conn = duckdb.connect(str(path))

@@ -1,9 +1,15 @@
-"""The `flywheel` command. User mistakes print one line and exit 2, never a traceback."""
+"""The `flywheel` command. User mistakes print one line and exit 2, never a traceback.
+
+Commands parse their arguments, call the library, and print: the rules live in `flywheel`
+(`flywheel.config`, `flywheel.preflight`, `flywheel.label_admin`, ...), where tests and
+notebooks reach them without a command line.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -14,6 +20,14 @@ from flywheel.errors import EngineDiedError, UserError
 DEFAULT_DEMO_DIR = Path("flywheel-demo")
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
+
+# Flags that are short for a config key (`dest`, key). They have no defaults of their own:
+# a flag not given leaves the key to the config file, else to the config's default.
+RUN_FLAGS = (("model", "reference_model"), ("prompts", "prompts"), ("heldout", "heldout_prompts"),
+             ("workdir", "workdir"), ("judge", "judge.spec"), ("score", "eval.accuracy_score"),
+             ("eval_judge", "eval.judge.spec"), ("pairing", "pair.strategy"), ("rounds", "rounds"))
+DEMO_FLAGS = (("rounds", "rounds"), ("pairing", "pair.strategy"), ("beta", "train.beta"),
+              ("lr", "train.learning_rate"), ("nll_weight", "train.nll_weight"))
 
 
 def _quiet_libraries(verbose: bool) -> None:
@@ -37,156 +51,81 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _flag_settings(args: argparse.Namespace, flags: Sequence[tuple[str, str]]) -> list[tuple[str, object]]:
+    """The config keys the given flags set, in the order of `flags`."""
+    settings = [(key, getattr(args, dest)) for dest, key in flags if getattr(args, dest, None) is not None]
+    settings += [(f"judge.options.{key}", value) for key, value in _judge_options(getattr(args, "judge_option", []))]
+    return settings
+
+
+def _judge_options(items: Sequence[str]) -> list[tuple[str, str]]:
+    """KEY=VALUE strings -> (key, value); the judge loader gives each value the type of the
+    judge's parameter (`max_tokens=8` -> 8)."""
+    options = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--judge-option takes KEY=VALUE, got {item!r}")
+        options.append((key, value))
+    return options
+
+
 # -- commands -----------------------------------------------------------------------------
 
 
 def _run_flywheel(config, rounds: int, judge=None, eval_judge=None) -> None:
-    from flows.rounds import run_rounds
-    from flywheel.rounds import Flywheel
+    from flows.rounds import flywheel_rounds
 
-    flywheel = Flywheel(config, log=_log, judge=judge, eval_judge=eval_judge)
-    try:
-        flywheel.initialise()
-        run_rounds(flywheel, rounds)
-    finally:
-        flywheel.close()
+    flywheel_rounds(config, rounds, judge=judge, eval_judge=eval_judge, log=_log)
 
 
 def command_demo(args: argparse.Namespace) -> None:
-    from flywheel.examples.addition import DemoPolicyConfig, demo_flywheel_config
+    from flywheel.config import check_override_keys
+    from flywheel.examples.addition import DemoPolicyConfig, prepare_demo
+    from flywheel.preflight import check_run_inputs
 
     started = time.monotonic()
+    settings = _flag_settings(args, DEMO_FLAGS)
+    check_override_keys(settings, args.overrides)  # before the policy is built
     workdir = args.dir.resolve()
     cache = Path(os.environ.get("FLYWHEEL_CACHE", Path.home() / ".cache" / "flywheel"))
     _log(f"demo policy: noisy-SFT tiny Llama on two-number addition (cache {cache})")
-    config = demo_flywheel_config(workdir, DemoPolicyConfig(seed=args.seed), cache, _log, beta=args.beta,
-                                  learning_rate=args.lr, nll_weight=args.nll_weight, pairing=args.pairing)
-    _log(f"running {args.rounds} rounds in {workdir}")
-    _run_flywheel(config, args.rounds)
-    _print_round_table(config.database)
-    _log(f"done in {time.monotonic() - started:.0f} s. Query it: flywheel sql --db {config.database} "
+    policy = DemoPolicyConfig() if args.seed is None else DemoPolicyConfig(seed=args.seed)
+    run_file = prepare_demo(workdir, policy, cache, _log, settings, args.overrides)
+    judge, eval_judge = check_run_inputs(run_file.config)
+    _log(f"running {run_file.rounds} rounds in {workdir} (config: {workdir / 'flywheel.yaml'})")
+    _run_flywheel(run_file.config, run_file.rounds, judge, eval_judge)
+    _print_round_table(run_file.config.database)
+    _log(f"done in {time.monotonic() - started:.0f} s. Query it: flywheel sql --db {run_file.config.database} "
          "\"SELECT * FROM round_summary\"")
 
 
 def command_run(args: argparse.Namespace) -> None:
-    config, rounds = _run_config_from_file(args) if args.config is not None else _run_config_from_flags(args)
-    judge, eval_judge = _check_inputs(config)
-    _run_flywheel(config, rounds, judge, eval_judge)
-    _print_round_table(config.database)
+    from flywheel.config import load_run_config
+    from flywheel.preflight import check_run_inputs
 
-
-def _run_config_from_file(args: argparse.Namespace):
-    from flywheel.config import load_config_file
-
-    # Every flag but --rounds is a key of the file: refuse both, rather than pick one.
-    defaults = vars(build_parser().parse_args(["run"]))
-    given = [f"--{dest.replace('_', '-')}" for dest, value in vars(args).items()
-             if dest not in ("config", "rounds", "verbose") and value != defaults[dest]]
-    if given:
-        raise UserError(f"{', '.join(given)} cannot be given with --config: set "
-                        f"{'them' if len(given) > 1 else 'it'} in {args.config} (only --rounds overrides the file)")
-    run_file = load_config_file(args.config)
-    return run_file.config, args.rounds or run_file.rounds or 1
-
-
-def _run_config_from_flags(args: argparse.Namespace):
-    from flywheel.config import EvalConfig, FlywheelConfig, JudgeConfig, PairConfig, SampleConfig, TrainConfig
-
-    missing = [flag for flag in ("--model", "--prompts", "--heldout", "--workdir") if getattr(args, flag[2:]) is None]
-    if missing:
-        raise UserError(f"run needs {', '.join(missing)} (or --config FILE)")
-    if args.judge is None and args.score is None:
-        raise UserError("give --judge SPEC, or --score for a rule judge (or both)")
-    config = FlywheelConfig(
-        workdir=args.workdir,
-        reference_model=args.model,
-        prompts=args.prompts,
-        heldout_prompts=args.heldout,
-        judge=JudgeConfig(args.judge or f"rule:{args.score}", _judge_options(args.judge_option)),
-        seed=args.seed,
-        sample=SampleConfig(prompts_per_round=args.prompts_per_round, n=args.n, max_tokens=args.max_tokens),
-        pair=PairConfig(strategy=args.pairing, max_pairs_per_round=args.max_pairs_per_round),
-        train=TrainConfig(beta=args.beta, learning_rate=args.lr, nll_weight=args.nll_weight,
-                          loss_type=args.loss_type, label_smoothing=args.label_smoothing,
-                          length_normalised=args.length_normalised,
-                          gradient_accumulation_steps=args.gradient_accumulation_steps,
-                          warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule,
-                          reference=args.reference, replay_fraction=args.replay_fraction,
-                          lora_rank=args.lora_rank, num_processes=args.num_processes, bf16=args.bf16,
-                          gradient_checkpointing=args.gradient_checkpointing,
-                          keep_reference_loaded=args.keep_reference_loaded),
-        eval=EvalConfig(accuracy_score=args.score, judge=JudgeConfig(args.eval_judge) if args.eval_judge else None),
-    )
-    return config, args.rounds or 1
-
-
-def _check_inputs(config):
-    """Check every input before anything slow starts (engine, Prefect API); returns the
-    judge and eval judge (None: the round's own), built now so a judge that cannot be
-    built fails in one line."""
-    from flywheel.checkpoints import require_checkpoint
-    from flywheel.prompts import load_prompts
-    from judges import import_object, load_judge
-
-    require_checkpoint(config.reference_model)
-    load_prompts(config.prompts)
-    load_prompts(config.heldout_prompts)
-    score = config.eval.accuracy_score
-    if score is not None and not callable(import_object(score, "score function")):
-        raise UserError(f"score function {score!r} is not callable")
-    judge = load_judge(config.judge.spec, config.judge.options)
-    eval_judge = load_judge(config.eval.judge.spec, config.eval.judge.options) if config.eval.judge else None
-    return judge, eval_judge
+    run_file = load_run_config(args.config, _flag_settings(args, RUN_FLAGS), args.overrides)
+    judge, eval_judge = check_run_inputs(run_file.config)
+    _run_flywheel(run_file.config, run_file.rounds, judge, eval_judge)
+    _print_round_table(run_file.config.database)
 
 
 def command_judge(args: argparse.Namespace) -> None:
-    from flywheel.labelling import label_pairs
-    from judges import close_judge, load_judge
+    from flywheel.label_admin import relabel_round
     from storage.store import Store
 
-    store = Store.open(args.db)
-    round_id = args.round
-    if round_id is None:
-        _, rows = store.query("SELECT max(round_id) FROM pairs")
-        round_id = rows[0][0]
-        if round_id is None:
-            raise UserError(f"{args.db} has no pairs to judge yet")
-    if store.count("pairs", "round_id = ?", [round_id]) == 0:
-        raise UserError(f"round {round_id} has no pairs (it has not finished pairing, or does not exist)")
-    if args.judge == "human":
-        raise UserError("people label through the queue: `flywheel label enqueue --round N`, then `flywheel label serve`")
-    judge = load_judge(args.judge, _judge_options(args.judge_option))
-    try:
-        result = label_pairs(store, judge, round_id, args.batch_size)
-    finally:
-        close_judge(judge)
-    _log(f"round {round_id}: {judge.name}@{judge.version} labelled {result.labelled} pairs"
-         f" ({result.failed} undecided, {result.already_done} judged before)")
-    labeller = f"{judge.name}@{judge.version}"
-    columns, rows = store.query(
-        "SELECT judge_a, judge_b, pairs, agreements, round(agreement_rate, 3) AS agreement_rate, "
-        "decisive_pairs, round(decisive_agreement_rate, 3) AS decisive_agreement_rate "
-        "FROM judge_agreement WHERE judge_a = ? OR judge_b = ?", [labeller, labeller])
-    _print_table(columns, rows, title="agreement with other labellers (all rounds)")
-
-
-def _judge_options(pairs: Sequence[str]) -> dict[str, str]:
-    """KEY=VALUE strings -> options (the judge loader converts numbers and booleans)."""
-    options: dict[str, str] = {}
-    for item in pairs:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"--judge-option takes KEY=VALUE, got {item!r}")
-        options[key] = value
-    return options
+    done = relabel_round(Store.open(args.db), args.judge, dict(_judge_options(args.judge_option)), args.round,
+                         args.batch_size)
+    _log(f"round {done.round_id}: {done.labeller} labelled {done.result.labelled} pairs"
+         f" ({done.result.failed} undecided, {done.result.already_done} judged before)")
+    _print_table(*done.agreement, title="agreement with other labellers (all rounds)")
 
 
 def command_annotators_add(args: argparse.Namespace) -> None:
     from judges.human import new_annotator
     from storage.store import Store
 
-    token = new_annotator(Store.open(args.db), args.name)
-    print(token)
+    print(new_annotator(Store.open(args.db), args.name))
     _log(f"annotator {args.name} added; the line above is their token, shown only this once. "
          f"They log in with it at `flywheel label serve --db {args.db}`.")
 
@@ -195,9 +134,7 @@ def command_annotators_list(args: argparse.Namespace) -> None:
     from storage import queue
     from storage.store import Store
 
-    with Store.open(args.db).transaction() as tx:
-        rows = queue.annotators(tx)
-    _print_table(["annotator", "labels"], rows)
+    _print_table(["annotator", "labels"], Store.open(args.db).read(queue.annotators))
 
 
 def command_label_serve(args: argparse.Namespace) -> None:
@@ -217,45 +154,29 @@ def command_label_serve(args: argparse.Namespace) -> None:
 
 
 def command_label_enqueue(args: argparse.Namespace) -> None:
-    from storage import queue
+    from flywheel.label_admin import enqueue_for_people
     from storage.store import Store
 
-    from judges.human import HUMAN_JUDGE_NAME, MAX_LEASE_MINUTES
-
-    if args.lease_minutes > MAX_LEASE_MINUTES:
-        raise UserError(f"--lease-minutes must be at most {MAX_LEASE_MINUTES} (a week), got {args.lease_minutes}")
-    store = Store.open(args.db)
-    with store.transaction() as tx:
-        if tx.count("pairs", "round_id = ?", [args.round]) == 0:
-            raise UserError(f"round {args.round} has no pairs (it has not finished pairing, or does not exist)")
-        # Only a round an AI judge has started labelling: a round with no judge yet, queued
-        # here, would later be mistaken for a human round's own queue.
-        judge_name = tx.get_round(args.round).judge_name
-        if judge_name is None or judge_name == HUMAN_JUDGE_NAME:
-            raise UserError(f"round {args.round} " + ("is labelled by people already" if judge_name else
-                            "has no judge yet: enqueue it for comparison once its judge has labelled it"))
-        request = queue.request_labels(tx, args.round, judge_version="1", labels_per_pair=args.labels_per_pair,
-                                       lease_seconds=args.lease_minutes * 60, now=queue.utc_now())
-        done = queue.progress(tx, args.round)
-    _log(f"round {args.round}: {done.pairs} pairs queued for people, {request.labels_per_pair} label(s) each "
+    done = enqueue_for_people(Store.open(args.db), args.round, args.labels_per_pair, args.lease_minutes)
+    _log(f"round {args.round}: {done.pairs} pairs queued for people, {args.labels_per_pair} label(s) each "
          f"({done.labels} given so far). People's labels of it are compared, not trained on.")
 
 
 def command_label_export(args: argparse.Namespace) -> None:
     import json
 
-    from storage import queue
+    from flywheel.label_admin import export_rows
+    from flywheel.table_formats import jsonable
     from storage.store import Store
 
-    with Store.open(args.db).transaction() as tx:
-        rows = queue.people_labels(tx, args.round) if args.labels else queue.pending_pairs(tx, args.round)
+    rows = export_rows(Store.open(args.db), args.round, labels=args.labels)
     try:
         out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
     except OSError as error:
         raise UserError(f"cannot write {args.out}: {error.strerror or error}") from error
     try:
         for row in rows:
-            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            out.write(json.dumps(jsonable(row), ensure_ascii=False) + "\n")
     finally:
         if args.out:
             out.close()
@@ -264,65 +185,31 @@ def command_label_export(args: argparse.Namespace) -> None:
 
 
 def command_label_import(args: argparse.Namespace) -> None:
-    from judges.human import HUMAN_JUDGE_NAME
-    from storage import queue
+    from flywheel.label_admin import import_labels_file
     from storage.store import Store
 
-    labels = _read_label_lines(args.file, args.annotator)
-    with Store.open(args.db).transaction() as tx:
-        try:
-            added, present = queue.import_labels(tx, labels, queue.utc_now(), judge_name=HUMAN_JUDGE_NAME)
-        except queue.QueueError as error:
-            raise UserError(f"{args.file}: {error}; nothing imported") from error
+    added, present = import_labels_file(Store.open(args.db), args.file, args.annotator)
     _log(f"imported {added} labels from {args.file} ({present} were already there)")
-
-
-def _read_label_lines(path: Path, default_annotator: str | None) -> list:
-    """JSONL lines {"pair_id", "winner", "annotator", "rationale"?}; extra keys (the
-    texts an export wrote) are ignored. Any bad line refuses the file, naming the line."""
-    import json
-
-    from judges.human import HumanLabel
-    from storage.queue import QueueError
-
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise UserError(f"cannot read {path}: {error}") from error
-    labels = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            if not isinstance(row, dict):
-                raise ValueError("each line must be a JSON object")
-            if "pair_id" not in row or "winner" not in row or ("annotator" not in row and not default_annotator):
-                raise ValueError("needs a pair_id, a winner and an annotator (or --annotator)")
-            labels.append(HumanLabel(row["pair_id"], row["winner"], row.get("annotator", default_annotator),
-                                     row.get("rationale")))
-        except (ValueError, QueueError) as error:
-            raise UserError(f"{path}:{number}: {error}; nothing imported") from error
-    return labels
 
 
 def command_serve(args: argparse.Namespace) -> None:
     from flows.rounds import deployment_name, serve_rounds
     from flows.server import check_cron, find_or_start_server
     from flywheel.config import load_config_file
+    from flywheel.preflight import check_run_inputs
     from judges import close_judge
 
     check_cron(args.cron)
     run_file = load_config_file(args.config)
-    rounds = args.rounds or run_file.rounds or 1
+    rounds = args.rounds or run_file.rounds
     # Each scheduled run builds its own judges; these were built only to check them now.
-    for judge in _check_inputs(run_file.config):
+    for judge in check_run_inputs(run_file.config):
         if judge is not None:
             close_judge(judge)
 
     api_url, server = find_or_start_server(args.server_host, args.server_port,
                                            run_file.config.workdir / "prefect-server.log", _log)
-    name = f"flywheel-scheduled/{deployment_name(args.config)}"
+    name = f"flywheel-rounds/{deployment_name(args.config)}"
     _log(f"serving {name}: {rounds} round(s) of {args.config} on cron {args.cron!r} (UTC), never two at once. "
          f"Ctrl-C stops serving and {'leaves the schedule on' if args.keep_schedule else 'pauses the schedule'}. "
          f"Run one now: PREFECT_API_URL={api_url} prefect deployment run '{name}'")
@@ -350,18 +237,12 @@ def command_rollback(args: argparse.Namespace) -> None:
     _log(f"rolled back by {args.by}: checkpoint {policy} is the policy again")
 
 
-def _add_override_arguments(parser: argparse.ArgumentParser) -> None:
-    _add_db_argument(parser)
-    parser.add_argument("--by", default=os.environ.get("USER") or "unknown",
-                        help="who decided, recorded in the promotions table (default: $USER, %(default)s)")
-    parser.add_argument("--reason", help="why, recorded in the promotions table")
-
-
 def command_sql(args: argparse.Namespace) -> None:
+    from flywheel.table_formats import format_rows
     from storage.store import Store
 
     columns, rows = Store.open(args.db).query(args.query)
-    _print_table(columns, rows)
+    sys.stdout.write(format_rows(columns, rows, args.format, width=_terminal_width()))
 
 
 def command_status(args: argparse.Namespace) -> None:
@@ -388,16 +269,15 @@ def _print_round_table(database: Path) -> None:
     _print_table(columns, display_rows(rows), title=ROUND_TABLE_TITLE)
 
 
-def _print_table(columns: Sequence[str], rows: Sequence[tuple], title: str | None = None) -> None:
-    from rich.console import Console
-    from rich.table import Table
+def _print_table(columns: Sequence[str], rows: Sequence[Sequence], title: str | None = None) -> None:
+    from flywheel.table_formats import text_table
 
-    table = Table(title=title)
-    for column in columns:
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*("" if v is None else str(v) for v in row))
-    Console(width=max(100, sum(len(c) + 6 for c in columns))).print(table)
+    sys.stdout.write(text_table(columns, rows, title, width=_terminal_width()))
+
+
+def _terminal_width() -> int | None:
+    """A terminal's width, to fold long values in; None (as wide as the values) elsewhere."""
+    return shutil.get_terminal_size().columns if sys.stdout.isatty() else None
 
 
 # -- parsing ------------------------------------------------------------------------------
@@ -437,11 +317,23 @@ judge options (--judge-option KEY=VALUE, repeatable), e.g. for llm: template_fil
   labels_per_pair=1, quota_fraction=1.0 or quota_pairs=N, deadline_hours=0 (none),
   lease_minutes=10"""
 
+OVERRIDES = """overrides:
+  KEY=VALUE arguments set any config key, dotted: train.beta=0.2 sample.n=8
+  train.loss_type=ipo judge.options.name=x. Values are read as YAML (true, 3e-4, null,
+  [a, b]); paths are relative to the current directory. They apply after the config
+  file and the flags, in order. Every key and its default: docs/configuration.md."""
 
-def _add_judge_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
-    parser.add_argument("--judge", required=required, metavar="SPEC", help="who labels the pairs (see judge specs below)")
+
+def _add_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", default=[],
+                        help="set a config key, e.g. train.beta=0.2 (see overrides below)")
+
+
+def _add_judge_arguments(parser: argparse.ArgumentParser, required: bool, key: str = "") -> None:
+    parser.add_argument("--judge", required=required, metavar="SPEC",
+                        help=f"who labels the pairs (see judge specs below){key}")
     parser.add_argument("--judge-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="keyword option for the judge; repeatable")
+                        help=f"keyword option for the judge; repeatable{key and ' (sets judge.options.KEY)'}")
 
 
 def _add_db_argument(parser: argparse.ArgumentParser) -> None:
@@ -449,99 +341,82 @@ def _add_db_argument(parser: argparse.ArgumentParser) -> None:
                         help="database file (default: %(default)s)")
 
 
+def _add_override_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_db_argument(parser)
+    parser.add_argument("--by", default=os.environ.get("USER") or "unknown",
+                        help="who decided, recorded in the promotions table (default: $USER, %(default)s)")
+    parser.add_argument("--reason", help="why, recorded in the promotions table")
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Wraps descriptions; keeps the lines of a text that has its own (the epilogs)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from flywheel.config import LOSS_TYPES, LR_SCHEDULES, REFERENCES
     from flywheel.pairing import STRATEGIES
+    from flywheel.table_formats import FORMATS
 
     parser = argparse.ArgumentParser(
         prog="flywheel",
         description="An online-DPO data flywheel: sample, pair, label, train, evaluate, promote.",
     )
     parser.add_argument("--verbose", action="store_true", help="show vLLM and Prefect logs")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     help="what to do (flywheel COMMAND --help for its options)")
+    raw = _Formatter
 
     demo = commands.add_parser(
         "demo", help="run the demo flywheel on two-number addition",
-        description="Build (or reuse) a noisy tiny policy for two-number addition and run "
-        "flywheel rounds on it; prints a per-round table.",
+        description="Build (or reuse) a noisy tiny policy for two-number addition and run flywheel rounds "
+        "on it; prints a per-round table. The directory gets `policy` (a link to the policy checkpoint), "
+        "`prompts/train.jsonl`, `prompts/heldout.jsonl`, and `flywheel.yaml`, the config the demo ran "
+        "(`flywheel run --config DIR/flywheel.yaml` runs more rounds of it): every setting the demo used is there. "
+        "Flags below set the config key they name.",
+        epilog=OVERRIDES, formatter_class=raw,
     )
     demo.add_argument("--dir", type=Path, default=DEFAULT_DEMO_DIR, help="working directory (default: %(default)s)")
-    demo.add_argument("--rounds", type=positive_int, default=8, help="rounds to run (default: %(default)s)")
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    demo.add_argument("--beta", type=float, default=0.1, help="DPO beta (default: %(default)s)")
-    demo.add_argument("--lr", type=float, default=3e-4, help="DPO learning rate (default: %(default)s)")
-    demo.add_argument("--nll-weight", type=float, default=1.0,
-                      help="weight of the chosen-answer NLL term added to DPO (default: %(default)s; 0 = pure DPO)")
-    demo.add_argument("--pairing", choices=STRATEGIES, default="random",
-                      help="how completions of a prompt become pairs (default: %(default)s)")
+    demo.add_argument("--rounds", type=positive_int, help="rounds to run (key rounds)")
+    demo.add_argument("--seed", type=int, help="seed of the demo policy and of the flywheel (default: the demo policy's, 0)")
+    demo.add_argument("--pairing", choices=STRATEGIES,
+                      help="how completions of a prompt become pairs (key pair.strategy)")
+    demo.add_argument("--beta", type=float, help="DPO beta (key train.beta)")
+    demo.add_argument("--lr", type=float, help="DPO learning rate (key train.learning_rate)")
+    demo.add_argument("--nll-weight", type=float,
+                      help="weight of the chosen-answer NLL term added to DPO (key train.nll_weight; 0 is pure DPO)")
+    _add_overrides(demo)
     demo.set_defaults(handler=command_demo)
 
     run = commands.add_parser(
         "run", help="run rounds on your own model, prompts and judge",
-        description="Run flywheel rounds on a save_pretrained checkpoint. Pairs are labelled by "
-        "--judge, or by a rule judge made from --score, a Python function "
-        "score(prompt, completion) -> float, which also gives held-out accuracy. Or give every "
-        "setting in a YAML file with --config FILE (see the README), and no other flag but --rounds.",
-        epilog=JUDGE_SPECS, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run flywheel rounds as a config file says (--config FILE; see the README), with "
+        "KEY=VALUE overrides of its keys. Each flag below is short for the config key it names and has "
+        "no default of its own; without --config, the flags and overrides give every required key "
+        "(workdir, reference_model, prompts, heldout_prompts, judge). Bad input is one line and exit "
+        "code 2, before any engine starts.",
+        epilog=f"{OVERRIDES}\n\n{JUDGE_SPECS}", formatter_class=raw,
     )
     run.add_argument("--config", type=Path, metavar="FILE",
-                     help="YAML file with every setting (see the README); no other flag but --rounds with it")
-    run.add_argument("--model", type=Path, help="reference (SFT) checkpoint directory (required without --config)")
-    run.add_argument("--prompts", type=Path, help="train prompts: .jsonl, .csv or .parquet with a 'prompt' column")
-    run.add_argument("--heldout", type=Path, help="held-out prompts, same format")
-    run.add_argument("--score", help="verifier 'package.module:function' for held-out accuracy (and the judge if no --judge)")
-    _add_judge_arguments(run, required=False)
+                     help="YAML file with the flywheel's settings; relative paths in it are from its directory")
+    run.add_argument("--rounds", type=positive_int, help="rounds to run (key rounds; default: the file's, else 1)")
+    run.add_argument("--model", type=Path, help="reference (SFT) save_pretrained directory (key reference_model)")
+    run.add_argument("--prompts", type=Path,
+                     help="train prompts: .jsonl, .csv or .parquet with a 'prompt' column (key prompts)")
+    run.add_argument("--heldout", type=Path, help="held-out prompts, same format (key heldout_prompts)")
+    run.add_argument("--workdir", type=Path, help="where the database and checkpoints go (key workdir)")
+    _add_judge_arguments(run, required=False, key=" (key judge.spec)")
+    run.add_argument("--score", metavar="MODULE:FUNCTION",
+                     help="verifier score(prompt, completion) -> float for held-out accuracy "
+                     "(key eval.accuracy_score)")
     run.add_argument("--eval-judge", metavar="SPEC",
-                     help="who judges candidate against incumbent (default: the judge; with "
-                     "--judge human, a rule judge made from --score)")
-    run.add_argument("--pairing", choices=STRATEGIES, default="random",
-                     help="how completions of a prompt become pairs (default: %(default)s; "
-                     "best_vs_worst needs a rule or reward-model judge)")
-    run.add_argument("--max-pairs-per-round", type=positive_int,
-                     help="a label budget: at most this many pairs a round are labelled, a seeded random "
-                     "subset when more form (default: every pair)")
-    run.add_argument("--workdir", type=Path, help="where the database and checkpoints go")
-    run.add_argument("--rounds", type=positive_int,
-                     help="rounds to run (default: the config file's rounds, else 1)")
-    run.add_argument("--prompts-per-round", type=int, default=512, help="prompts sampled per round (default: %(default)s)")
-    run.add_argument("--n", type=int, default=4, help="completions per prompt (default: %(default)s)")
-    run.add_argument("--max-tokens", type=int, default=64, help="completion length limit (default: %(default)s)")
-    run.add_argument("--beta", type=float, default=0.1, help="DPO beta (default: %(default)s)")
-    run.add_argument("--lr", type=float, default=3e-5, help="DPO learning rate (default: %(default)s)")
-    run.add_argument("--nll-weight", type=float, default=0.0,
-                     help="weight of the chosen-answer NLL term added to DPO (default: %(default)s = pure DPO)")
-    run.add_argument("--loss-type", choices=LOSS_TYPES, default="sigmoid",
-                     help="preference loss: sigmoid (DPO), ipo, hinge or robust (default: %(default)s)")
-    run.add_argument("--label-smoothing", type=float, default=0.0,
-                     help="assumed share of flipped labels, for sigmoid (conservative DPO) or robust "
-                     "(default: %(default)s)")
-    run.add_argument("--length-normalised", action="store_true",
-                     help="use per-token mean log-probs instead of sums")
-    run.add_argument("--gradient-accumulation-steps", type=positive_int, default=1,
-                     help="micro-batches per optimiser step of 32 pairs (default: %(default)s)")
-    run.add_argument("--warmup-steps", type=int, default=0,
-                     help="optimiser steps of linear learning-rate warm-up (default: %(default)s)")
-    run.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
-                     help="learning rate after warm-up (default: %(default)s)")
-    run.add_argument("--reference", choices=REFERENCES, default="initial",
-                     help="DPO's frozen reference: the initial model, or the previous round's promoted "
-                     "checkpoint (default: %(default)s)")
-    run.add_argument("--replay-fraction", type=float, default=0.0,
-                     help="share of each round's training pairs replayed from earlier rounds "
-                     "(default: %(default)s: only the round's fresh pairs)")
-    run.add_argument("--lora-rank", type=int, default=0,
-                     help="train LoRA adapters of this rank on every linear layer, merged on save "
-                     "(default: %(default)s: full fine-tuning)")
-    run.add_argument("--num-processes", type=positive_int, default=1,
-                     help="data-parallel training processes under `accelerate launch`, one per GPU "
-                     "(default: %(default)s: train in this process)")
-    run.add_argument("--bf16", action="store_true", help="bf16 autocast for the policy's forward pass")
-    run.add_argument("--gradient-checkpointing", action="store_true",
-                     help="recompute activations in the backward pass: less memory, more time")
-    run.add_argument("--keep-reference-loaded", action="store_true",
-                     help="keep the frozen reference model loaded between rounds: two loads a round "
-                     "fewer, for its memory")
-    run.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+                     help="who judges candidate against incumbent (key eval.judge.spec; default: the judge)")
+    run.add_argument("--pairing", choices=STRATEGIES,
+                     help="how completions of a prompt become pairs (key pair.strategy)")
+    _add_overrides(run)
     run.set_defaults(handler=command_run)
 
     judge = commands.add_parser(
@@ -550,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and version, beside the labels already there; pairs it judged before are skipped. "
         "Prints its agreement with the other labellers. Training data is unaffected: a round "
         "trains only on its own judge's labels.",
-        epilog=JUDGE_SPECS, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=JUDGE_SPECS, formatter_class=raw,
     )
     _add_judge_arguments(judge, required=True)
     _add_db_argument(judge)
@@ -562,7 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     annotators = commands.add_parser(
         "annotators", help="people who label through the labelling page",
         description="Add an annotator (prints their token once) or list annotators.")
-    annotator_commands = annotators.add_subparsers(dest="annotators_command", required=True, metavar="ACTION")
+    annotator_commands = annotators.add_subparsers(dest="annotators_command", required=True, metavar="ACTION",
+                                                   help="add or list")
     add = annotator_commands.add_parser("add", help="add an annotator and print their token",
                                         description="Add an annotator and print a token for the labelling "
                                         "page and API. Only a hash of it is stored: keep it.")
@@ -578,7 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
         "label", help="the human labelling queue: serve the page, enqueue, export, import",
         description="People label queued pairs in a browser. A round whose judge is 'human' queues "
         "its pairs itself; `enqueue` queues an AI-judged round's pairs for comparison.")
-    label_commands = label.add_subparsers(dest="label_command", required=True, metavar="ACTION")
+    label_commands = label.add_subparsers(dest="label_command", required=True, metavar="ACTION",
+                                           help="serve, enqueue, export or import")
     serve = label_commands.add_parser("serve", help="serve the labelling page and JSON API",
                                       description="Serve the labelling page and its JSON API. Annotators "
                                       "log in with the token from `flywheel annotators add`.")
@@ -653,13 +530,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     sql = commands.add_parser(
         "sql", help="read-only SQL against a flywheel database",
-        description="Run one read-only SQL statement (SELECT or EXPLAIN) and print a table. "
+        description="Run one read-only SQL statement (SELECT or EXPLAIN) and print its result. "
         "Views: preferences, round_summary, judge_agreement, labelling_progress. Tables: prompts, "
         "completions, pairs, labels, judge_failures, completion_scores, checkpoints, rounds, train_steps, "
         "evals, annotators, label_requests, label_queue, label_leases.",
     )
     sql.add_argument("query", help='e.g. "SELECT * FROM round_summary"')
     _add_db_argument(sql)
+    sql.add_argument("--format", choices=FORMATS, default="table",
+                     help="table (default: long values fold in a terminal, never cut), csv (with a header "
+                     "row), json (an array of objects) or markdown (a pipe table); csv and json carry "
+                     "every value whole")
     sql.set_defaults(handler=command_sql)
 
     status = commands.add_parser(
@@ -676,8 +557,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The arguments; KEY=VALUE overrides may come anywhere after the command. A flag the
+    command lacks (`run --beta`) is one line that names the key it may mean."""
+    from flywheel.config import dotted_keys
+
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras and hasattr(args, "overrides"):
+        flags = [extra for extra in extras if extra.startswith("-")]
+        if flags:
+            name = flags[0].lstrip("-").partition("=")[0].replace("-", "_")
+            keys = [key for key in dotted_keys() if key.rpartition(".")[2] == name]
+            hint = f"set {keys[0]}=VALUE instead" if keys else "settings are KEY=VALUE arguments (train.beta=0.2)"
+            raise UserError(f"unrecognized arguments: {' '.join(flags)} ({hint}; see flywheel {args.command} --help)")
+        args.overrides = [*args.overrides, *extras]
+    elif extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = _parse(argv)
+    except UserError as error:
+        print(f"flywheel: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
     _quiet_libraries(args.verbose)
     from judges import JudgeError, JudgeSpecError
     from storage.store import StoreError

@@ -292,12 +292,27 @@ def load_run_config(path: Path | None = None, settings: Sequence[tuple[str, Any]
     mistakes (an unknown key, a value the config refuses) start `override KEY=VALUE: `,
     the file's start with the file's path.
     """
-    given = [*((key, value, f"{key}={value}") for key, value in settings), *map(parse_override, overrides)]
-    if path is not None:
-        path = Path(path).expanduser()
-        data, base, source = _read_config_data(path, empty_ok=bool(given)), path.parent, f"{path}: "
-    else:
-        data, base, source = {}, Path("."), ""
+    given = _given(settings, overrides)
+    if path is None:
+        return _run_config({}, Path("."), "", given)
+    path = Path(path).expanduser()
+    return _run_config(_read_config_data(path, empty_ok=bool(given)), path.parent, f"{path}: ", given)
+
+
+def override_run_file(run_file: RunFile, settings: Sequence[tuple[str, Any]] = (),
+                      overrides: Sequence[str] = ()) -> RunFile:
+    """`run_file` with `settings` and `overrides` set as `load_run_config` sets them, validated again."""
+    given = _given(settings, overrides)
+    if not given:
+        return run_file
+    return _run_config({**config_mapping(run_file.config), "rounds": run_file.rounds}, Path("."), "", given)
+
+
+def _given(settings: Sequence[tuple[str, Any]], overrides: Sequence[str]) -> list[tuple[str, Any, str]]:
+    return [*((key, value, f"{key}={value}") for key, value in settings), *map(parse_override, overrides)]
+
+
+def _run_config(data: dict[str, Any], base: Path, source: str, given: Sequence[tuple[str, Any, str]]) -> RunFile:
     for key, value, shown in given:
         try:
             _set_key(data, key, value)
@@ -348,11 +363,22 @@ def parse_override(text: str) -> tuple[str, Any, str]:
     key, sep, raw = text.partition("=")
     if not sep or not _OVERRIDE_KEY.fullmatch(key):
         raise UserError(f"{text!r} is not KEY=VALUE with a dotted key (e.g. train.beta=0.2)")
+    return key, parse_value(raw), text
+
+
+def parse_value(text: str) -> Any:
+    """A command line's value: a YAML scalar (`true`, `3e-4`, `null`, `'quoted text'`), or
+    a flow list or mapping (`[a, b]`, `{name: x}`); any other text is taken as it is."""
+    stripped = text.strip()
     try:
-        return key, yaml.load(raw, Loader=_Loader), text
-    except yaml.YAMLError as error:
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise UserError(f"override {text}: the value is not valid YAML ({problem})") from None
+        value = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, (dict, list)) and stripped[:1] not in "[{":
+        return text  # `Which: A or B?` is text, not a mapping
+    if isinstance(value, str) and stripped[:1] not in "'\"":
+        return text  # text as written, comments (` #`) and all
+    return value
 
 
 def _set_key(data: dict[str, Any], key: str, value: Any) -> None:
@@ -377,7 +403,7 @@ def _set_key(data: dict[str, Any], key: str, value: Any) -> None:
                     _set_key(data, f"{key}.{name}", item)
                 node.setdefault(part, {})
             else:
-                if hint is Path and isinstance(value, str) and value:
+                if hint is Path and isinstance(value, (str, Path)) and str(value):
                     value = str(Path.cwd() / Path(value).expanduser())
                 node[part] = value
             return
@@ -392,6 +418,29 @@ def _set_key(data: dict[str, Any], key: str, value: Any) -> None:
             cls = None
         node[part] = child = dict(child) if isinstance(child, Mapping) else {}
         node = child
+
+
+def check_override_keys(settings: Sequence[tuple[str, Any]] = (), overrides: Sequence[str] = ()) -> None:
+    """Refuse an override whose key is not a config key (or is not KEY=VALUE), before
+    anything is built; its value is checked with the rest of the config."""
+    for key, value, shown in _given(settings, overrides):
+        try:
+            _set_key({}, key, value)
+        except UserError as error:
+            raise UserError(f"override {shown}: {error}") from None
+
+
+def dotted_keys(cls: type | None = None, where: str = "") -> list[str]:
+    """Every key a config file or an override can set (`train.beta`, ...); the free-form
+    mappings (`judge.options`) as themselves."""
+    cls = cls or FlywheelConfig
+    keys = [] if where else list(RUN_FILE_KEYS)
+    for name, hint in get_type_hints(cls).items():
+        if name not in _keys(cls):
+            continue
+        hint = _without_none(hint)
+        keys += dotted_keys(hint, _dotted(where, name)) if is_dataclass(hint) else [_dotted(where, name)]
+    return keys
 
 
 def _without_none(hint: Any) -> Any:

@@ -32,10 +32,6 @@ class Relabelling:
     agreement: tuple[list[str], list[tuple]]  # its rows of judge_agreement, over all rounds
 
 
-def latest_round_with_pairs(tx: Transaction) -> int | None:
-    return tx.execute("SELECT max(round_id) FROM pairs").fetchone()[0]
-
-
 def require_pairs(tx: Transaction, round_id: int) -> None:
     if tables.count(tx, "pairs", "round_id = ?", [round_id]) == 0:
         raise UserError(f"round {round_id} has no pairs (it has not finished pairing, or does not exist)")
@@ -43,7 +39,7 @@ def require_pairs(tx: Transaction, round_id: int) -> None:
 
 def _round_to_relabel(tx: Transaction, round_id: int | None, database: Path) -> int:
     if round_id is None:
-        round_id = latest_round_with_pairs(tx)
+        round_id = tables.latest_round_with_pairs(tx)
         if round_id is None:
             raise UserError(f"{database} has no pairs to judge yet")
     require_pairs(tx, round_id)

@@ -79,6 +79,8 @@ def check_engine_settings(model: Path, where: str, *, max_model_len: int | None,
     if (isinstance(gpu_memory_utilization, bool) or not isinstance(gpu_memory_utilization, (int, float))
             or not 0 < gpu_memory_utilization <= 1):
         raise UserError(f"{where}.gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}")
+    if isinstance(max_model_len, str) and max_model_len.strip().isdigit():
+        max_model_len = int(max_model_len)  # a judge option from the command line, as vLLM reads it
     if max_model_len is not None and (isinstance(max_model_len, bool) or not isinstance(max_model_len, int)
                                       or max_model_len < 2):
         raise UserError(f"{where}.max_model_len must be an integer >= 2, got {max_model_len!r}")

@@ -59,7 +59,10 @@ def next_ids(tx: Transaction, sequence: str, n: int) -> list[int]:
 
 def insert_arrow(tx: Transaction, table: str, columns: dict[str, pa.Array]) -> None:
     """One INSERT of Arrow columns named as the table's columns."""
+    # DuckDB reads each Arrow record batch on one thread: batches of 8192 rows let every
+    # thread take part in a large insert.
     rows = pa.table(columns)
+    rows = pa.Table.from_batches(rows.to_batches(max_chunksize=8192), rows.schema)
     tx.register("_flywheel_rows", rows)
     try:
         names = ", ".join(columns)
@@ -94,8 +97,14 @@ def _int32_lists(values: Sequence[Sequence[int]]) -> pa.Array:
 
 def _json_sorted(values: Sequence[Any]) -> pa.Array:
     """Each value as compact JSON with sorted keys (non-string keys become strings, as
-    json.dumps does), as a string column."""
-    encoded = [orjson.dumps(value, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS) for value in values]
+    json.dumps does), as a string column. A value equal to the one before reuses its
+    encoding: a prompt's n samples have the same params, and comparing two small dicts
+    costs a tenth of encoding one."""
+    encoded, last, last_encoded = [], object(), b""
+    for value in values:
+        if value != last:
+            last, last_encoded = value, orjson.dumps(value, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
+        encoded.append(last_encoded)
     return pa.array(encoded, pa.binary()).cast(pa.string())
 
 
@@ -343,6 +352,10 @@ def add_pairs(tx: Transaction, pairs: Sequence[Pair]) -> list[int]:
         "completion_b_id": pa.int64(), "strategy": pa.string(),
     })})
     return ids
+
+
+def latest_round_with_pairs(tx: Transaction) -> int | None:
+    return tx.execute("SELECT max(round_id) FROM pairs").fetchone()[0]
 
 
 def pairs_to_judge(tx: Transaction, round_id: int, judge_name: str,

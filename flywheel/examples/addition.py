@@ -18,13 +18,13 @@ import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from flywheel.checkpoints import save_checkpoint
 from flywheel.errors import UserError
 
 if TYPE_CHECKING:
-    from flywheel.config import FlywheelConfig
+    from flywheel.config import FlywheelConfig, RunFile
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 ALPHABET = "0123456789+= "
@@ -188,17 +188,53 @@ def sft_batch(vocab: dict[str, int], prompts: list[str], answers: list[str], bos
 
 
 def write_demo_prompts(directory: Path, config: DemoPolicyConfig, num_train_prompts: int) -> tuple[Path, Path]:
-    """Write train and held-out prompt files (JSONL, one {"prompt": ...} per line)."""
+    """Write train and held-out prompt files, `train.jsonl` and `heldout.jsonl` (JSONL, one
+    {"prompt": ...} per line)."""
     train_operands, heldout_operands = split_operands(config)
     rng = random.Random(config.seed + 1)
     chosen = rng.sample(train_operands, min(num_train_prompts, len(train_operands)))
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, operands in (("prompts.jsonl", chosen), ("heldout.jsonl", heldout_operands)):
+    for name, operands in (("train.jsonl", chosen), ("heldout.jsonl", heldout_operands)):
         path = directory / name
         path.write_text("".join(json.dumps({"prompt": addition_prompt(a, b)}) + "\n" for a, b in operands))
         paths.append(path)
     return paths[0], paths[1]
+
+
+# What `flywheel demo` leaves in its directory, for a config of your own to use (the
+# README's example does): the demo policy, its prompts, and the config the demo ran.
+DEMO_POLICY = "policy"  # a link to the cached demo policy, a save_pretrained directory
+DEMO_PROMPTS = "prompts"  # train.jsonl and heldout.jsonl
+DEMO_CONFIG = "flywheel.yaml"  # as `flywheel run --config` reads it
+DEMO_ROUNDS = 8
+DEMO_TRAIN_PROMPTS = 4096
+
+
+@dataclass(frozen=True)
+class DemoFiles:
+    policy: Path
+    prompts: Path
+    heldout: Path
+
+
+def lay_out_demo(directory: Path, policy: Path, policy_config: DemoPolicyConfig,
+                 num_train_prompts: int = DEMO_TRAIN_PROMPTS) -> DemoFiles:
+    """Put the demo's inputs in `directory`: `policy`, a link to the policy checkpoint,
+    and `prompts/train.jsonl` and `prompts/heldout.jsonl`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    link, target = directory / DEMO_POLICY, Path(policy).resolve()
+    if link.exists() and not link.is_symlink():
+        if link.resolve() != target:
+            raise UserError(f"{link} is in the way of the demo policy's link: move it away")
+    elif not (link.is_symlink() and link.resolve() == target):
+        scratch = directory / f".{DEMO_POLICY}.link"
+        scratch.unlink(missing_ok=True)
+        scratch.symlink_to(target, target_is_directory=True)
+        scratch.replace(link)
+    prompts, heldout = write_demo_prompts(directory / DEMO_PROMPTS, policy_config, num_train_prompts)
+    return DemoFiles(link, prompts, heldout)
 
 
 def demo_flywheel_config(
@@ -213,18 +249,17 @@ def demo_flywheel_config(
     seed: int | None = None,
     **sample_options,
 ) -> FlywheelConfig:
-    """The demo flywheel's config: the (cached) noisy policy, its prompts in `workdir`, the
-    rule judge that checks the sum, and the demo's sampling, training and evaluation.
-    The flywheel's seed is the policy's unless given."""
+    """The demo flywheel's config: the (cached) noisy policy and its prompts, laid out in
+    `workdir` (`lay_out_demo`), the rule judge that checks the sum, and the demo's
+    sampling, training and evaluation. The flywheel's seed is the policy's unless given."""
     from flywheel.config import EvalConfig, FlywheelConfig, JudgeConfig, PairConfig, SampleConfig, TrainConfig
 
-    reference = build_demo_policy(cache, policy_config, log=log)
-    prompts, heldout = write_demo_prompts(workdir, policy_config, num_train_prompts=4096)
+    files = lay_out_demo(workdir, build_demo_policy(cache, policy_config, log=log), policy_config)
     return FlywheelConfig(
         workdir=workdir,
-        reference_model=reference,
-        prompts=prompts,
-        heldout_prompts=heldout,
+        reference_model=files.policy,
+        prompts=files.prompts,
+        heldout_prompts=files.heldout,
         judge=JudgeConfig("rule:flywheel.examples.addition:addition_score", {"name": "addition-verifier"}),
         seed=policy_config.seed if seed is None else seed,
         # A model this small gains nothing from torch.compile, which costs ~30 s per start.
@@ -236,3 +271,25 @@ def demo_flywheel_config(
         pair=PairConfig(strategy=pairing),
         eval=EvalConfig(samples_per_prompt=4, accuracy_score="flywheel.examples.addition:addition_score"),
     )
+
+
+def prepare_demo(directory: Path, policy_config: DemoPolicyConfig, cache: Path, log: Callable[[str], None],
+                 settings: Sequence[tuple[str, Any]] = (), overrides: Sequence[str] = ()) -> RunFile:
+    """Build (or reuse) the demo policy, lay out the demo in `directory`, and return what
+    `flywheel demo` runs: the demo's config with `settings` and `overrides` set (as
+    `flywheel.config.load_run_config` sets them) and DEMO_ROUNDS rounds unless they say.
+    The result is written to `directory/flywheel.yaml` first, so that
+    `flywheel run --config` on it continues the same flywheel."""
+    from flywheel.config import RunFile, override_run_file, write_config_file
+
+    directory = Path(directory)
+    config = demo_flywheel_config(directory, policy_config, cache, log)
+    run_file = override_run_file(RunFile(config, DEMO_ROUNDS), settings, overrides)
+    path = directory / DEMO_CONFIG
+    policy_link = directory / DEMO_POLICY
+    # The link, not the cache it points to, unless the policy was overridden.
+    keep = {"reference_model": DEMO_POLICY} if run_file.config.reference_model == policy_link.resolve() else {}
+    write_config_file(path, run_file, replace=keep, header=(
+        "# The config `flywheel demo` ran last, every key written out; paths are relative to this file.\n"
+        f"# More rounds of the same flywheel: flywheel run --config {path}\n"))
+    return run_file
