@@ -152,19 +152,21 @@ def count(tx: Transaction, table: str, where: str = "true", params: Sequence[Any
 # -- prompts -------------------------------------------------------------------------
 
 def add_prompts(tx: Transaction, texts: Sequence[str], split: str, source: str | None = None) -> list[int]:
-    """Insert prompts not already present for `split`; return ids of all `texts`, in order."""
-    tx.execute(
-        "INSERT INTO prompts (text, split, source) "
-        "SELECT DISTINCT t, ?, ? FROM unnest(?::VARCHAR[]) AS u(t) "
-        "WHERE t NOT IN (SELECT text FROM prompts WHERE split = ?)",
-        [split, source, list(texts), split],
-    )
-    ids = dict(
-        tx.execute(
-            "SELECT text, prompt_id FROM prompts WHERE split = ? AND text IN (SELECT unnest(?::VARCHAR[]))",
-            [split, list(texts)],
-        ).fetchall()
-    )
+    """Insert the prompts not already present for `split`, numbered in the order given (so
+    that a seeded draw of prompts is the same on every machine); return the ids of all
+    `texts`, in order."""
+    ids = dict(tx.execute(
+        "SELECT text, prompt_id FROM prompts WHERE split = ? AND text IN (SELECT unnest(?::VARCHAR[]))",
+        [split, list(texts)],
+    ).fetchall())
+    new = [text for text in dict.fromkeys(texts) if text not in ids]
+    new_ids = next_ids(tx, "prompt_ids", len(new))
+    if new:
+        insert_arrow(tx, "prompts", {
+            "prompt_id": pa.array(new_ids, pa.int64()), "text": pa.array(new, pa.string()),
+            "split": pa.array([split] * len(new), pa.string()), "source": pa.array([source] * len(new), pa.string()),
+        })
+    ids.update(zip(new, new_ids))
     return [ids[t] for t in texts]
 
 

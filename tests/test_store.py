@@ -150,6 +150,17 @@ def test_add_prompts_is_idempotent_and_keeps_order(store):
     assert store.read(tables.count, "prompts") == 3
 
 
+def test_prompts_are_numbered_in_the_order_given_whatever_the_threads(store):
+    # A seeded draw of prompts picks them by id: ids must follow the file's order, not
+    # the order DuckDB's threads happen to finish in (the demo read 4,352 prompts).
+    texts = [f"{a}+{b}=" for a in range(100) for b in range(60)]
+    with store.transaction() as tx:
+        tx.execute("SET threads = 4")
+        ids = tables.add_prompts(tx, texts + texts[:10], "train")
+    assert ids == list(range(1, len(texts) + 1)) + list(range(1, 11))
+    assert [p.text for p in store.read(tables.prompts, "train")] == texts
+
+
 def test_preferences_view_resolves_chosen_and_rejected(store):
     with store.transaction() as tx:
         (prompt_id,) = tables.add_prompts(tx, ["2+3="], "train")
