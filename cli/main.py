@@ -75,8 +75,14 @@ def _judge_options(items: Sequence[str]) -> list[tuple[str, str]]:
 
 def _run_flywheel(config, rounds: int, judge=None, eval_judge=None) -> None:
     from flows.rounds import flywheel_rounds
+    from judges import close_judge
 
-    flywheel_rounds(config, rounds, judge=judge, eval_judge=eval_judge, log=_log)
+    try:
+        flywheel_rounds(config, rounds, judge=judge, eval_judge=eval_judge, log=_log)
+    finally:  # the judges were built (and checked) here, so they are closed here
+        for built in (judge, eval_judge):
+            if built is not None:
+                close_judge(built)
 
 
 def command_demo(args: argparse.Namespace) -> None:

@@ -62,7 +62,8 @@ class SampleConfig:
         _require(self.max_tokens < self.max_model_len,
                  f"sample.max_tokens ({self.max_tokens}) must be less than sample.max_model_len "
                  f"({self.max_model_len}): the context holds the prompt and the completion")
-        _require(isinstance(self.dtype, str) and self.dtype.lower() in ENGINE_DTYPES, f"sample.dtype must be one of {ENGINE_DTYPES}, got {self.dtype!r}")
+        _require(isinstance(self.dtype, str) and self.dtype.lower() in ENGINE_DTYPES,
+                 f"sample.dtype must be one of {ENGINE_DTYPES}, got {self.dtype!r}")
         _require(0 < self.gpu_memory_utilization <= 1,
                  f"sample.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 

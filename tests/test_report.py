@@ -169,11 +169,11 @@ def test_plot_rounds_with_no_evaluated_round(tmp_path):
     assert _read_png(plot_rounds(store, tmp_path / "one.png")).shape[:2] == PLOT_SIZE
 
 
-def test_a_plot_drawn_after_others_is_the_one_a_fresh_figure_draws(tmp_path):
-    """The figure is kept and redrawn: nothing of an earlier plot (its lines, texts, legend,
+def test_a_plot_drawn_after_others_is_the_one_drawn_first(tmp_path):
+    """Each call draws its own figure: nothing of an earlier plot (its lines, texts, legend,
     y range, x ticks of more than 15 rounds, or 'no evaluated rounds' state) may show in
     the next one."""
-    from flywheel.report import _rounds_canvas, plot_round_table
+    from flywheel.report import plot_round_table
 
     columns, _ = round_table(Store.create(tmp_path / "empty.duckdb"))
 
@@ -185,10 +185,8 @@ def test_a_plot_drawn_after_others_is_the_one_a_fresh_figure_draws(tmp_path):
     tables = {"narrow": table(3), "wide": table(20, verifier=False, scale=100.0), "empty": (columns, [])}
     fresh = {}
     for name, rows in tables.items():
-        _rounds_canvas.cache_clear()
         fresh[name] = _read_png(plot_round_table(rows, tmp_path / f"fresh-{name}.png"))
     assert not (fresh["narrow"] == fresh["wide"]).all()
-    _rounds_canvas.cache_clear()
     for name in ("narrow", "wide", "empty", "narrow", "empty", "wide", "narrow"):
         redrawn = _read_png(plot_round_table(tables[name], tmp_path / "redrawn.png"))
         assert (redrawn == fresh[name]).all(), f"{name} redrawn differs from {name} drawn fresh"
