@@ -25,11 +25,13 @@ _ROPE_PRESCALED = ("su", "longrope", "llama3", "yarn", "deepseek_yarn", "deepsee
 
 
 def check_run_inputs(config: FlywheelConfig) -> tuple[Any, Any]:
-    """Check every input of a run; return its judge and eval judge (None: the round's
-    own), built now. Each problem is a one-line UserError (or JudgeError)."""
+    """Check every input of a run, and open (create, migrate) its database; return its
+    judge and eval judge (None: the round's own), built now. Each problem is a one-line
+    UserError (or JudgeError, StoreError), before vLLM or Prefect start."""
     from flywheel.checkpoints import require_checkpoint
     from flywheel.prompts import load_prompts
     from judges import close_judge, import_object, load_judge
+    from storage.store import Store
 
     require_checkpoint(config.reference_model)
     check_engine_settings(config.reference_model, "sample", max_model_len=config.sample.max_model_len,
@@ -47,6 +49,7 @@ def check_run_inputs(config: FlywheelConfig) -> tuple[Any, Any]:
         if config.eval.judge is not None:
             eval_judge = load_judge(config.eval.judge.spec, config.eval.judge.options)
             check_judge_engine(eval_judge, "eval.judge.options", config.sample.gpu_memory_utilization)
+        Store.create(config.database)
     except BaseException:
         for built in (judge, eval_judge):
             if built is not None:

@@ -218,7 +218,7 @@ def test_a_prompts_file_with_no_prompt_that_fits_is_an_error(tiny_policy, tmp_pa
 
 def run_args(model, prompts, workdir):
     return ["run", "--model", str(model), "--prompts", str(prompts), "--heldout", str(prompts),
-            "--score", SCORE, "--workdir", str(workdir)]
+            "--judge", f"rule:{SCORE}", "--score", SCORE, "--workdir", str(workdir)]
 
 
 def test_empty_prompts_file(tiny_policy, tmp_path):
@@ -281,4 +281,4 @@ def test_full_disk_simulated_by_a_read_only_directory(tiny_policy, tmp_path, rea
         tables.add_prompts(tx, ["1+1="], "train")
     result = flywheel("label", "export", "--db", str(db), "--out", str(read_only_dir / "out.jsonl"))
     assert_one_line_error(result, "cannot write")
-    assert Store.open(db).count("prompts") == 1
+    assert Store.open(db).read(tables.count, "prompts") == 1
