@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -205,6 +206,9 @@ def command_serve(args: argparse.Namespace) -> None:
     from flywheel.preflight import check_run_inputs
     from judges import close_judge
 
+    # A script that starts this in the background (`nohup flywheel serve ... &`) hands it
+    # SIGINT ignored, and Python then leaves it ignored: Ctrl-C and `kill -INT` must still stop it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     check_cron(args.cron)
     run_file = load_config_file(args.config)
     rounds = args.rounds or run_file.rounds

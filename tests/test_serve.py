@@ -54,7 +54,9 @@ eval: {{samples_per_prompt: 1, accuracy_score: flywheel.examples.addition:additi
         serve = subprocess.Popen(
             [sys.executable, "-m", "cli", "serve", "--config", str(config), "--cron", "* * * * *",
              "--server-port", str(free_port())],
-            stdout=log, stderr=subprocess.STDOUT, env=env)
+            stdout=log, stderr=subprocess.STDOUT, env=env,
+            # As a shell starts a background job: SIGINT ignored. Stopping it must still work.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     db = tmp_path / "work" / "flywheel.duckdb"
     try:
         deadline = time.monotonic() + 480
