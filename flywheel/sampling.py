@@ -98,11 +98,9 @@ class VLLMSampler:
         outputs = self._generate([p.text for p in prompts], sampling, progress)
         records = []
         for prompt, output in zip(prompts, outputs):
-            # Token ids as C ints: 4 bytes an id instead of about 36 in a list, and
-            # the store's write transaction copies them whole instead of converting each
-            # id while it holds the file (about 1.5 us a completion of 96 ids). One
-            # prompt-token array and one params dict are shared by the prompt's n
-            # samples: the store converts each once.
+            # Token ids as C ints: 4 bytes an id instead of about 36 in a list, and the
+            # store's write copies them whole. A prompt's n samples share one
+            # prompt-token array and one params dict.
             prompt_token_ids = array("i", output.prompt_token_ids)
             sampling_params = {**params, "seed": seed + prompt.prompt_id}
             for index, sample in enumerate(output.outputs):
