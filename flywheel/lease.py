@@ -95,20 +95,25 @@ def still_running(pid: int, start: int) -> bool:
     return fields is not None and fields[0] != "Z" and int(fields[19]) == start
 
 
-def stop_processes(recorded: tuple[tuple[int, int], ...]) -> list[int]:
+def stop_processes(recorded: tuple[tuple[int, int], ...], wait_s: float = 10.0) -> list[int]:
     """SIGKILL the recorded processes that still run (same pid and start time), and what
-    they started since; returns their pids."""
-    killed = []
+    they started since; returns their pids once they are gone (or `wait_s` has passed), so
+    that the memory they held (an engine's KV cache) is free for what starts next."""
+    victims = set()
     for pid, start in recorded:
-        if not still_running(pid, start):
+        if still_running(pid, start):
+            victims |= {(pid, start), *started_processes(pid)}
+    killed = set()
+    for pid, start in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            killed.add((pid, start))
+        except OSError:  # gone meanwhile, or not ours
             continue
-        for victim in [pid, *(child for child, _ in started_processes(pid))]:
-            try:
-                os.kill(victim, signal.SIGKILL)
-                killed.append(victim)
-            except OSError:  # gone meanwhile, or not ours
-                continue
-    return sorted(set(killed))
+    deadline = time.monotonic() + wait_s
+    while any(still_running(pid, start) for pid, start in killed) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return sorted(pid for pid, _ in killed)
 
 
 def stale_because(lease: RunLease, now: datetime, host: str) -> str | None:
