@@ -50,6 +50,7 @@ _ROUND_PREFERENCES = (
 
 # -- Arrow in and out ----------------------------------------------------------------------
 
+
 def next_ids(tx: Transaction, sequence: str, n: int) -> list[int]:
     if n == 0:
         return []
@@ -145,11 +146,13 @@ def label_columns(labels: Sequence[Label], ids: Sequence[int]) -> dict[str, pa.A
 
 # -- counts --------------------------------------------------------------------------------
 
+
 def count(tx: Transaction, table: str, where: str = "true", params: Sequence[Any] = ()) -> int:
     return tx.execute(f"SELECT count(*) FROM {table} WHERE {where}", list(params)).fetchone()[0]
 
 
 # -- prompts -------------------------------------------------------------------------
+
 
 def add_prompts(tx: Transaction, texts: Sequence[str], split: str, source: str | None = None) -> list[int]:
     """Insert the prompts not already present for `split`, numbered in the order given (so
@@ -190,6 +193,7 @@ def prompts(tx: Transaction, split: str) -> list[Prompt]:
 
 
 # -- checkpoints ---------------------------------------------------------------------
+
 
 def add_checkpoint(tx: Transaction, path: str, role: str, status: str, parent_checkpoint_id: int | None = None,
                    round_id: int | None = None) -> int:
@@ -251,6 +255,7 @@ def record_promotion(tx: Transaction, checkpoint_id: int, action: str, decided_b
 
 # -- rounds --------------------------------------------------------------------------
 
+
 def start_round(tx: Transaction, policy_checkpoint_id: int, reference_checkpoint_id: int, seed: int,
                 config: dict[str, Any]) -> int:
     return tx.execute(
@@ -307,6 +312,7 @@ def finish_step(tx: Transaction, round_id: int, state: str, candidate_checkpoint
 
 # -- completions ---------------------------------------------------------------------
 
+
 def add_completions(tx: Transaction, completions: Sequence[Completion]) -> list[int]:
     ids = next_ids(tx, "completion_ids", len(completions))
     if not ids:
@@ -344,6 +350,7 @@ def completions(tx: Transaction, *, round_id: int | None = None, checkpoint_id: 
 
 
 # -- pairs and labels ----------------------------------------------------------------
+
 
 def add_pairs(tx: Transaction, pairs: Sequence[Pair]) -> list[int]:
     ids = next_ids(tx, "pair_ids", len(pairs))
@@ -439,6 +446,7 @@ def add_reference_logps(tx: Transaction, checkpoint_id: int, logps: dict[int, fl
 
 
 # -- training and evaluation ---------------------------------------------------------
+
 
 def add_train_steps(tx: Transaction, steps: Sequence[TrainStep]) -> None:
     if not steps:

@@ -242,17 +242,14 @@ def demo_flywheel_config(
     policy_config: DemoPolicyConfig,
     cache: Path,
     log: Callable[[str], None],
-    beta: float = 0.1,
-    learning_rate: float = 3e-4,
     nll_weight: float = 1.0,
-    pairing: str = "random",
     seed: int | None = None,
     **sample_options,
 ) -> FlywheelConfig:
     """The demo flywheel's config: the (cached) noisy policy and its prompts, laid out in
     `workdir` (`lay_out_demo`), the rule judge that checks the sum, and the demo's
     sampling, training and evaluation. The flywheel's seed is the policy's unless given."""
-    from flywheel.config import EvalConfig, FlywheelConfig, JudgeConfig, PairConfig, SampleConfig, TrainConfig
+    from flywheel.config import EvalConfig, FlywheelConfig, JudgeConfig, SampleConfig, TrainConfig
 
     files = lay_out_demo(workdir, build_demo_policy(cache, policy_config, log=log), policy_config)
     return FlywheelConfig(
@@ -266,9 +263,8 @@ def demo_flywheel_config(
         sample=SampleConfig(**{"prompts_per_round": 512, "n": 4, "max_tokens": 8, "dtype": "float32",
                                "enforce_eager": True, **sample_options}),
         # The reference is a few MB: keeping it loaded saves two loads a round.
-        train=TrainConfig(beta=beta, learning_rate=learning_rate, batch_size=32, epochs=2, nll_weight=nll_weight,
+        train=TrainConfig(learning_rate=3e-4, batch_size=32, epochs=2, nll_weight=nll_weight,
                           keep_reference_loaded=True),
-        pair=PairConfig(strategy=pairing),
         eval=EvalConfig(samples_per_prompt=4, accuracy_score="flywheel.examples.addition:addition_score"),
     )
 
