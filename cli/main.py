@@ -255,6 +255,19 @@ def command_sql(args: argparse.Namespace) -> None:
     sys.stdout.write(format_rows(columns, rows, args.format, width=_terminal_width()))
 
 
+def command_export(args: argparse.Namespace) -> None:
+    import datasets
+
+    from flywheel.export import parse_round_ids, write_preferences
+
+    datasets.disable_progress_bars()  # the summary line below is the output
+    rounds = parse_round_ids(args.rounds) if args.rounds is not None else None
+    done = write_preferences(args.db, args.out, args.format, rounds=rounds, judge=args.judge,
+                             people_only=args.people_only, include_all=args.all)
+    _log(f"wrote {done.rows} preference rows ({done.format}, "
+         f"{'conversational' if done.conversational else 'standard'} format) to {done.path}")
+
+
 def command_status(args: argparse.Namespace) -> None:
     from flywheel.report import display_rows, plot_rounds, recent_promotions, status_lines
     from storage.store import Store
@@ -368,6 +381,7 @@ class _Formatter(argparse.HelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from flywheel.export import EXPORT_FORMATS
     from flywheel.pairing import STRATEGIES
     from flywheel.table_formats import FORMATS
 
@@ -552,6 +566,31 @@ def build_parser() -> argparse.ArgumentParser:
                      "row), json (an array of objects) or markdown (a pipe table); csv and json carry "
                      "every value whole")
     sql.set_defaults(handler=command_sql)
+
+    export = commands.add_parser(
+        "export", help="write preference pairs for TRL's DPOTrainer (Parquet or JSONL)",
+        description="Write one row per label: prompt, chosen, rejected, round_id, pair_id, judge "
+        "(name@version), annotator and confidence, in TRL's preference format. Plain-text prompts give "
+        "strings; prompts given as messages give TRL's conversational format (a message list, and one "
+        "assistant message as chosen and as rejected), and a mix of both is all conversational. By "
+        "default the labels each round trained on; ties and both_bad are left out unless --all. "
+        "Load it with datasets.load_dataset (see docs/export.md).")
+    _add_db_argument(export)
+    export.add_argument("--out", type=Path, required=True, metavar="PATH",
+                        help="file to write (replaced whole, never half-written); its suffix .parquet or "
+                        ".jsonl names the format unless --format does")
+    export.add_argument("--format", metavar="FORMAT",
+                        help=f"{' or '.join(EXPORT_FORMATS)} (default: from --out's suffix)")
+    export.add_argument("--rounds", metavar="IDS", help="only these rounds, e.g. 1,2,5-7 (default: all)")
+    labellers = export.add_mutually_exclusive_group()
+    labellers.add_argument("--judge", metavar="NAME",
+                           help="the labels of the judge with this name, any version, instead of the "
+                           "rounds' own judges'")
+    labellers.add_argument("--people-only", action="store_true",
+                           help="people's labels only (the human judge), one row per person's label")
+    export.add_argument("--all", action="store_true",
+                        help="keep ties and both_bad too (completion a as chosen) and add a winner column")
+    export.set_defaults(handler=command_export)
 
     status = commands.add_parser(
         "status", help="where a flywheel stands: rounds, policy, unfinished round, run lease",

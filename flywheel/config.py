@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import types
 from collections.abc import Mapping
-from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence, Union, get_args, get_origin, get_type_hints
 
@@ -68,15 +68,63 @@ class SampleConfig:
                  f"sample.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
 
+# What pairing does with a completion cut at sample.max_tokens (finish_reason 'length').
+TRUNCATED_HANDLING = ("keep", "lose", "drop")
+
+
+@dataclass(frozen=True)
+class PromptSource:
+    """Where prompts come from: a file (`path`: .jsonl, .json, .csv or .parquet), or any
+    source `datasets` loads (`dataset`: a local directory of parquet, json or arrow files,
+    a `save_to_disk` directory, a builder such as `parquet` with `data_files`, or a hub
+    name where the machine has network), reading `split` and the prompts' `column`.
+    A prompt is a string or a conversation: a list of {role, content} messages."""
+
+    path: Path | None = None
+    dataset: str | None = None
+    split: str = "train"
+    column: str = "prompt"
+    data_files: Path | None = None
+
+    def __post_init__(self) -> None:
+        _require((self.path is None) != (self.dataset is None),
+                 "prompts need exactly one of path (a file) and dataset (a datasets source)")
+        _require(self.data_files is None or self.dataset is not None, "prompts.data_files goes with prompts.dataset")
+        _require(bool(self.column), "prompts.column must not be empty")
+        if self.path is not None:
+            object.__setattr__(self, "path", Path(self.path).expanduser().resolve())
+
+    def resolved(self, base: Path) -> PromptSource:
+        """With a `dataset` that names a directory or file under `base` made absolute (a
+        name that is not there stays a name, for the hub)."""
+        if self.dataset is None or not (base / self.dataset).expanduser().exists():
+            return self
+        return replace(self, dataset=str((base / self.dataset).expanduser().resolve()))
+
+    def __str__(self) -> str:
+        """How messages and `skipped_prompts.source` name the source."""
+        if self.path is not None:
+            return str(self.path)
+        files = f", data_files {self.data_files}" if self.data_files is not None else ""
+        return f"dataset {self.dataset} (split {self.split}{files})"
+
+
 @dataclass(frozen=True)
 class PairConfig:
     strategy: str = "random"
     # The round's label budget: when more pairs form, a seeded random subset of this many
     # is kept (and labelled). None keeps every pair.
     max_pairs_per_round: int | None = None
+    # A completion cut at max_tokens is not an answer, and judges are swayed by length
+    # (reward models prefer longer text: Singhal et al. 2023, "A Long Way to Go"), so by
+    # default it is never paired. `lose`: it loses to a finished completion without asking
+    # the judge (two cut ones go to the judge); `keep`: it is paired like any other.
+    truncated: str = "drop"
 
     def __post_init__(self) -> None:
         _require(self.strategy in STRATEGIES, f"pair.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        _require(self.truncated in TRUNCATED_HANDLING,
+                 f"pair.truncated must be one of {TRUNCATED_HANDLING}, got {self.truncated!r}")
         _require(self.max_pairs_per_round is None or self.max_pairs_per_round >= 1,
                  f"pair.max_pairs_per_round must be >= 1 (or left out: every pair), got {self.max_pairs_per_round}")
 
@@ -210,8 +258,8 @@ class FlywheelConfig:
 
     workdir: Path
     reference_model: Path
-    prompts: Path
-    heldout_prompts: Path
+    prompts: PromptSource
+    heldout_prompts: PromptSource
     judge: JudgeConfig
     seed: int = 0
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -220,8 +268,11 @@ class FlywheelConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
-        for name in ("workdir", "reference_model", "prompts", "heldout_prompts"):
+        for name in ("workdir", "reference_model"):
             object.__setattr__(self, name, Path(getattr(self, name)).expanduser().resolve())
+        for name in PROMPT_KEYS:  # a plain path is a prompts file
+            if not isinstance(getattr(self, name), PromptSource):
+                object.__setattr__(self, name, PromptSource(path=getattr(self, name)))
 
     @property
     def database(self) -> Path:
@@ -232,7 +283,12 @@ class FlywheelConfig:
         return self.workdir / "checkpoints"
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+        """The config as JSON-ready values (paths as strings)."""
+        def plain(value: Any) -> Any:
+            if isinstance(value, Mapping):
+                return {k: plain(v) for k, v in value.items()}
+            return str(value) if isinstance(value, Path) else value
+        return plain(asdict(self))
 
 
 # -- config files -------------------------------------------------------------------------
@@ -252,8 +308,12 @@ class RunFile:
 
 # Keys of the top level that are not FlywheelConfig fields.
 RUN_FILE_KEYS = ("rounds",)
-# The FlywheelConfig fields that are paths.
-PATH_KEYS = ("workdir", "reference_model", "prompts", "heldout_prompts")
+# The FlywheelConfig fields that are paths, and those that are prompt sources.
+PATH_KEYS = ("workdir", "reference_model")
+PROMPT_KEYS = ("prompts", "heldout_prompts")
+# Sections that a single value may stand for: `judge: SPEC` is `judge: {spec: SPEC}`, and
+# `prompts: FILE` is `prompts: {path: FILE}`.
+SHORTHAND_KEYS = {JudgeConfig: "spec", PromptSource: "path"}
 
 
 class _Loader(yaml.SafeLoader):
@@ -404,13 +464,13 @@ def _set_key(data: dict[str, Any], key: str, value: Any) -> None:
                     _set_key(data, f"{key}.{name}", item)
                 node.setdefault(part, {})
             else:
-                if hint is Path and isinstance(value, (str, Path)) and str(value):
-                    value = str(Path.cwd() / Path(value).expanduser())
+                if hint in (Path, PromptSource) and isinstance(value, (str, Path)) and str(value):
+                    value = str(Path.cwd() / Path(value).expanduser())  # a prompts FILE too
                 node[part] = value
             return
         child = node.get(part)
-        if hint is JudgeConfig and isinstance(child, str):
-            child = {"spec": child}  # the `judge: SPEC` shorthand
+        if hint in SHORTHAND_KEYS and isinstance(child, str):
+            child = {SHORTHAND_KEYS[hint]: child}
         if is_dataclass(hint):
             cls = hint
         elif not (hint is Any or hint is dict or get_origin(hint) is dict):
@@ -458,6 +518,15 @@ def config_mapping(config: FlywheelConfig, relative_to: Path | None = None) -> d
     data = asdict(config)
     for name in PATH_KEYS:
         data[name] = _relative_path(getattr(config, name), relative_to)
+    for name in PROMPT_KEYS:
+        source = getattr(config, name)
+        if source.path is not None and source == PromptSource(path=source.path):
+            data[name] = _relative_path(source.path, relative_to)  # the `prompts: FILE` shorthand
+        else:
+            given = {key: value for key, value in asdict(source).items()
+                     if value is not None and value != getattr(PromptSource, key, None)}
+            data[name] = {key: _relative_path(value, relative_to) if isinstance(value, Path) else value
+                          for key, value in given.items()}
     return data
 
 
@@ -522,11 +591,12 @@ def _convert(value: Any, hint: Any, where: str, base: Path) -> Any:
         hint, origin = options[0], get_origin(options[0])
     if hint is Any:
         return value
-    if hint is JudgeConfig and isinstance(value, str):
-        value = {"spec": value}  # `judge: SPEC` is short for `judge: {spec: SPEC}`
+    if hint in SHORTHAND_KEYS and isinstance(value, (str, Path)):
+        value = {SHORTHAND_KEYS[hint]: str(value)}
     if is_dataclass(hint):
         _require(isinstance(value, Mapping), f"{where} must be a mapping, got {_shown(value)}")
-        return config_from_mapping(hint, value, where, base)
+        built = config_from_mapping(hint, value, where, base)
+        return built.resolved(base) if isinstance(built, PromptSource) else built
     expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
                 Path: "a path (a string)", dict: "a mapping with string keys"}.get(origin or hint)
     if expected is None:

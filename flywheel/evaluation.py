@@ -29,7 +29,8 @@ def win_rate(
                if (c.prompt_id, c.sample_index) in incumbent_by_key]
     if not matched:
         raise ValueError("candidate and incumbent have no held-out samples in common")
-    pairs = [PairToJudge(i, prompts[c.prompt_id].text, c.text, inc.text) for i, (c, inc) in enumerate(matched)]
+    pairs = [PairToJudge(i, prompts[c.prompt_id].text, c.text, inc.text, prompts[c.prompt_id].messages)
+             for i, (c, inc) in enumerate(matched)]
     points = {"a": 1.0, "b": 0.0, "tie": 0.5, "both_bad": 0.5}
     decided = [points[v.winner] for v in judge_batch(judge, pairs) if isinstance(v, Verdict)]
     if not decided:

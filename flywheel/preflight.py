@@ -29,7 +29,7 @@ def check_run_inputs(config: FlywheelConfig) -> tuple[Any, Any]:
     judge and eval judge (None: the round's own), built now. Each problem is a one-line
     UserError (or JudgeError, StoreError), before vLLM or Prefect start."""
     from flywheel.checkpoints import require_checkpoint
-    from flywheel.prompts import load_prompts
+    from flywheel.prompts import load_renderer, read_prompts
     from judges import close_judge, import_object, load_judge
     from storage.store import Store
 
@@ -37,8 +37,9 @@ def check_run_inputs(config: FlywheelConfig) -> tuple[Any, Any]:
     check_engine_settings(config.reference_model, "sample", max_model_len=config.sample.max_model_len,
                           max_tokens=config.sample.max_tokens, dtype=config.sample.dtype,
                           gpu_memory_utilization=config.sample.gpu_memory_utilization)
-    load_prompts(config.prompts)
-    load_prompts(config.heldout_prompts)
+    renderer = load_renderer(config.reference_model)
+    for source in (config.prompts, config.heldout_prompts):
+        renderer.check_can_render(source, read_prompts(source).rows)
     score = config.eval.accuracy_score
     if score is not None and not callable(import_object(score, "score function")):
         raise UserError(f"score function {score!r} is not callable")

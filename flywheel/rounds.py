@@ -21,10 +21,10 @@ from flywheel.evaluation import gate_reason, heldout_accuracy, promote_if_better
 from flywheel.labelling import label_pairs, score_completions
 from flywheel.lease import RoundLease
 from flywheel.pairing import NEEDS_SCORES, form_pairs, within_budget
-from flywheel.prompts import read_prompts, usable_prompts
+from flywheel.prompts import load_renderer, read_prompts, usable_prompts
 from flywheel.sampling import VLLMSampler
 from flywheel.train_job import launch, write_job
-from flywheel.training import KeptModel, completion_logps, reference_logps_for, train_dpo
+from flywheel.training import KeptModel, completion_logps, reference_logps_for, sampler_logprob_gap, train_dpo
 from judges import HumanJudge, Judge, ScalarJudge, close_judge, import_object, load_judge
 from judges.human import ready_to_train, waiting_message
 from storage.queue import close_request, utc_now
@@ -34,6 +34,11 @@ from storage.store import Store, Transaction
 from storage import tables
 
 Log = Callable[[str], None]
+
+# Completions of each round whose sampler log-probs are checked against the trainer's.
+LOGPROB_CHECK_COMPLETIONS = 32
+# Nats per token above which that gap is reported as stale weights (see docs/operations.md).
+STALE_WEIGHTS_GAP = 0.05
 
 
 class Flywheel:
@@ -56,6 +61,9 @@ class Flywheel:
         self.log = log
         self.judge = judge if judge is not None else load_judge(config.judge.spec, config.judge.options)
         self._built_judges = [] if judge is not None else [self.judge]
+        if config.pair.truncated == "lose" and isinstance(self.judge, HumanJudge):
+            raise UserError("pair.truncated 'lose' decides pairs with a cut completion without asking the judge, "
+                            "and people label every pair they are given: use 'drop' or 'keep' with judge human")
         if config.pair.strategy in NEEDS_SCORES and not isinstance(self.judge, ScalarJudge):
             raise UserError(
                 f"pair.strategy {config.pair.strategy!r} ranks completions by score, and judge "
@@ -107,35 +115,30 @@ class Flywheel:
         """
         require_checkpoint(self.config.reference_model)
         self.lease.acquire()
-        count_tokens = self._token_counter()
+        renderer = load_renderer(self.config.reference_model)
         # vLLM refuses a prompt that leaves no room for one new token in max_model_len.
         max_prompt_tokens = self.config.sample.max_model_len - 1
-        splits = {"train": self.config.prompts, "heldout": self.config.heldout_prompts}
-        usable = {split: usable_prompts(read_prompts(path), count_tokens, max_prompt_tokens)
-                  for split, path in splits.items()}
-        for split, (texts, skipped) in usable.items():
-            if not texts:
-                raise UserError(f"every prompt in {splits[split]} is longer than the context "
+        sources = {"train": self.config.prompts, "heldout": self.config.heldout_prompts}
+        usable = {}
+        for split, source in sources.items():
+            rows = read_prompts(source)
+            renderer.check_can_render(source, rows.rows)
+            usable[split] = usable_prompts(rows, lambda row: len(renderer.ids(row.text, row.messages)),
+                                           max_prompt_tokens)
+        for split, (rows, skipped) in usable.items():
+            if not rows:
+                raise UserError(f"every prompt in {sources[split]} is longer than the context "
                                 f"(sample.max_model_len {self.config.sample.max_model_len} tokens)")
             if skipped:
-                self.log(f"{splits[split]}: skipped {len(skipped)} of {len(texts) + len(skipped)} prompts "
+                self.log(f"{sources[split]}: skipped {len(skipped)} of {len(rows) + len(skipped)} prompts "
                          f"(empty or longer than {max_prompt_tokens} tokens; see the skipped_prompts table)")
         with self.store.transaction() as tx:
-            for split, (texts, skipped) in usable.items():
-                tables.add_prompts(tx, texts, split, source=str(splits[split]))
-                tables.add_skipped_prompts(tx, str(splits[split]), split, skipped)
+            for split, (rows, skipped) in usable.items():
+                tables.add_prompts(tx, [row.text for row in rows], split, source=str(sources[split]),
+                                   messages=[row.messages for row in rows])
+                tables.add_skipped_prompts(tx, str(sources[split]), split, skipped)
             if tables.reference_checkpoint(tx) is None:
                 tables.add_checkpoint(tx, str(self.config.reference_model), role="reference", status="promoted")
-
-    def _token_counter(self) -> Callable[[str], int]:
-        from transformers import AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(self.config.reference_model)
-        except (OSError, ValueError) as error:
-            raise UserError(f"cannot load the tokenizer of {self.config.reference_model}: "
-                            f"{str(error).strip().splitlines()[0]}") from error
-        return lambda text: len(tokenizer(text)["input_ids"])
 
     def begin_round(self) -> int:
         """The unfinished round if a previous run stopped inside one, else a new round.
@@ -184,29 +187,38 @@ class Flywheel:
         batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
         with tqdm(total=count, initial=count - len(todo), desc=f"round {round_id}: sampling", unit="prompt",
                   disable=None) as bar:
-            for number, batch in enumerate(batches, start=1):
+            for batch in batches:
                 completions = self.sampler.sample(
                     Path(policy.path), policy.checkpoint_id, batch,
                     n=self.config.sample.n, temperature=self.config.sample.temperature,
                     seed=round_.seed, purpose="train", round_id=round_id, progress=False,
                 )
-                total = self._store_sampled(round_id, completions, finish=number == len(batches))
+                with self.store.transaction() as tx:
+                    tables.add_completions(tx, completions)
                 bar.update(len(batch))
-        if not todo:  # every prompt was sampled before a restart
-            total = self._store_sampled(round_id, [], finish=True)
-        resumed = f" ({count - len(todo)} sampled before a restart)" if len(todo) < count else ""
-        self.log(f"round {round_id}: sampled {total} completions of {count} prompts{resumed}")
-        return total
-
-    def _store_sampled(self, round_id: int, completions, finish: bool) -> int | None:
-        """Store a batch of the round's completions in one transaction; with `finish`, the
-        step's end too, and return the round's count of training completions."""
+        sampled = self.store.read(tables.completions, round_id=round_id, purpose="train")
+        gap = self._check_sampler_weights(round_id, policy, sampled, round_.seed)
         with self.store.transaction() as tx:
-            tables.add_completions(tx, completions)
-            if finish:
-                tables.finish_step(tx, round_id, "sampled")
-                return tables.count(tx, "completions", "round_id = ? AND purpose = 'train'", [round_id])
-        return None
+            tables.set_sampler_logprob_gap(tx, round_id, gap)
+            tables.finish_step(tx, round_id, "sampled")
+        resumed = f" ({count - len(todo)} sampled before a restart)" if len(todo) < count else ""
+        self.log(f"round {round_id}: sampled {len(sampled)} completions of {count} prompts{resumed}")
+        return len(sampled)
+
+    def _check_sampler_weights(self, round_id: int, policy, sampled, seed: int) -> float | None:
+        """The sampler's log-probs of some of the round's completions against the trainer's
+        under the checkpoint the round sampled (`sampler_logprob_gap`); a gap beyond what
+        numerics explain is logged as a warning."""
+        checked = random.Random(seed).sample(sampled, min(LOGPROB_CHECK_COMPLETIONS, len(sampled)))
+        reference = self.store.read(tables.reference_checkpoint)
+        # Until a candidate is promoted the policy is the reference, which may be kept loaded.
+        kept = self.kept_reference if policy.checkpoint_id == reference.checkpoint_id else None
+        gap = sampler_logprob_gap(Path(policy.path), checked, self.config.train.batch_size, kept)
+        if gap is not None and gap > STALE_WEIGHTS_GAP:
+            self.log(f"round {round_id}: WARNING the sampler's log-probs differ from the trainer's by {gap:.3g} "
+                     f"nats per token (> {STALE_WEIGHTS_GAP}) under checkpoint {policy.checkpoint_id}: "
+                     "vLLM may hold stale weights, or sample.dtype differs from training's")
+        return gap
 
     def pair(self, round_id: int) -> int:
         strategy = self.config.pair.strategy
@@ -215,11 +227,12 @@ class Flywheel:
             if round_.has_finished("paired"):
                 return tables.count(tx, "pairs", "round_id = ?", [round_id])
             completions = tables.completions(tx, round_id=round_id, purpose="train")
-            prompt_texts = ({p.prompt_id: p.text for p in tables.prompts(tx, "train")}
-                            if strategy in NEEDS_SCORES else {})
+            prompts = {p.prompt_id: p for p in tables.prompts(tx, "train")} if strategy in NEEDS_SCORES else {}
+        if self.config.pair.truncated == "drop":
+            completions = [c for c in completions if c.finish_reason != "length"]
         scores = []
         if strategy in NEEDS_SCORES:
-            scores = score_completions(self.judge, completions, prompt_texts, self.config.judge.batch_size)
+            scores = score_completions(self.judge, completions, prompts, self.config.judge.batch_size)
         formed = form_pairs(completions, round_id, strategy, seed=round_.seed,
                             scores={s.completion_id: s.score for s in scores})
         pairs = within_budget(formed, self.config.pair.max_pairs_per_round, seed=round_.seed)
@@ -250,7 +263,8 @@ class Flywheel:
             )
         if isinstance(self.judge, HumanJudge):
             return self._wait_for_people(round_id, self.judge)
-        result = label_pairs(self.store, self.judge, round_id, self.config.judge.batch_size)
+        result = label_pairs(self.store, self.judge, round_id, self.config.judge.batch_size,
+                             truncated=self.config.pair.truncated)
         with self.store.transaction() as tx:
             tables.finish_step(tx, round_id, "labelled")
             count = tables.count_preferences(tx, round_id)

@@ -10,6 +10,7 @@ from typing import Sequence
 
 from flywheel.config import SampleConfig
 from flywheel.errors import EngineDiedError, UserError
+from flywheel.prompts import PromptRenderer, load_renderer
 from storage.records import Completion, Prompt
 
 
@@ -29,6 +30,20 @@ def cpu_engine_arguments() -> dict:
     return {"enable_chunked_prefill": False} if current_platform.is_cpu() else {}
 
 
+def stop_token_ids(checkpoint_path: Path, tokenizer) -> list[int]:
+    """The tokens a completion ends at: the tokenizer's EOS and the generation config's
+    (a chat model's end-of-turn token is often only there, e.g. Llama 3's <|eot_id|>)."""
+    from transformers import GenerationConfig
+
+    ids = [tokenizer.eos_token_id]
+    try:
+        configured = GenerationConfig.from_pretrained(checkpoint_path).eos_token_id
+    except OSError:  # no generation_config.json
+        configured = None
+    ids += configured if isinstance(configured, list) else [configured]
+    return sorted({i for i in ids if i is not None})
+
+
 # How often a sampling call checks that the engine's processes still run.
 ENGINE_CHECK_SECONDS = 1.0
 
@@ -46,6 +61,8 @@ class VLLMSampler:
         self.seed = seed
         self._llm = None
         self._loaded: Path | None = None
+        self._renderer: PromptRenderer | None = None
+        self._stop_token_ids: list[int] = []
 
     def _load(self, checkpoint_path: Path) -> None:
         checkpoint_path = Path(checkpoint_path).resolve()
@@ -68,6 +85,9 @@ class VLLMSampler:
                 worker_extension_cls="flywheel.vllm_worker.CheckpointReload",
                 **cpu_engine_arguments(),
             )
+            # Every checkpoint of a run is trained from the first, and saved with its tokenizer.
+            self._renderer = load_renderer(checkpoint_path)
+            self._stop_token_ids = stop_token_ids(checkpoint_path, self._renderer.tokenizer)
         else:
             self._llm.collective_rpc("flywheel_reload_checkpoint", kwargs={"weights_path": str(checkpoint_path)})
             # Cached prefixes hold keys and values of the old weights.
@@ -94,8 +114,14 @@ class VLLMSampler:
             n=n, temperature=temperature, top_p=self.config.top_p, max_tokens=self.config.max_tokens
         )
         # One seed per prompt, so a prompt's samples do not depend on its batch neighbours.
-        sampling = [SamplingParams(**params, seed=seed + p.prompt_id) for p in prompts]
-        outputs = self._generate([p.text for p in prompts], sampling, progress)
+        # logprobs=0: the sampled token's log-prob only, so that `cumulative_logprob` is set
+        # for the stale-weights check (`sampler_logprob_gap`).
+        sampling = [SamplingParams(**params, seed=seed + p.prompt_id, logprobs=0,
+                                   stop_token_ids=self._stop_token_ids) for p in prompts]
+        # Token ids, not text: vLLM would tokenize text again, adding a second BOS to a
+        # template that writes one. The stored prompt ids are then exactly what was sampled.
+        token_prompts = [{"prompt_token_ids": self._renderer.ids(p.text, p.messages)} for p in prompts]
+        outputs = self._generate(token_prompts, sampling, progress)
         records = []
         for prompt, output in zip(prompts, outputs):
             # Token ids as C ints: 4 bytes an id instead of about 36 in a list, and the
@@ -121,7 +147,7 @@ class VLLMSampler:
                 )
         return records
 
-    def _generate(self, texts: list[str], sampling: list, progress: bool) -> list:
+    def _generate(self, token_prompts: list[dict], sampling: list, progress: bool) -> list:
         """`LLM.generate`, or EngineDiedError when the engine process dies meanwhile.
 
         vLLM 0.32 waits for outputs for ever when its engine process dies in the middle of
@@ -134,7 +160,7 @@ class VLLMSampler:
 
         def generate() -> None:
             try:
-                outcome["outputs"] = self._llm.generate(texts, sampling, use_tqdm=progress)
+                outcome["outputs"] = self._llm.generate(token_prompts, sampling, use_tqdm=progress)
             except BaseException as error:  # handed to the calling thread
                 outcome["error"] = error
 

@@ -32,7 +32,7 @@ from flywheel.dpo import (
     sequence_logps,
 )
 from storage import tables
-from storage.records import Checkpoint, PreferenceTriple, StepMetrics
+from storage.records import Checkpoint, Completion, PreferenceTriple, StepMetrics
 from storage.store import Store
 
 if TYPE_CHECKING:
@@ -316,6 +316,21 @@ def completion_logps(
             logps.extend(sequence_logps(logits.float(), batch["input_ids"], batch["completion_mask"]).tolist())
             bar.update(len(batch["input_ids"]))
     return logps
+
+
+def sampler_logprob_gap(checkpoint_path: Path, completions: Sequence[Completion], batch_size: int,
+                        kept: KeptModel | None = None) -> float | None:
+    """How far the sampler's log-probs of `completions` are from the trainer's under
+    `checkpoint_path`: the mean of |log p_vLLM(y|x) - log p_trainer(y|x)| / len(y), in nats
+    per token; None when no completion carries vLLM's log-prob. Both read the raw logits
+    (vLLM's default `logprobs_mode`), so the sampling temperature does not enter. Near 0
+    when vLLM holds this checkpoint's weights; stale weights (a missed reload) show at once."""
+    checked = [c for c in completions if c.cumulative_logprob is not None and len(c.token_ids) > 0]
+    if not checked:
+        return None
+    trainer = completion_logps(checkpoint_path, [(c.prompt_token_ids, c.token_ids) for c in checked], batch_size,
+                               kept)
+    return sum(abs(c.cumulative_logprob - t) / len(c.token_ids) for c, t in zip(checked, trainer)) / len(checked)
 
 
 def reference_logps_for(

@@ -11,12 +11,19 @@ from typing import Protocol, Sequence, runtime_checkable
 from storage.records import WINNERS
 
 
+# A prompt's conversation: [{"role": "system" | "user" | "assistant", "content": text}, ...].
+Messages = list[dict[str, str]]
+
+
 @dataclass(frozen=True)
 class PairToJudge:
     pair_id: int
-    prompt: str
+    prompt: str  # the prompt's text; a conversation's turns as plain text
     completion_a: str
     completion_b: str
+    # The conversation, for a prompt that came as one (None for plain text). Judges that
+    # read text take `prompt`; a reward model renders this with its own chat template.
+    prompt_messages: Messages | None = None
 
 
 @dataclass(frozen=True)
@@ -60,8 +67,10 @@ class Judge(Protocol):
 class ScalarJudge(Judge, Protocol):
     """A judge that scores one completion at a time; best-vs-worst pairing needs one."""
 
-    def score(self, items: Sequence[tuple[str, str]]) -> list[float]:
-        """One score per (prompt, completion); higher is better."""
+    def score(self, items: Sequence[tuple[str, str]], messages: Sequence[Messages | None] | None = None
+              ) -> list[float]:
+        """One score per (prompt text, completion); higher is better. `messages[i]` is item
+        i's conversation where the prompts came as conversations (passed only then)."""
         ...
 
 
@@ -98,10 +107,13 @@ def judge_batch(judge: Judge, pairs: Sequence[PairToJudge]) -> list[Verdict | No
     return verdicts
 
 
-def score_batch(judge: ScalarJudge, items: Sequence[tuple[str, str]]) -> list[float]:
-    """Call a scalar judge and check it returned one finite score per item."""
+def score_batch(judge: ScalarJudge, items: Sequence[tuple[str, str]],
+                messages: Sequence[Messages | None] | None = None) -> list[float]:
+    """Call a scalar judge and check it returned one finite score per item. Conversations
+    are passed only when there are some, so a judge written for text keeps working."""
+    conversations = {"messages": list(messages)} if messages is not None and any(messages) else {}
     try:
-        scores = [float(s) for s in judge.score(items)]
+        scores = [float(s) for s in judge.score(items, **conversations)]
     except Exception as error:
         raise JudgeError(f"judge {judge.name!r} failed to score: {type(error).__name__}: {error}") from error
     if len(scores) != len(items):
@@ -121,7 +133,7 @@ def verdicts_from_scores(
     reward model's scores mean; otherwise a strict rule is certain (confidence 1).
     """
     items = [(p.prompt, c) for p in pairs for c in (p.completion_a, p.completion_b)]
-    scores = score_batch(judge, items)
+    scores = score_batch(judge, items, [p.prompt_messages for p in pairs for _ in range(2)])
     verdicts = []
     for score_a, score_b in zip(scores[0::2], scores[1::2]):
         winner = "a" if score_a > score_b else "b" if score_b > score_a else "tie"

@@ -7,15 +7,15 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from judges.base import JudgeSpecError, PairToJudge, Verdict, checkpoint_fingerprint, verdicts_from_scores
+from judges.base import JudgeSpecError, Messages, PairToJudge, Verdict, checkpoint_fingerprint, verdicts_from_scores
 
 
 class RewardModelJudge:
-    """Scores `prompt + completion` with a reward model and prefers the higher reward.
+    """Scores a prompt and completion with a reward model and prefers the higher reward.
 
-    Texts are scored in batches sorted by length (less padding), right-padded, and cut
-    from the left when too long, so the last tokens, where the reward is read, survive.
-    Runs on CUDA when there is a GPU, otherwise on the CPU.
+    Conversations are rendered with the reward model's own chat template (its tokenizer
+    may differ from the policy's); see `token_ids`. Texts are scored in batches sorted by
+    length (less padding), right-padded. Runs on CUDA when there is a GPU, else the CPU.
     """
 
     def __init__(
@@ -52,7 +52,6 @@ class RewardModelJudge:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.tokenizer.padding_side = "right"
-        self.tokenizer.truncation_side = "left"
         torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
         self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch_dtype)
         self.model.to(self.device).eval()
@@ -64,25 +63,38 @@ class RewardModelJudge:
         self._accepted_inputs = set(inspect.signature(self.model.forward).parameters)
         self.max_length = max_length or getattr(self.model.config, "max_position_embeddings", None)
 
-    def score(self, items: Sequence[tuple[str, str]]) -> list[float]:
+    def score(self, items: Sequence[tuple[str, str]], messages: Sequence[Messages | None] | None = None
+              ) -> list[float]:
         import torch
 
-        texts = [prompt + completion for prompt, completion in items]
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        scores = [0.0] * len(texts)
+        conversations = messages if messages is not None else [None] * len(items)
+        encoded = [self.token_ids(prompt, completion, conversation)
+                   for (prompt, completion), conversation in zip(items, conversations)]
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        scores = [0.0] * len(encoded)
         with torch.inference_mode():
             for start in range(0, len(order), self.batch_size):
                 indices = order[start : start + self.batch_size]
-                batch = self.tokenizer(
-                    [texts[i] for i in indices], padding=True, truncation=self.max_length is not None,
-                    max_length=self.max_length, return_tensors="pt",
-                )
-                # Tokenizers may return inputs the model does not take (token_type_ids).
+                batch = self.tokenizer.pad({"input_ids": [encoded[i] for i in indices]}, return_tensors="pt")
                 inputs = {k: v.to(self.device) for k, v in batch.items() if k in self._accepted_inputs}
                 rewards = self.model(**inputs).logits[:, 0].float().cpu().tolist()
                 for i, reward in zip(indices, rewards):
                     scores[i] = reward
         return scores
+
+    def token_ids(self, prompt: str, completion: str, conversation: Messages | None) -> list[int]:
+        """What the reward model reads: a conversation and the completion as the assistant's
+        turn, rendered by this model's own chat template and tokenized without adding
+        special tokens again (as TRL does); plain `prompt + completion` text where the
+        prompt is text or the model has no template. Cut from the left to `max_length`,
+        so the last tokens, where the reward is read, survive."""
+        if conversation is not None and getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template(
+                [*conversation, {"role": "assistant", "content": completion}], tokenize=False)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = self.tokenizer(prompt + completion)["input_ids"]
+        return ids[-self.max_length:] if self.max_length else ids
 
     def judge(self, pairs: Sequence[PairToJudge]) -> list[Verdict]:
         return verdicts_from_scores(self, pairs, bradley_terry=True)

@@ -549,7 +549,12 @@ def m006_operations(conn: duckdb.DuckDBPyConnection) -> None:
 
 @migration
 def m007_round_summary_by_blocks(conn: duckdb.DuckDBPyConnection) -> None:
-    conn.execute(
+    conn.execute(_round_summary_by_blocks())
+
+
+def _round_summary_by_blocks(extra_columns: str = "") -> str:
+    """m007's round_summary view; later migrations that add a column pass its SQL."""
+    return (
         """
         -- The same columns and counts as m006's round_summary, without joining every label to
         -- its pair: at 10M pairs that hash join took most of the 1-3 s the view cost.
@@ -624,7 +629,9 @@ def m007_round_summary_by_blocks(conn: duckdb.DuckDBPyConnection) -> None:
             e.mean_length,
             coalesce(ck.status = 'promoted', false) AS promoted,
             r.started_at,
-            r.finished_at
+            r.finished_at"""
+        + extra_columns
+        + """
         FROM rounds r
         LEFT JOIN round_completions c ON c.round_id = r.round_id
         LEFT JOIN round_pairs p ON p.round_id = r.round_id
@@ -650,3 +657,22 @@ def m008_lease_processes(conn: duckdb.DuckDBPyConnection) -> None:
         ALTER TABLE run_lease ADD COLUMN processes VARCHAR DEFAULT '[]';
         """
     )
+
+
+@migration
+def m009_conversations_and_logprob_check(conn: duckdb.DuckDBPyConnection) -> None:
+    conn.execute(
+        """
+        -- A prompt given as a conversation: its messages as JSON text
+        -- ([{"role": "user", "content": "..."}]); NULL for a plain-text prompt, whose
+        -- `text` is the prompt. A conversation's `text` is its turns as plain text.
+        ALTER TABLE prompts ADD COLUMN messages VARCHAR;
+
+        -- How far the sampler's weights are from the checkpoint the round says it sampled:
+        -- the mean, over a sample of the round's completions, of
+        -- |log p_vLLM(y|x) - log p_trainer(y|x)| / len(y), in nats per token. Near 0 when
+        -- vLLM holds the checkpoint's weights; large when a reload was missed.
+        ALTER TABLE rounds ADD COLUMN sampler_logprob_gap DOUBLE;
+        """
+    )
+    conn.execute(_round_summary_by_blocks(",\n            r.sampler_logprob_gap"))

@@ -15,9 +15,42 @@ WINNERS = ("a", "b", "tie", "both_bad")
 
 @dataclass(frozen=True)
 class Prompt:
+    """A prompt; `messages` is the conversation ([{"role", "content"}, ...]) of a prompt
+    given as one, whose `text` is then its turns as plain text (what text judges see)."""
+
     prompt_id: int
     text: str
     split: str
+    messages: list[dict[str, str]] | None = None
+
+
+@dataclass(frozen=True)
+class PairForJudge:
+    """A pair as its judge reads it; `truncated_*`: that completion was cut at max_tokens."""
+
+    pair_id: int
+    prompt: str
+    completion_a: str
+    completion_b: str
+    prompt_messages: list[dict[str, str]] | None
+    truncated_a: bool
+    truncated_b: bool
+
+
+@dataclass(frozen=True)
+class LabelWithTexts:
+    """A label with the texts of its pair, as exports write it."""
+
+    pair_id: int
+    round_id: int
+    prompt: str
+    messages: list[dict[str, str]] | None  # the prompt's conversation; None for plain text
+    completion_a: str
+    completion_b: str
+    winner: str
+    judge: str  # name@version
+    annotator: str | None
+    confidence: float | None
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,9 @@ from storage.records import (
     Evaluation,
     JudgeFailure,
     Label,
+    LabelWithTexts,
     Pair,
+    PairForJudge,
     PreferenceTriple,
     Prompt,
     Round,
@@ -40,11 +42,17 @@ from storage.store import StoreError, Transaction
 # Labels other judges added later, for comparison, are not training data; nor are people's
 # labels given after the round stopped waiting for them (`label_requests.last_label_id`).
 # `{rounds}` picks the rounds: `pf.round_id = ?` (one round) or `pf.round_id < ?` (replay).
+# The labels a round trains on: its own judge's, and of people's only those given before
+# the round stopped waiting for them. `{label}` is the label row's alias, `{judge}` its
+# judge-name column; `rd` is the round and `rq` its label request (LEFT JOIN).
+_ROUND_OWN_LABEL = (
+    "{label}.{judge} = rd.judge_name AND {label}.judge_version = rd.judge_version "
+    "AND (rq.last_label_id IS NULL OR {label}.label_id <= rq.last_label_id)"
+)
 _ROUND_PREFERENCES = (
     "SELECT pf.* FROM preferences pf JOIN rounds rd ON rd.round_id = pf.round_id "
     "LEFT JOIN label_requests rq ON rq.round_id = pf.round_id "
-    "WHERE {rounds} AND pf.judge = rd.judge_name AND pf.judge_version = rd.judge_version "
-    "AND (rq.last_label_id IS NULL OR pf.label_id <= rq.last_label_id)"
+    "WHERE {rounds} AND " + _ROUND_OWN_LABEL.format(label="pf", judge="judge")
 )
 
 
@@ -154,20 +162,24 @@ def count(tx: Transaction, table: str, where: str = "true", params: Sequence[Any
 # -- prompts -------------------------------------------------------------------------
 
 
-def add_prompts(tx: Transaction, texts: Sequence[str], split: str, source: str | None = None) -> list[int]:
+def add_prompts(tx: Transaction, texts: Sequence[str], split: str, source: str | None = None,
+                messages: Sequence[list[dict[str, str]] | None] | None = None) -> list[int]:
     """Insert the prompts not already present for `split`, numbered in the order given (so
     that a seeded draw of prompts is the same on every machine); return the ids of all
-    `texts`, in order."""
+    `texts`, in order. `messages[i]`, where given, is text i's conversation."""
     ids = dict(tx.execute(
         "SELECT text, prompt_id FROM prompts WHERE split = ? AND text IN (SELECT unnest(?::VARCHAR[]))",
         [split, list(texts)],
     ).fetchall())
-    new = [text for text in dict.fromkeys(texts) if text not in ids]
+    conversations = dict(zip(texts, messages if messages is not None else [None] * len(texts)))
+    new = [text for text in conversations if text not in ids]
     new_ids = next_ids(tx, "prompt_ids", len(new))
     if new:
         insert_arrow(tx, "prompts", {
             "prompt_id": pa.array(new_ids, pa.int64()), "text": pa.array(new, pa.string()),
             "split": pa.array([split] * len(new), pa.string()), "source": pa.array([source] * len(new), pa.string()),
+            "messages": pa.array([None if conversations[t] is None else json.dumps(conversations[t]) for t in new],
+                                 pa.string()),
         })
     ids.update(zip(new, new_ids))
     return [ids[t] for t in texts]
@@ -187,9 +199,10 @@ def add_skipped_prompts(tx: Transaction, source: str, split: str,
 
 def prompts(tx: Transaction, split: str) -> list[Prompt]:
     rows = tx.execute(
-        "SELECT prompt_id, text, split FROM prompts WHERE split = ? ORDER BY prompt_id", [split]
+        "SELECT prompt_id, text, split, messages FROM prompts WHERE split = ? ORDER BY prompt_id", [split]
     ).fetchall()
-    return [Prompt(*row) for row in rows]
+    return [Prompt(id_, text, split_, None if messages is None else json.loads(messages))
+            for id_, text, split_, messages in rows]
 
 
 # -- checkpoints ---------------------------------------------------------------------
@@ -310,6 +323,10 @@ def finish_step(tx: Transaction, round_id: int, state: str, candidate_checkpoint
     )
 
 
+def set_sampler_logprob_gap(tx: Transaction, round_id: int, gap: float | None) -> None:
+    tx.execute("UPDATE rounds SET sampler_logprob_gap = ? WHERE round_id = ?", [gap, round_id])
+
+
 # -- completions ---------------------------------------------------------------------
 
 
@@ -367,18 +384,24 @@ def latest_round_with_pairs(tx: Transaction) -> int | None:
     return tx.execute("SELECT max(round_id) FROM pairs").fetchone()[0]
 
 
-def pairs_to_judge(tx: Transaction, round_id: int, judge_name: str,
-                   judge_version: str) -> list[tuple[int, str, str, str]]:
-    """(pair_id, prompt, completion a, completion b) of the round's pairs this judge
-    has neither labelled nor failed on yet."""
-    return tx.execute(
-        "SELECT p.pair_id, p.prompt, p.completion_a, p.completion_b FROM pair_texts p "
+def pairs_to_judge(tx: Transaction, round_id: int, judge_name: str, judge_version: str) -> list[PairForJudge]:
+    """The round's pairs this judge has neither labelled nor failed on yet, with what a
+    judge reads (texts, the prompt's conversation) and whether each completion was cut."""
+    rows = tx.execute(
+        "SELECT p.pair_id, pr.text, ca.text, cb.text, pr.messages, "
+        "       ca.finish_reason = 'length', cb.finish_reason = 'length' "
+        "FROM pairs p JOIN prompts pr ON pr.prompt_id = p.prompt_id "
+        "JOIN completions ca ON ca.completion_id = p.completion_a_id "
+        "JOIN completions cb ON cb.completion_id = p.completion_b_id "
         "WHERE p.round_id = ? "
         "AND p.pair_id NOT IN (SELECT pair_id FROM labels WHERE judge_name = ? AND judge_version = ?) "
         "AND p.pair_id NOT IN (SELECT pair_id FROM judge_failures WHERE judge_name = ? AND judge_version = ?) "
         "ORDER BY p.pair_id",
         [round_id, judge_name, judge_version, judge_name, judge_version],
     ).fetchall()
+    return [PairForJudge(pair_id, prompt, a, b, None if messages is None else json.loads(messages),
+                         bool(cut_a), bool(cut_b))
+            for pair_id, prompt, a, b, messages, cut_a, cut_b in rows]
 
 
 def _insert_records(tx: Transaction, table: str, records: Sequence[Any], types: dict[str, pa.DataType]) -> None:
@@ -426,6 +449,44 @@ def preference_triples(tx: Transaction, round_id: int, earlier_rounds: bool = Fa
         [round_id],
     ))
     return [PreferenceTriple(*row) for row in rows]
+
+
+def labels_with_texts(tx: Transaction, rounds: Sequence[int] | None, judge_name: str | None,
+                      with_ties: bool) -> list[LabelWithTexts]:
+    """Labels with their pair's prompt and completion texts, oldest first: those each round
+    trained on (`judge_name` None), or every label of the judge `judge_name` (any version).
+    `rounds` keeps those round ids; ties and both_bad only `with_ties`."""
+    labels = ("l.judge_name = ?" if judge_name is not None
+              else _ROUND_OWN_LABEL.format(label="l", judge="judge_name"))
+    params: list[Any] = [] if judge_name is None else [judge_name]
+    if rounds is not None:
+        params.append(list(rounds))
+    rows = tx.execute(
+        "SELECT p.pair_id, p.round_id, pr.text, pr.messages, ca.text, cb.text, l.winner, "
+        "l.judge_name || '@' || l.judge_version, l.annotator, l.confidence "
+        "FROM labels l JOIN pairs p ON p.pair_id = l.pair_id JOIN rounds rd ON rd.round_id = p.round_id "
+        "JOIN prompts pr ON pr.prompt_id = p.prompt_id "
+        "JOIN completions ca ON ca.completion_id = p.completion_a_id "
+        "JOIN completions cb ON cb.completion_id = p.completion_b_id "
+        "LEFT JOIN label_requests rq ON rq.round_id = p.round_id "
+        f"WHERE ({labels}) "
+        + ("" if rounds is None else "AND p.round_id IN (SELECT unnest(?::BIGINT[])) ")
+        + ("" if with_ties else "AND l.winner IN ('a', 'b') ")
+        + "ORDER BY l.label_id",
+        params,
+    ).fetchall()
+    return [LabelWithTexts(*row[:3], None if row[3] is None else json.loads(row[3]), *row[4:]) for row in rows]
+
+
+def round_ids_among(tx: Transaction, round_ids: Sequence[int]) -> set[int]:
+    """Which of these round ids exist."""
+    return {row[0] for row in tx.execute(
+        "SELECT round_id FROM rounds WHERE round_id IN (SELECT unnest(?::BIGINT[]))", [list(round_ids)]).fetchall()}
+
+
+def judge_names(tx: Transaction) -> list[str]:
+    """The names of the judges (people included, as one) that have labels, sorted."""
+    return [row[0] for row in tx.execute("SELECT DISTINCT judge_name FROM labels ORDER BY 1").fetchall()]
 
 
 def reference_logps(tx: Transaction, checkpoint_id: int, completion_ids: Sequence[int]) -> dict[int, float]:

@@ -108,3 +108,21 @@ def labelling_server(database: Path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def chat_policy() -> Path:
+    """A tiny chat policy (`tests/chat_models.py`): addition through a chat template whose
+    end-of-turn token is not the tokenizer's EOS. Cached beside `tiny_policy`."""
+    from chat_models import cached_chat_policy
+
+    return cached_chat_policy(Path(os.environ.get("FLYWHEEL_TEST_CACHE", Path.home() / ".cache" / "flywheel-tests")))
+
+
+@pytest.fixture(scope="session")
+def chat_reward_model(tmp_path_factory) -> Path:
+    """A random tiny reward model with a tokenizer and chat template unlike the chat
+    policy's (`tests/chat_models.py`)."""
+    from chat_models import build_chat_reward_model
+
+    return build_chat_reward_model(tmp_path_factory.mktemp("chat-reward-model"))

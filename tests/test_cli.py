@@ -31,7 +31,7 @@ def assert_one_line_error(result, fragment):
     assert fragment in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("command", [[], ["demo"], ["run"], ["judge"], ["sql"], ["status"]])
+@pytest.mark.parametrize("command", [[], ["demo"], ["run"], ["judge"], ["sql"], ["export"], ["status"]])
 def test_every_command_has_help(command):
     result = flywheel(*command, "--help")
     assert result.returncode == 0 and "usage: flywheel" in result.stdout
@@ -255,9 +255,9 @@ def test_relabel_and_enqueue_rules(tmp_path):
         relabel_round(store, "human", {})
     with pytest.raises(UserError, match="has no judge yet"):
         enqueue_for_people(store, round_id)
-    done = relabel_round(store, RULE, {"name": "sums"})  # the latest round with pairs
+    done = relabel_round(store, RULE, {"name": "sums", "version": "1"})  # the latest round with pairs
     assert (done.round_id, done.labeller, done.result.labelled, done.result.already_done) == (round_id, "sums@1", 5, 0)
-    assert relabel_round(store, RULE, {"name": "sums"}).result.already_done == 5
+    assert relabel_round(store, RULE, {"name": "sums", "version": "1"}).result.already_done == 5
     with store.transaction() as tx:
         tables.claim_round_judge(tx, round_id, "sums", "1")
     with pytest.raises(UserError, match="at most 10080 minutes"):

@@ -67,8 +67,8 @@ def test_full_file_loads_with_paths_from_its_directory(tmp_path, monkeypatch):
     config, here = run_file.config, tmp_path / "configs"
     assert run_file.rounds == 3
     assert config.workdir == here / "runs" / "mine"
-    assert config.prompts == here / "data" / "train.jsonl"
-    assert config.heldout_prompts == Path("/data/heldout.jsonl")
+    assert config.prompts.path == here / "data" / "train.jsonl"
+    assert config.heldout_prompts.path == Path("/data/heldout.jsonl")
     assert config.reference_model == Path.home() / "models" / "sft"
     assert config.seed == 7
     assert config.judge == JudgeConfig("rule:flywheel.examples.addition:addition_score", {"name": "addition-verifier"}, 64)
@@ -153,7 +153,7 @@ def test_cli_flags_and_overrides_set_the_files_keys(tiny_policy, tmp_path, monke
                      "sample.n=8", "rounds=3", "judge.options.name=verifier"]) == 0
     [(config, rounds, judge, _)] = calls
     assert rounds == 3  # rounds=3 came after --rounds 2
-    assert config.prompts == tmp_path / "other.jsonl" and config.heldout_prompts == tmp_path / "configs" / "prompts.jsonl"
+    assert config.prompts.path == tmp_path / "other.jsonl" and config.heldout_prompts.path == tmp_path / "configs" / "prompts.jsonl"
     assert config.judge == JudgeConfig("rule:flywheel.examples.addition:addition_score", {"name": "verifier"})
     assert judge.name == "verifier"
     assert (config.pair.strategy, config.train.beta, config.sample.n) == ("all", 0.2, 8)
@@ -202,7 +202,7 @@ def test_cli_runs_the_file_config(tiny_policy, tmp_path, monkeypatch, flags, rou
     assert cli.main(["run", "--config", str(path), *flags]) == 0
     [(config, ran_rounds, judge, eval_judge)] = calls
     assert ran_rounds == rounds
-    assert config.workdir == tmp_path / "w" and config.prompts == tmp_path / "prompts.jsonl"
+    assert config.workdir == tmp_path / "w" and config.prompts.path == tmp_path / "prompts.jsonl"
     assert judge.name == "rule:flywheel.examples.addition:addition_score" and eval_judge is None
 
 
@@ -219,7 +219,7 @@ def test_overrides_in_python(tmp_path, monkeypatch):
     assert (config.train.beta, config.train.epochs, config.train.learning_rate) == (0.3, 2, 1e-4)  # merged
     assert config.judge == JudgeConfig("rule:m:f", {"name": "v", "batch_size": 4})
     assert config.eval.judge == JudgeConfig("rule:m:g", {"name": "g"})
-    assert config.heldout_prompts == tmp_path / "elsewhere" / "h.jsonl" and config.prompts == tmp_path / "p.jsonl"
+    assert config.heldout_prompts.path == tmp_path / "elsewhere" / "h.jsonl" and config.prompts.path == tmp_path / "p.jsonl"
     assert override_run_file(run_file, overrides=["train.beta=0.5"]).config.train == TrainConfig(
         beta=0.5, epochs=2, learning_rate=1e-4)
     with pytest.raises(UserError, match="override train.nope=1: unknown key 'train.nope'"):
@@ -303,7 +303,7 @@ def test_demo_lays_out_its_files_and_writes_the_config_it_runs(tiny_policy, tmp_
     assert (directory / "prompts" / "train.jsonl").is_file() and (directory / "prompts" / "heldout.jsonl").is_file()
     config = run_file.config
     assert run_file.rounds == 2 != DEMO_ROUNDS and config.train.beta == 0.3
-    assert config.workdir == directory and config.prompts == directory / "prompts" / "train.jsonl"
+    assert config.workdir == directory and config.prompts.path == directory / "prompts" / "train.jsonl"
     written = (directory / "flywheel.yaml").read_text()
     assert "\nworkdir: .\nreference_model: policy\nprompts: prompts/train.jsonl\n" in written
     assert load_config_file(directory / "flywheel.yaml") == run_file

@@ -74,9 +74,13 @@ def config_keys() -> dict[str, object]:
     (`eval.judge`) is one key, since it is given as a spec or a mapping."""
     keys: dict[str, object] = {}
     hints = get_type_hints(FlywheelConfig)
+    documented_sections = set()
     for field in fields(FlywheelConfig):
         section = hints[field.name]
+        if section in documented_sections:
+            continue  # `heldout_prompts` takes the keys of `prompts`, documented once
         if is_dataclass(section):
+            documented_sections.add(section)
             for inner in fields(section):
                 default = inner.default
                 if default is MISSING and inner.default_factory is not MISSING:

@@ -9,7 +9,7 @@ from flywheel.examples.addition import addition_score
 from flywheel.errors import UserError
 from flywheel.pairing import form_pairs
 from flywheel.rounds import Flywheel
-from judges import JudgeError, JudgeSpecError, NoVerdict, PairToJudge, RuleJudge, Verdict, load_judge
+from judges import HumanJudge, JudgeError, JudgeSpecError, NoVerdict, PairToJudge, RuleJudge, Verdict, load_judge
 from judges.llm import PairwiseLLMJudge, combine_orders
 from storage.records import Completion, Label
 from storage import tables
@@ -68,24 +68,26 @@ a_judge_instance = ShorterAnswerJudge(version="instance")
 ANSWERS = {"2+3=": ["5", "6", "15", "5"], "4+4=": ["8", "9", "10", "8"], "1+1=": ["2", "2", "2", "2"]}
 
 
-def make_flywheel(tmp_path, judge=None, strategy="all", batch_size=256):
+def make_flywheel(tmp_path, judge=None, strategy="all", batch_size=256, truncated="drop"):
     config = FlywheelConfig(
         workdir=tmp_path / "fw", reference_model=tmp_path / "policy", prompts=tmp_path / "p.jsonl",
         heldout_prompts=tmp_path / "h.jsonl",
-        judge=JudgeConfig("rule:flywheel.examples.addition:addition_score", {"name": "adder"}, batch_size=batch_size),
-        pair=PairConfig(strategy=strategy),
+        judge=JudgeConfig("rule:flywheel.examples.addition:addition_score", {"name": "adder", "version": "1"}, batch_size=batch_size),
+        pair=PairConfig(strategy=strategy, truncated=truncated),
     )
     return Flywheel(config, judge=judge)  # the vLLM engine starts only on the first sample
 
 
-def sampled_round(flywheel) -> int:
-    """A round in state 'sampled' holding ANSWERS as completions (the sampler's records)."""
+def sampled_round(flywheel, cut: tuple[str, ...] = ()) -> int:
+    """A round in state 'sampled' holding ANSWERS as completions (the sampler's records);
+    those whose text is in `cut` were cut at max_tokens."""
     with flywheel.store.transaction() as tx:
         prompt_ids = tables.add_prompts(tx, list(ANSWERS), "train")
         checkpoint = tables.add_checkpoint(tx, "/policy", "reference", "promoted")
         round_id = tables.start_round(tx, checkpoint, checkpoint, seed=1, config={})
         tables.add_completions(tx, [
-            Completion(prompt_id, checkpoint, "train", i, text, [1, 4], [5, 2], -1.0, "stop", {}, round_id=round_id)
+            Completion(prompt_id, checkpoint, "train", i, text, [1, 4], [5, 2], -1.0,
+                       "length" if text in cut else "stop", {}, round_id=round_id)
             for prompt_id, texts in zip(prompt_ids, ANSWERS.values()) for i, text in enumerate(texts)
         ])
         tables.finish_step(tx, round_id, "sampled")
@@ -286,7 +288,7 @@ def test_a_round_keeps_the_judge_that_started_labelling_it(tmp_path):
 
 
 def test_judge_agreement_and_training_data_of_a_relabelled_round(tmp_path):
-    flywheel = make_flywheel(tmp_path, judge=RuleJudge(addition_score, name="adder"))
+    flywheel = make_flywheel(tmp_path, judge=RuleJudge(addition_score, name="adder", version="1"))
     round_id = sampled_round(flywheel)
     flywheel.pair(round_id)
     flywheel.label(round_id)
@@ -348,3 +350,35 @@ def test_the_readme_custom_judge_works_as_written(tmp_path, monkeypatch):
     judge = load_judge("mypkg.judges:ShorterIsBetter")
     verdicts = judge.judge([PairToJudge(1, "1+1=", "2", "22"), PairToJudge(2, "1+1=", "3", "2")])
     assert [v.winner for v in verdicts] == ["a", "tie"]
+
+
+@pytest.mark.parametrize("truncated", ["keep", "lose", "drop"])
+def test_completions_cut_at_max_tokens_are_kept_lose_or_are_dropped(tmp_path, truncated):
+    """"15" (to 2+3=) was cut. Against "6", both wrong, the adder says tie: `keep` asks it,
+    `lose` gives the finished "6" the win without asking, `drop` never pairs "15"."""
+    flywheel = make_flywheel(tmp_path, truncated=truncated)
+    round_id = sampled_round(flywheel, cut=("15",))
+    flywheel.pair(round_id)
+    flywheel.label(round_id)
+    _, rows = flywheel.store.query(
+        "SELECT ca.text, cb.text, l.winner, l.rationale FROM pairs p "
+        "JOIN completions ca ON ca.completion_id = p.completion_a_id "
+        "JOIN completions cb ON cb.completion_id = p.completion_b_id JOIN labels l USING (pair_id)")
+    assert rows
+    with_cut = {(a, b): (winner, rationale) for a, b, winner, rationale in rows if "15" in (a, b)}
+    if truncated == "drop":
+        assert not with_cut
+        return
+    winner, rationale = with_cut.get(("6", "15")) or with_cut[("15", "6")]
+    six_wins = "a" if ("6", "15") in with_cut else "b"
+    if truncated == "keep":
+        assert winner == "tie" and "cut" not in rationale
+    else:
+        assert winner == six_wins and "cut at sample.max_tokens" in rationale
+    # Pairs of two finished completions are the judge's either way.
+    assert all("cut" not in rationale for a, b, _, rationale in rows if "15" not in (a, b))
+
+
+def test_people_cannot_be_the_judge_when_cut_completions_lose(tmp_path):
+    with pytest.raises(UserError, match="pair.truncated 'lose'"):
+        make_flywheel(tmp_path, judge=HumanJudge(), truncated="lose")

@@ -77,8 +77,8 @@ def test_the_left_right_order_is_recorded_and_maps_back_to_a_and_b(store):
     now = queue.utc_now()
     with store.transaction() as tx:
         shown_b_left = queue.claim_next_pair(tx, "alice", now, "b")
-        _, _, a_text, b_text = tables.pairs_to_judge(tx, 1, "nobody", "0")[0]
-        assert (shown_b_left.left, shown_b_left.right) == (b_text, a_text)
+        pair = tables.pairs_to_judge(tx, 1, "nobody", "0")[0]
+        assert (shown_b_left.left, shown_b_left.right) == (pair.completion_b, pair.completion_a)
         queue.submit_label(tx, "alice", shown_b_left.pair_id, shown_b_left.lease_id, "left", now, judge_name=HUMAN)
         shown_a_left = queue.claim_next_pair(tx, "alice", now, "a")
         queue.submit_label(tx, "alice", shown_a_left.pair_id, shown_a_left.lease_id, "left", now, judge_name=HUMAN)
@@ -201,7 +201,29 @@ def test_people_appear_in_judge_agreement_beside_an_ai_judge(store):
                 choice = "tie"
             queue.submit_label(tx, "alice", lease.pair_id, lease.lease_id, choice, now, judge_name=HUMAN)
     _, rows = store.query("SELECT judge_a, judge_b, pairs, agreements FROM judge_agreement")
-    assert rows == [("adder@1", "human@1 (alice)", 6, 5)]
+    assert rows == [(f"adder@{rule.version}", "human@1 (alice)", 6, 5)]
+
+
+def test_an_edited_rule_function_labels_as_a_new_judge_version(store, tmp_path, monkeypatch):
+    """A rule judge's version is its function's source fingerprint: after an edit, its
+    labels are another labeller in judge_agreement, not the same one silently changed."""
+    import importlib
+    import sys
+
+    round_id = round_with_pairs(store, 3)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = tmp_path / "my_rule.py"
+    versions = []
+    for body in ("return float(len(completion) % 2)", "return -float(len(completion) % 2)"):
+        module.write_text(f"def score(prompt, completion):\n    {body}\n")
+        importlib.invalidate_caches()
+        sys.modules.pop("my_rule", None)
+        rule = load_judge("rule:my_rule:score", {"name": "lengthy"})
+        label_pairs(store, rule, round_id, batch_size=4, progress=False)
+        versions.append(rule.version)
+    assert versions[0] != versions[1]
+    _, rows = store.query("SELECT judge_a, judge_b, pairs FROM judge_agreement")
+    assert rows == [(*sorted(f"lengthy@{version}" for version in versions), 3)]
 
 
 # -- the CLI: annotators, export, import ---------------------------------------------------------

@@ -46,8 +46,8 @@ def test_the_example_names_the_demos_files(demo_cwd):
     demo = demo_cwd / "flywheel-demo"
     config = run_file.config
     assert config.reference_model == (demo / DEMO_POLICY).resolve()
-    assert config.prompts == demo / DEMO_PROMPTS / "train.jsonl" and config.prompts.is_file()
-    assert config.heldout_prompts == demo / DEMO_PROMPTS / "heldout.jsonl" and config.heldout_prompts.is_file()
+    assert config.prompts.path == demo / DEMO_PROMPTS / "train.jsonl" and config.prompts.path.is_file()
+    assert config.heldout_prompts.path == demo / DEMO_PROMPTS / "heldout.jsonl" and config.heldout_prompts.path.is_file()
     assert config.workdir == demo_cwd / "my-flywheel" and run_file.rounds >= 1
 
 

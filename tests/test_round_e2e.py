@@ -8,7 +8,9 @@ from conftest import E2E_SAMPLE, run_flow
 from flywheel.config import EvalConfig, FlywheelConfig, JudgeConfig, PairConfig, TrainConfig
 from flywheel.errors import UserError
 from flywheel.rounds import Flywheel
+from flywheel.examples.addition import addition_score
 from judges import Verdict
+from judges.rule import source_fingerprint
 from storage import tables
 
 pytestmark = pytest.mark.slow
@@ -76,7 +78,7 @@ def test_flow_runs_rounds_and_records_everything(flywheel, prefect_harness):
     assert bad == [(0,)]
     # Labels carry the judge's name and version; pairs join completions of one prompt.
     _, judges = store.query("SELECT DISTINCT judge_name, judge_version FROM labels")
-    assert judges == [("adder", "1")]
+    assert judges == [("adder", source_fingerprint(addition_score))]  # a rule's version: its source
     _, mismatched = store.query(
         "SELECT count(*) FROM pairs p JOIN completions a ON a.completion_id = p.completion_a_id "
         "JOIN completions b ON b.completion_id = p.completion_b_id "
@@ -182,12 +184,14 @@ def test_a_kept_reference_is_loaded_once_across_rounds(flywheel, tmp_path, monke
     try:
         for _ in range(2):
             kept.run_round()
-        # Each round needs the reference twice (its log-probs of the new completions, and
-        # the KL at evaluation); kept, it is loaded once for both rounds. Each candidate is
-        # still loaded for its KL.
+        # Each round needs the reference twice or three times (its log-probs of the new
+        # completions, the KL at evaluation, and the sampler check while it is the policy);
+        # kept, it is loaded once for both rounds. Each candidate is still loaded for its
+        # KL, and a promoted one again for the next round's sampler check.
         reference = Path(kept.store.read(tables.reference_checkpoint).path).resolve()
         assert loads.count(reference) == 1
-        assert len(loads) == 3
+        _, promoted = kept.store.query("SELECT count(*) FROM round_summary WHERE round_id = 1 AND promoted")
+        assert len(loads) == 3 + promoted[0][0]
         _, states = kept.store.query("SELECT state, kl_to_reference IS NOT NULL FROM round_summary")
         assert states == [("done", True), ("done", True)]
     finally:
