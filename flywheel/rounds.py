@@ -38,7 +38,7 @@ Log = Callable[[str], None]
 # Completions of each round whose sampler log-probs are checked against the trainer's.
 LOGPROB_CHECK_COMPLETIONS = 32
 # Nats per token above which that gap is reported as stale weights (see docs/operations.md).
-STALE_WEIGHTS_GAP = 0.05
+STALE_WEIGHTS_GAP = 0.02
 
 
 class Flywheel:

@@ -58,6 +58,18 @@ def combine_orders(as_stored: str | None, swapped: str | None, raw: tuple[str, s
     return Verdict("tie", confidence=0.5, rationale=f"verdict changed with the order ({replies})")
 
 
+def render_question(tokenizer: Any, text: str, use_chat_template: bool | None) -> dict[str, Any]:
+    """The judge's question as a vLLM prompt: through the chat template (by default when the
+    tokenizer has one) as token ids, since templated text tokenized again by vLLM would
+    hold a second BOS; else as text, which vLLM tokenizes with its special tokens."""
+    if use_chat_template is None:  # auto: instruction-tuned models carry a chat template
+        use_chat_template = getattr(tokenizer, "chat_template", None) is not None
+    if not use_chat_template:
+        return {"prompt": text}
+    return {"prompt_token_ids": list(tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], tokenize=True, add_generation_prompt=True, return_dict=False))}
+
+
 class PairwiseLLMJudge:
     """Asks a causal model (through vLLM, greedy) which of two answers is better."""
 
@@ -121,16 +133,8 @@ class PairwiseLLMJudge:
             _ENGINES[self._engine_key] = LLM(model=str(self.path), **self.engine_settings)
         return _ENGINES[self._engine_key]
 
-    def _render(self, engine, text: str) -> str:
-        tokenizer = engine.get_tokenizer()
-        use_chat = self.use_chat_template
-        if use_chat is None:  # auto: instruction-tuned models carry a chat template
-            use_chat = getattr(tokenizer, "chat_template", None) is not None
-        if not use_chat:
-            return text
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-        )
+    def _render(self, engine, text: str) -> dict[str, Any]:
+        return render_question(engine.get_tokenizer(), text, self.use_chat_template)
 
     def parse(self, reply: str) -> str | None:
         """The verdict word of a reply ('A', 'B', 'tie', 'both bad'), or None."""

@@ -149,3 +149,22 @@ def test_a_skipped_reload_shows_in_the_logprob_gap(chat_flywheel, chat_policy, t
     print(f"log-prob gap: reloaded {gap:.2e}, reload skipped {stale_gap:.3f} nats per token")
     assert stale_gap > 10 * max(gap, 1e-3) and stale_gap > STALE_WEIGHTS_GAP
     sampler._loaded = None  # the next call loads its checkpoint again
+
+
+def test_an_llm_judge_question_goes_to_vllm_as_token_ids_with_one_bos(chat_flywheel, chat_policy):
+    """The LLM judge's chat-templated question, rendered with vLLM's own tokenizer of a
+    model whose template writes the BOS, reaches the engine with exactly one BOS."""
+    from vllm import SamplingParams
+
+    from judges.llm import render_question
+
+    sampler = chat_flywheel.sampler
+    sampler.sample(chat_policy, 1, [Prompt(1, "1+1=", "train")], n=2, temperature=1.0, seed=0, purpose="eval",
+                   round_id=None, progress=False)  # the chat policy's engine, as the judge would have it
+    engine = sampler._llm
+    tokenizer = engine.get_tokenizer()
+    question = render_question(tokenizer, "which is better.", use_chat_template=None)
+    assert tokenizer.decode(question["prompt_token_ids"]) == "<s><|user|>which is better.<|end|><|assistant|>"
+    output = engine.generate([question], SamplingParams(max_tokens=1), use_tqdm=False)[0]
+    assert output.prompt_token_ids.count(tokenizer.bos_token_id) == 1
+    assert render_question(tokenizer, "2+3=", use_chat_template=False) == {"prompt": "2+3="}

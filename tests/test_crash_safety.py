@@ -178,9 +178,10 @@ def test_killed_runs_resume_without_loss_or_duplicates_and_a_second_process_is_r
     assert sorted((c.prompt_id, c.sample_index, c.text) for c in stored) == sorted(
         (c.prompt_id, c.sample_index, c.text) for c in uninterrupted)
 
-    # Pairs: exactly those the round's seeded pairing forms from its completions, once each.
-    expected = form_pairs(store.read(tables.completions, round_id=1, purpose="train"), 1, "random",
-                          seed=store.read(tables.get_round, 1).seed, scores={})
+    # Pairs: exactly those the round's seeded pairing forms from its completions (those cut
+    # at max_tokens left out: pair.truncated is drop), once each.
+    finished = [c for c in store.read(tables.completions, round_id=1, purpose="train") if c.finish_reason != "length"]
+    expected = form_pairs(finished, 1, "random", seed=store.read(tables.get_round, 1).seed, scores={})
 
     with duckdb.connect(str(db), read_only=True) as conn:
         def one(sql):

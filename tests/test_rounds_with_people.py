@@ -163,8 +163,9 @@ def test_eight_annotators_label_500_pairs_while_a_flow_round_writes(
     assert per_pair == [] and store.read(tables.count, "labels", "annotator IS NOT NULL") == 500
     _, stored = store.query("SELECT label_id FROM labels WHERE annotator IS NOT NULL ORDER BY label_id")
     assert sorted(label for name in names for _, label in results[name]) == [row[0] for row in stored]
-    _, agreement = store.query("SELECT judge_b, pairs FROM judge_agreement WHERE judge_a = 'adder@1' "
-                               "AND judge_b LIKE 'human@1 (%' ORDER BY judge_b")
+    _, agreement = store.query("SELECT judge_b, pairs FROM judge_agreement WHERE judge_a = ? "
+                               "AND judge_b LIKE 'human@1 (%' ORDER BY judge_b",
+                               [f"{flywheel.judge.name}@{flywheel.judge.version}"])
     assert sum(pairs for _, pairs in agreement) == 500
     # And the flow's round finished with everything it wrote.
     assert round_ids == [old_round + 1] and store.read(tables.get_round, old_round + 1).state == "done"
