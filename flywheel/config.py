@@ -27,6 +27,8 @@ REFERENCES = ("initial", "previous")
 # The dtypes vLLM's engine takes (`vllm.config.model._STR_DTYPE_TO_TORCH_DTYPE`, and auto:
 # the checkpoint's own).
 ENGINE_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
+# The trainer's precision: auto is bfloat16 on CUDA, float32 elsewhere.
+TRAIN_DTYPES = ("auto", "bfloat16", "float32")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -50,6 +52,14 @@ class SampleConfig:
     # On CPU, vLLM sizes its KV cache from RAM by this fraction; 0.3 is what works here.
     gpu_memory_utilization: float = 0.3
     enforce_eager: bool = False
+    # Put the engine to sleep (vLLM sleep mode, level 1: weights to host memory, KV cache
+    # freed) while the trainer uses the GPU, and reload the checkpoint on waking. Where
+    # vLLM has no sleep mode (its CPU build) the engine keeps its memory, and the round
+    # records that it could not sleep.
+    sleep_mode: bool = True
+    # GPUs one engine shards the policy across (vLLM tensor parallelism), for a policy
+    # that does not fit one GPU.
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         _require(self.prompts_per_round >= 1, f"sample.prompts_per_round must be >= 1, got {self.prompts_per_round}")
@@ -66,6 +76,8 @@ class SampleConfig:
                  f"sample.dtype must be one of {ENGINE_DTYPES}, got {self.dtype!r}")
         _require(0 < self.gpu_memory_utilization <= 1,
                  f"sample.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        _require(self.tensor_parallel_size >= 1,
+                 f"sample.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
 
 
 # What pairing does with a completion cut at sample.max_tokens (finish_reason 'length').
@@ -190,14 +202,17 @@ class TrainConfig:
     # Data-parallel processes under `accelerate launch` (one per GPU on a GPU host);
     # 1 trains in the flywheel's own process.
     num_processes: int = 1
-    # bf16 autocast for the policy's forward (log-probs and the loss stay fp32), and
-    # gradient checkpointing (recompute activations in backward): memory for time, mostly on GPU.
-    bf16: bool = False
+    # The precision of the weights that do not train (a LoRA policy's base, the models of
+    # the reference and KL log-prob passes) and of the forward passes (autocast); auto is
+    # bfloat16 on CUDA and float32 on CPU. The weights that train, and their AdamW
+    # states, stay float32 (`flywheel.training.setup_training` says why).
+    dtype: str = "auto"
+    # Gradient checkpointing (recompute activations in backward): memory for time.
     gradient_checkpointing: bool = False
-    # Keep the frozen reference model loaded between rounds (in host memory, where its
-    # log-prob passes run) instead of loading it twice a round, for its log-probs in
-    # training and at evaluation: faster, but it holds that memory while sampling and
-    # training run.
+    # Keep the frozen reference model loaded between rounds (on the trainer's device,
+    # where its log-prob passes run) instead of loading it twice a round, for its
+    # log-probs in training and at evaluation: faster, but it holds that memory while
+    # sampling and training run.
     keep_reference_loaded: bool = False
 
     def __post_init__(self) -> None:
@@ -210,6 +225,7 @@ class TrainConfig:
                  f"train.batch_size ({self.batch_size}) must be a multiple of gradient_accumulation_steps "
                  f"({self.gradient_accumulation_steps})")
         _require(self.num_processes >= 1, f"train.num_processes must be >= 1, got {self.num_processes}")
+        _require(self.dtype in TRAIN_DTYPES, f"train.dtype must be one of {TRAIN_DTYPES}, got {self.dtype!r}")
         _require(self.lora_rank >= 0, f"train.lora_rank must be >= 0 (0: full fine-tuning), got {self.lora_rank}")
         _require(self.lora_alpha > 0, f"train.lora_alpha must be > 0, got {self.lora_alpha}")
         _require(0 <= self.replay_fraction < 1, f"train.replay_fraction must be in [0, 1), got {self.replay_fraction}")
@@ -454,8 +470,7 @@ def _set_key(data: dict[str, Any], key: str, value: Any) -> None:
         else:
             keys = [*_keys(cls), *(RUN_FILE_KEYS if cls is FlywheelConfig else ())]
             if part not in keys:
-                raise UserError(f"unknown key {_dotted(where, part)!r} ({where or 'the top level'} takes: "
-                                f"{', '.join(keys)})")
+                raise _unknown_key(_dotted(where, part), where, keys)
             hint = int if cls is FlywheelConfig and part in RUN_FILE_KEYS else _without_none(get_type_hints(cls)[part])
         where = _dotted(where, part)
         if last:
@@ -555,6 +570,16 @@ def _relative_path(path: Path, base: Path | None) -> str:
     return str(path)
 
 
+# Keys that an earlier version took, and what replaced them.
+RENAMED_KEYS = {"train.bf16": "train.dtype: bfloat16"}
+
+
+def _unknown_key(key: str, where: str, keys: Sequence[str]) -> UserError:
+    if key in RENAMED_KEYS:
+        return UserError(f"{key!r} is gone: use {RENAMED_KEYS[key]}")
+    return UserError(f"unknown key {key!r} ({where or 'the top level'} takes: {', '.join(keys)})")
+
+
 def config_from_mapping(cls: type, data: Mapping[str, Any], where: str = "", base: Path = Path("."),
                         extra_keys: tuple[str, ...] = ()) -> Any:
     """Build the config dataclass `cls` from a mapping (parsed YAML or JSON), checking every
@@ -563,8 +588,7 @@ def config_from_mapping(cls: type, data: Mapping[str, Any], where: str = "", bas
     keys = _keys(cls)
     for key in data:
         if key not in keys:
-            raise UserError(f"unknown key {_dotted(where, key)!r} "
-                            f"({where or 'the top level'} takes: {', '.join([*keys, *extra_keys])})")
+            raise _unknown_key(_dotted(where, key), where, [*keys, *extra_keys])
     missing = [_dotted(where, key) for key in _required_keys(cls) if key not in data]
     if missing:
         raise UserError(f"missing required key{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}")

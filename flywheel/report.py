@@ -238,6 +238,7 @@ def status_lines(store: Store, now: datetime | None = None) -> list[str]:
                   for round_id, state in unfinished]
     else:
         lines.append("unfinished round: none")
+    lines += _phase_lines(store)
     _, lease = store.query("SELECT holder, host, pid, ttl_seconds, heartbeat_at FROM run_lease ORDER BY lease_key")
     if lease:
         holder, host, pid, ttl_seconds, heartbeat_at = lease[0]
@@ -247,6 +248,26 @@ def status_lines(store: Store, now: datetime | None = None) -> list[str]:
                      f"{format_value(heartbeat_at)} UTC, {silent:.0f} s ago{stale}")
     else:
         lines.append("run lease: free (no flywheel process is running rounds)")
+    return lines
+
+
+def _phase_lines(store: Store) -> list[str]:
+    """The latest round's phases with their seconds and peak GPU memory, and whether the
+    sampler's engine slept through training (table round_phases)."""
+    _, rows = store.query(
+        "SELECT round_id, kind, name, detail, seconds, peak_gpu_bytes FROM round_phases "
+        "WHERE round_id = (SELECT max(round_id) FROM round_phases) ORDER BY started_at, phase_id")
+    if not rows:
+        return []
+    round_id = rows[0][0]
+    phases = [f"{name} {seconds:.1f} s" + ("" if peak is None else f" {peak / 2**30:.1f} GiB")
+              for _, kind, name, _, seconds, peak in rows if kind == "phase"]
+    measured = any(peak is not None for *_, peak in rows)
+    lines = [f"round {round_id} phases ({'seconds, peak GPU memory' if measured else 'seconds; no GPU'}): "
+             + ", ".join(phases)]
+    sleeps = [detail for _, kind, name, detail, _, _ in rows if kind == "sampler" and name == "sleep"]
+    if sleeps:
+        lines.append(f"round {round_id} sampler sleep: {sleeps[-1]}")
     return lines
 
 

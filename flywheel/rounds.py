@@ -21,10 +21,18 @@ from flywheel.evaluation import gate_reason, heldout_accuracy, promote_if_better
 from flywheel.labelling import label_pairs, score_completions
 from flywheel.lease import RoundLease
 from flywheel.pairing import NEEDS_SCORES, form_pairs, within_budget
+from flywheel.phases import PhaseLog
 from flywheel.prompts import load_renderer, read_prompts, usable_prompts
 from flywheel.sampling import VLLMSampler
 from flywheel.train_job import launch, write_job
-from flywheel.training import KeptModel, completion_logps, reference_logps_for, sampler_logprob_gap, train_dpo
+from flywheel.training import (
+    KeptModel,
+    completion_logps,
+    reference_logps_for,
+    sampler_logprob_gap,
+    train_dpo,
+    train_dtype,
+)
 from judges import HumanJudge, Judge, ScalarJudge, close_judge, import_object, load_judge
 from judges.human import ready_to_train, waiting_message
 from storage.queue import close_request, utc_now
@@ -80,8 +88,12 @@ class Flywheel:
         self.lease = RoundLease(self.store, log)
         self._owns_sampler = sampler is None
         self.sampler = sampler if sampler is not None else VLLMSampler(config.sample, seed=config.seed)
+        # The flywheel's own log-prob passes (reference, KL, sampler check) run in the
+        # trainer's precision, on its device.
+        self.logps_dtype = train_dtype(config.train)
         # None: the reference is loaded for each log-prob pass and freed after it.
-        self.kept_reference = KeptModel() if config.train.keep_reference_loaded else None
+        self.kept_reference = KeptModel(self.logps_dtype) if config.train.keep_reference_loaded else None
+        self.phases = PhaseLog(self.store, self.sampler)
 
     def _build_eval_judge(self) -> Judge:
         """Who judges candidate against incumbent: `eval.judge`, else the round's judge;
@@ -185,8 +197,9 @@ class Flywheel:
         todo = [p for p in chosen if p.prompt_id not in done]
         batch_size = self.config.sample.batch_prompts
         batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
-        with tqdm(total=count, initial=count - len(todo), desc=f"round {round_id}: sampling", unit="prompt",
-                  disable=None) as bar:
+        with self.phases.phase(round_id, "sample"), \
+                tqdm(total=count, initial=count - len(todo), desc=f"round {round_id}: sampling", unit="prompt",
+                     disable=None) as bar:
             for batch in batches:
                 completions = self.sampler.sample(
                     Path(policy.path), policy.checkpoint_id, batch,
@@ -196,8 +209,11 @@ class Flywheel:
                 with self.store.transaction() as tx:
                     tables.add_completions(tx, completions)
                 bar.update(len(batch))
+            # The GPU is the trainer's until the next sampling (the check's pass is first).
+            self.sampler.sleep()
         sampled = self.store.read(tables.completions, round_id=round_id, purpose="train")
-        gap = self._check_sampler_weights(round_id, policy, sampled, round_.seed)
+        with self.phases.phase(round_id, "logprob_check"):
+            gap = self._check_sampler_weights(round_id, policy, sampled, round_.seed)
         with self.store.transaction() as tx:
             tables.set_sampler_logprob_gap(tx, round_id, gap)
             tables.finish_step(tx, round_id, "sampled")
@@ -213,7 +229,7 @@ class Flywheel:
         reference = self.store.read(tables.reference_checkpoint)
         # Until a candidate is promoted the policy is the reference, which may be kept loaded.
         kept = self.kept_reference if policy.checkpoint_id == reference.checkpoint_id else None
-        gap = sampler_logprob_gap(Path(policy.path), checked, self.config.train.batch_size, kept)
+        gap = sampler_logprob_gap(Path(policy.path), checked, self.config.train.batch_size, kept, self.logps_dtype)
         if gap is not None and gap > STALE_WEIGHTS_GAP:
             self.log(f"round {round_id}: WARNING the sampler's log-probs differ from the trainer's by {gap:.3g} "
                      f"nats per token (> {STALE_WEIGHTS_GAP}) under checkpoint {policy.checkpoint_id}: "
@@ -312,15 +328,18 @@ class Flywheel:
             policy = tables.checkpoint(tx, round_.policy_checkpoint_id)
             reference = tables.checkpoint(tx, round_.reference_checkpoint_id)
         output_dir = self.config.checkpoints_dir / f"round-{round_id:04d}"
-        reference_logps = reference_logps_for(self.store, triples, reference, self.config.train.batch_size,
-                                              self.kept_reference)
-        if self.config.train.num_processes > 1:
-            job = write_job(self.config.workdir / "jobs" / f"round-{round_id:04d}", Path(policy.path),
-                            reference_logps, triples, self.config.train, output_dir, round_.seed)
-            metrics = launch(job, self.config.train.num_processes)
-        else:
-            metrics = train_dpo(Path(policy.path), reference_logps, triples, self.config.train, output_dir,
-                                seed=round_.seed)
+        with self.phases.phase(round_id, "reference_logps"):
+            self.sampler.sleep()  # asleep already, unless this run resumed after sampling
+            reference_logps = reference_logps_for(self.store, triples, reference, self.config.train.batch_size,
+                                                  self.kept_reference, self.logps_dtype)
+        with self.phases.phase(round_id, "train"):
+            if self.config.train.num_processes > 1:
+                job = write_job(self.config.workdir / "jobs" / f"round-{round_id:04d}", Path(policy.path),
+                                reference_logps, triples, self.config.train, output_dir, round_.seed)
+                metrics = launch(job, self.config.train.num_processes)
+            else:
+                metrics = train_dpo(Path(policy.path), reference_logps, triples, self.config.train, output_dir,
+                                    seed=round_.seed)
         with self.store.transaction() as tx:
             candidate_id = tables.add_checkpoint(tx,
                 str(output_dir), role="candidate", status="candidate",
@@ -357,11 +376,26 @@ class Flywheel:
             # Every checkpoint is evaluated with the same seed (common random numbers), and an
             # incumbent's held-out samples are reused from when it was itself evaluated.
             incumbent_samples = tables.completions(tx, checkpoint_id=incumbent.checkpoint_id, purpose="eval")
+        with self.phases.phase(round_id, "evaluate"):
+            evaluation, new_samples = self._evaluate_candidate(round_id, heldout, incumbent, candidate, reference,
+                                                               incumbent_samples)
+        with self.store.transaction() as tx:
+            tables.add_completions(tx, new_samples)
+            tables.add_evaluation(tx, evaluation)
+            tables.finish_step(tx, round_id, "evaluated")
+        if evaluation.accuracy is not None:
+            self.log(f"round {round_id}: held-out accuracy {evaluation.accuracy:.3f} "
+                     f"vs incumbent {evaluation.incumbent_accuracy:.3f}")
+        self.log(f"round {round_id}: win rate against the incumbent {evaluation.win_rate:.3f}")
+
+    def _evaluate_candidate(self, round_id, heldout, incumbent, candidate, reference, incumbent_samples):
+        """The candidate's `Evaluation`, and the held-out samples it drew to make it."""
         by_id = {p.prompt_id: p for p in heldout}
         new_incumbent_samples = []
         if not incumbent_samples:
             new_incumbent_samples = incumbent_samples = self._sample_heldout(incumbent, heldout, round_id)
         candidate_samples = self._sample_heldout(candidate, heldout, round_id)
+        self.sampler.sleep()  # before the KL pass and the next round's training
         accuracy = incumbent_accuracy = None
         if self.accuracy_score is not None:
             accuracy = heldout_accuracy(candidate_samples, by_id, self.accuracy_score)
@@ -378,21 +412,16 @@ class Flywheel:
             mean_length=sum(len(c.token_ids) for c in candidate_samples) / len(candidate_samples),
             kl_to_reference=self._kl_to_reference(candidate, reference, candidate_samples),
         )
-        with self.store.transaction() as tx:
-            tables.add_completions(tx, new_incumbent_samples + candidate_samples)
-            tables.add_evaluation(tx, evaluation)
-            tables.finish_step(tx, round_id, "evaluated")
-        if accuracy is not None:
-            self.log(f"round {round_id}: held-out accuracy {accuracy:.3f} vs incumbent {incumbent_accuracy:.3f}")
-        self.log(f"round {round_id}: win rate against the incumbent {evaluation.win_rate:.3f}")
+        return evaluation, new_incumbent_samples + candidate_samples
 
     def _kl_to_reference(self, candidate, reference, samples) -> float:
         """KL(candidate || reference) ~ mean over y ~ candidate of log pi(y|x) - log ref(y|x)
         (the unbiased k1 estimator), both log-probs from the same transformers forward."""
         sequences = [(c.prompt_token_ids, c.token_ids) for c in samples]
         batch_size = self.config.train.batch_size
-        policy_logps = completion_logps(Path(candidate.path), sequences, batch_size)
-        reference_logps = completion_logps(Path(reference.path), sequences, batch_size, self.kept_reference)
+        policy_logps = completion_logps(Path(candidate.path), sequences, batch_size, dtype=self.logps_dtype)
+        reference_logps = completion_logps(Path(reference.path), sequences, batch_size, self.kept_reference,
+                                           self.logps_dtype)
         return sum(p - r for p, r in zip(policy_logps, reference_logps)) / len(sequences)
 
     def _sample_heldout(self, checkpoint, heldout, round_id):

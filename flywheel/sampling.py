@@ -1,12 +1,17 @@
-"""Sampling with vLLM. One engine lives as long as the sampler; new weights load in place."""
+"""Sampling with vLLM. One engine lives as long as the sampler; new weights load in place,
+and on a GPU the engine sleeps while the trainer has the card."""
 
 from __future__ import annotations
 
 import signal
 import threading
+import time
 from array import array
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from flywheel.config import SampleConfig
 from flywheel.errors import EngineDiedError, UserError
@@ -48,12 +53,35 @@ def stop_token_ids(checkpoint_path: Path, tokenizer) -> list[int]:
 ENGINE_CHECK_SECONDS = 1.0
 
 
+@dataclass(frozen=True)
+class EngineEvent:
+    """What the engine did: start, reload (detail: the checkpoint), sleep, wake; or a sleep
+    it could not do (name 'sleep', detail saying why)."""
+
+    name: str
+    detail: str
+    at: datetime  # naive UTC, when it began
+    seconds: float
+
+
+def sleep_mode_available() -> bool:
+    """Whether this vLLM can sleep: CUDA (and ROCm, XPU) builds; not vLLM's CPU build."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_sleep_mode_available()
+
+
 class VLLMSampler:
     """n seeded completions per prompt from a checkpoint, as `Completion` records.
 
     Starting an engine costs tens of seconds on CPU, so the first `sample` starts one and
     later calls with another checkpoint of the same architecture reload its weights in
     place (`flywheel.vllm_worker.CheckpointReload`), in a fraction of an engine start.
+
+    `sleep()` frees the GPU for the trainer (vLLM sleep mode, level 1: weights offloaded
+    to host memory, KV cache dropped); the next `sample` wakes the engine and always
+    reloads the checkpoint from disk, since weights woken without a reload can be garbage
+    (vLLM #29341). What the engine did is kept for the round to record (`take_events`).
     """
 
     def __init__(self, config: SampleConfig, seed: int = 0) -> None:
@@ -61,12 +89,45 @@ class VLLMSampler:
         self.seed = seed
         self._llm = None
         self._loaded: Path | None = None
+        self._asleep = False
+        self._sampled_since_sleep = False  # what `sleep` would free, or say it could not
         self._renderer: PromptRenderer | None = None
         self._stop_token_ids: list[int] = []
+        self._events: list[EngineEvent] = []
+
+    def take_events(self) -> list[EngineEvent]:
+        """The engine events since the last call, oldest first."""
+        events, self._events = self._events, []
+        return events
+
+    @contextmanager
+    def _event(self, name: str, detail: str) -> Iterator[None]:
+        at, started = datetime.now(timezone.utc).replace(tzinfo=None), time.perf_counter()
+        yield
+        self._events.append(EngineEvent(name, detail, at, time.perf_counter() - started))
+
+    def sleep(self) -> None:
+        """Free the engine's GPU memory until the next `sample` (a no-op when no engine
+        runs, or nothing was sampled since the last call). Where vLLM cannot sleep, or
+        `sample.sleep_mode` is off, the engine keeps its memory and an event says so."""
+        if self._llm is None or not self._sampled_since_sleep:
+            return
+        self._sampled_since_sleep = False
+        if not self._sleeps():
+            reason = "sample.sleep_mode is off" if not self.config.sleep_mode else "this vLLM build has no sleep mode"
+            self._events.append(EngineEvent("sleep", f"skipped: {reason}; the engine keeps its memory",
+                                            datetime.now(timezone.utc).replace(tzinfo=None), 0.0))
+            return
+        with self._event("sleep", "level 1: weights offloaded to host memory, KV cache freed"):
+            self._llm.sleep(level=1)
+        self._asleep = True
+
+    def _sleeps(self) -> bool:
+        return self.config.sleep_mode and sleep_mode_available()
 
     def _load(self, checkpoint_path: Path) -> None:
         checkpoint_path = Path(checkpoint_path).resolve()
-        if self._loaded == checkpoint_path:
+        if self._loaded == checkpoint_path and not self._asleep:
             return
         if self._llm is None:
             try:
@@ -75,24 +136,41 @@ class VLLMSampler:
                 raise UserError(
                     "vLLM is not installed: install flywheel with the 'cpu' or 'gpu' extra"
                 ) from error
-            self._llm = LLM(
-                model=str(checkpoint_path),
-                seed=self.seed,
-                dtype=self.config.dtype,
-                max_model_len=self.config.max_model_len,
-                gpu_memory_utilization=self.config.gpu_memory_utilization,
-                enforce_eager=self.config.enforce_eager,
-                worker_extension_cls="flywheel.vllm_worker.CheckpointReload",
-                **cpu_engine_arguments(),
-            )
+            with self._event("start", str(checkpoint_path)):
+                self._llm = LLM(model=str(checkpoint_path), **self.engine_arguments())
             # Every checkpoint of a run is trained from the first, and saved with its tokenizer.
             self._renderer = load_renderer(checkpoint_path)
             self._stop_token_ids = stop_token_ids(checkpoint_path, self._renderer.tokenizer)
         else:
-            self._llm.collective_rpc("flywheel_reload_checkpoint", kwargs={"weights_path": str(checkpoint_path)})
+            if self._asleep:
+                # The weights' memory first, the KV cache after the reload (TRL's order): the
+                # reload's buffers and the cache are never held at once.
+                with self._event("wake", "weights"):
+                    self._llm.wake_up(tags=["weights"])
+            with self._event("reload", str(checkpoint_path)):
+                self._llm.collective_rpc("flywheel_reload_checkpoint",
+                                         kwargs={"weights_path": str(checkpoint_path)})
+            if self._asleep:
+                with self._event("wake", "kv_cache"):
+                    self._llm.wake_up(tags=["kv_cache"])
+                self._asleep = False
             # Cached prefixes hold keys and values of the old weights.
             self._llm.reset_prefix_cache()
         self._loaded = checkpoint_path
+
+    def engine_arguments(self) -> dict:
+        """`vllm.LLM`'s arguments besides the model, from `sample.*`."""
+        return dict(
+            seed=self.seed,
+            dtype=self.config.dtype,
+            max_model_len=self.config.max_model_len,
+            gpu_memory_utilization=self.config.gpu_memory_utilization,
+            enforce_eager=self.config.enforce_eager,
+            tensor_parallel_size=self.config.tensor_parallel_size,
+            enable_sleep_mode=self._sleeps(),
+            worker_extension_cls="flywheel.vllm_worker.CheckpointReload",
+            **cpu_engine_arguments(),
+        )
 
     def sample(
         self,
@@ -110,6 +188,7 @@ class VLLMSampler:
         from vllm import SamplingParams
 
         self._load(checkpoint_path)
+        self._sampled_since_sleep = True
         params = dict(
             n=n, temperature=temperature, top_p=self.config.top_p, max_tokens=self.config.max_tokens
         )
@@ -177,7 +256,7 @@ class VLLMSampler:
         if isinstance(error, EngineDeadError):
             cause = self._engine_exit_cause()
             # A dead engine cannot be used again: the next call starts a new one.
-            self._llm, self._loaded = None, None
+            self._llm, self._loaded, self._asleep = None, None, False
             raise EngineDiedError(
                 f"the vLLM engine stopped while sampling: {cause}; the batch it was sampling "
                 "was not stored: rerun to resume the round"
@@ -209,3 +288,4 @@ class VLLMSampler:
             self._llm.llm_engine.engine_core.shutdown()
             self._llm = None
             self._loaded = None
+            self._asleep = False

@@ -5,10 +5,13 @@ top to bottom) and `save_trained_policy`; `train_dpo` runs the three.
 The reference's log-probs are computed once per completion and cached in the store
 (`reference_logps_for`), so training holds only the policy in memory (and, with
 `train.keep_reference_loaded`, the flywheel keeps the reference loaded between rounds).
+Every pass runs on the trainer's device (`trainer_device`: the first GPU, else the CPU)
+in `train.dtype` (`train_dtype`), and hands its cached memory back when it ends.
 """
 
 from __future__ import annotations
 
+import gc
 import math
 import random
 import stat
@@ -61,6 +64,8 @@ class TrainingSetup:
     trainable: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
     batches: list[list[int]]  # the triples' indices of each optimiser step (`batch_schedule`)
+    compute_dtype: torch.dtype  # autocast's, when not float32 (`train_dtype`)
+    saved_dtype: torch.dtype  # the policy checkpoint's own: the trained policy is saved in it
 
 
 def train_dpo(
@@ -84,30 +89,79 @@ def train_dpo(
     setup = setup_training(policy_path, reference, len(triples), config, seed)
     metrics = training_loop(setup, triples, config)
     save_trained_policy(setup, config, output_dir)
+    del setup
+    free_accelerator_memory()  # for the passes and the sampler that come next
     return metrics
+
+
+def train_dtype(config: TrainConfig) -> torch.dtype:
+    """The trainer's precision (`train.dtype`): auto is bfloat16 on CUDA, float32 elsewhere
+    (a CPU has no bfloat16 speed to gain, and float32 keeps CPU runs exact)."""
+    if config.dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return getattr(torch, config.dtype)
+
+
+def trainer_device() -> torch.device:
+    """Where the flywheel's own log-prob passes run (the reference's, the KL's, the
+    sampler check's): the GPU training uses, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def free_accelerator_memory() -> None:
+    """Return the allocator's cached blocks to the GPU after a pass, so that the next pass
+    or the woken sampler finds them free (no-op on CPU, where memory goes back as the last
+    reference to a tensor does). The collection first frees tensors held only in cycles."""
+    if torch.cuda.is_available():
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def _stored_dtype(checkpoint_path: Path) -> torch.dtype:
+    """The dtype a checkpoint's weights are stored in (its config's), float32 if unsaid."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(checkpoint_path)
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
+    return stored if isinstance(stored, torch.dtype) and stored.is_floating_point else torch.float32
 
 
 def setup_training(
     policy_path: Path, reference: Path | ReferenceLogps, num_triples: int, config: TrainConfig, seed: int,
 ) -> TrainingSetup:
     """Load the policy (LoRA-wrapped if `config.lora_rank`) and, given a path, the live
-    reference; the AdamW optimiser over the trainable parameters; the batch schedule."""
+    reference; the AdamW optimiser over the trainable parameters; the batch schedule.
+
+    Precision: the weights that train, and so their gradients and AdamW states, are
+    float32 whatever `train.dtype`. DPO's learning rates (1e-7 to 1e-5) move a weight by
+    far less than bfloat16 can resolve (2^-8 of the weight), so bfloat16 weights would
+    round most updates away. Weights that do not train need no such headroom: with LoRA
+    the policy's base and the live reference load in `train.dtype` (bfloat16 on a GPU)
+    and only the adapters are float32 (peft's `autocast_adapter_dtype`), which is what
+    fits a 7B policy on one 80 GB card (docs/gpu.md). The forward passes run under
+    autocast in `train.dtype`; the log-prob sums are float32 (`concatenated_logps`).
+    """
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    compute_dtype = train_dtype(config)
     torch.manual_seed(seed)  # before LoRA draws its A matrices
     tokenizer = AutoTokenizer.from_pretrained(policy_path)
-    policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32).to(accelerator.device)
+    weights_dtype = compute_dtype if config.lora_rank > 0 else torch.float32
+    policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=weights_dtype).to(accelerator.device)
     if not isinstance(reference, ReferenceLogps):
-        reference = AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32).to(accelerator.device)
+        reference = AutoModelForCausalLM.from_pretrained(reference, dtype=compute_dtype).to(accelerator.device)
         reference.eval().requires_grad_(False)
     if config.lora_rank > 0:
         from peft import LoraConfig, get_peft_model
 
         # LoRA's B matrices start at zero, so the policy starts exactly at its base weights.
         policy = get_peft_model(policy, LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha,
-                                                   lora_dropout=0.0, target_modules="all-linear"))
+                                                   lora_dropout=0.0, target_modules="all-linear"),
+                                autocast_adapter_dtype=True)
     # Dropout would make the policy's log-probs differ from the reference's at step 0.
     policy.eval()
     if config.gradient_checkpointing:
@@ -120,7 +174,8 @@ def setup_training(
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
     # Its own generator, seeded alike in every process: the same shuffles in all of them.
     batches = batch_schedule(num_triples, config, random.Random(seed))
-    return TrainingSetup(accelerator, tokenizer, policy, reference, trainable, optimizer, batches)
+    return TrainingSetup(accelerator, tokenizer, policy, reference, trainable, optimizer, batches,
+                         compute_dtype, _stored_dtype(policy_path))
 
 
 def training_loop(setup: TrainingSetup, triples: Sequence[PreferenceTriple], config: TrainConfig) -> list[StepMetrics]:
@@ -133,7 +188,8 @@ def training_loop(setup: TrainingSetup, triples: Sequence[PreferenceTriple], con
     accelerator, policy, reference = setup.accelerator, setup.policy, setup.reference
     optimizer, trainable, batches = setup.optimizer, setup.trainable, setup.batches
     rank, world = accelerator.process_index, accelerator.num_processes
-    autocast = torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=config.bf16)
+    autocast = torch.autocast(accelerator.device.type, dtype=setup.compute_dtype,
+                              enabled=setup.compute_dtype != torch.float32)
     total_steps = len(batches)
     metrics: list[StepMetrics] = []
     # One bar, in the main process; None: shown only on a terminal.
@@ -215,8 +271,12 @@ def training_loop(setup: TrainingSetup, triples: Sequence[PreferenceTriple], con
 
 def save_trained_policy(setup: TrainingSetup, config: TrainConfig, output_dir: Path) -> None:
     """Save the trained policy and its tokenizer to `output_dir` (from the main process),
-    with any LoRA adapters merged in: a plain checkpoint, no adapter files to serve."""
-    policy = setup.policy.merge_and_unload() if config.lora_rank > 0 else setup.policy
+    with any LoRA adapters merged in: a plain checkpoint, no adapter files to serve. It is
+    stored in the dtype its parent checkpoint was stored in: a bfloat16 model trained with
+    float32 weights is saved in bfloat16, so vLLM's `dtype: auto` keeps sampling it in
+    bfloat16 (and its files keep their size) round after round."""
+    policy = setup.policy.to(setup.saved_dtype)  # before merging, so LoRA merges in that dtype
+    policy = policy.merge_and_unload() if config.lora_rank > 0 else policy
     if setup.accelerator.is_main_process:
         save_checkpoint(policy, setup.tokenizer, output_dir)
     setup.accelerator.wait_for_everyone()
@@ -261,7 +321,8 @@ class KeptModel:
     A checkpoint whose files changed since (another save at the same path) is loaded
     again. Holds the model's memory until `release()` or a call for another checkpoint."""
 
-    def __init__(self) -> None:
+    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
+        self.dtype = dtype
         self._files: tuple | None = None
         self._loaded: tuple[torch.nn.Module, int | None] | None = None
 
@@ -270,11 +331,12 @@ class KeptModel:
         files = _checkpoint_files(checkpoint_path)
         if self._loaded is None or files != self._files:
             self.release()
-            self._loaded, self._files = _load_for_logps(checkpoint_path), files
+            self._loaded, self._files = _load_for_logps(checkpoint_path, self.dtype), files
         return self._loaded
 
     def release(self) -> None:
         self._loaded = self._files = None
+        free_accelerator_memory()
 
 
 def _checkpoint_files(checkpoint_path: Path) -> tuple:
@@ -290,36 +352,43 @@ def _checkpoint_files(checkpoint_path: Path) -> tuple:
     return str(directory), tuple(files)
 
 
-def _load_for_logps(checkpoint_path: Path) -> tuple[torch.nn.Module, int | None]:
+def _load_for_logps(checkpoint_path: Path, dtype: torch.dtype) -> tuple[torch.nn.Module, int | None]:
+    """A checkpoint's model in `dtype` on the trainer's device, frozen, for log-prob passes."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     pad_token_id = AutoTokenizer.from_pretrained(checkpoint_path).pad_token_id
-    model = AutoModelForCausalLM.from_pretrained(checkpoint_path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint_path, dtype=dtype).to(trainer_device())
     return model.eval().requires_grad_(False), pad_token_id
 
 
 @torch.no_grad()
 def completion_logps(
     checkpoint_path: Path, sequences: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int,
-    kept: KeptModel | None = None,
+    kept: KeptModel | None = None, dtype: torch.dtype = torch.float32,
 ) -> list[float]:
     """A checkpoint's log-prob (sum over completion tokens) of each (prompt ids,
-    completion ids). For DPO's reference, and for the KL of a candidate to it. The model is
-    loaded for this call and freed on return, or taken from (and left in) `kept`."""
-    model, pad_token_id = kept.get(checkpoint_path) if kept is not None else _load_for_logps(checkpoint_path)
+    completion ids), in micro-batches of `batch_size` on the trainer's device. For DPO's
+    reference, and for the KL of a candidate to it. The model is loaded in `dtype` for this
+    call and freed on return, or taken from (and left in) `kept`, which has its own dtype."""
+    model, pad_token_id = kept.get(checkpoint_path) if kept is not None else _load_for_logps(checkpoint_path, dtype)
+    device = next(model.parameters()).device
     logps: list[float] = []
     with tqdm(total=len(sequences), desc=f"log-probs under {Path(checkpoint_path).name}", unit="completion", leave=False,
               disable=not sequences) as bar:
         for start in range(0, len(sequences), batch_size):
-            batch = collate_sequences(sequences[start : start + batch_size], pad_token_id)
+            batch = {k: v.to(device) for k, v in
+                     collate_sequences(sequences[start : start + batch_size], pad_token_id).items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             logps.extend(sequence_logps(logits.float(), batch["input_ids"], batch["completion_mask"]).tolist())
             bar.update(len(batch["input_ids"]))
+    if kept is None:
+        del model
+        free_accelerator_memory()
     return logps
 
 
 def sampler_logprob_gap(checkpoint_path: Path, completions: Sequence[Completion], batch_size: int,
-                        kept: KeptModel | None = None) -> float | None:
+                        kept: KeptModel | None = None, dtype: torch.dtype = torch.float32) -> float | None:
     """How far the sampler's log-probs of `completions` are from the trainer's under
     `checkpoint_path`: the mean of |log p_vLLM(y|x) - log p_trainer(y|x)| / len(y), in nats
     per token; None when no completion carries vLLM's log-prob. Both read the raw logits
@@ -329,13 +398,13 @@ def sampler_logprob_gap(checkpoint_path: Path, completions: Sequence[Completion]
     if not checked:
         return None
     trainer = completion_logps(checkpoint_path, [(c.prompt_token_ids, c.token_ids) for c in checked], batch_size,
-                               kept)
+                               kept, dtype)
     return sum(abs(c.cumulative_logprob - t) / len(c.token_ids) for c, t in zip(checked, trainer)) / len(checked)
 
 
 def reference_logps_for(
     store: Store, triples: Sequence[PreferenceTriple], reference: Checkpoint, batch_size: int,
-    kept: KeptModel | None = None,
+    kept: KeptModel | None = None, dtype: torch.dtype = torch.float32,
 ) -> ReferenceLogps:
     """The reference's log-probs of the triples' completions, from the store's cache; those
     not cached for this reference yet are computed (loading it, or from `kept`) and stored first."""
@@ -347,7 +416,7 @@ def reference_logps_for(
     missing = [completion_id for completion_id in sequences if completion_id not in cached]
     if missing:
         computed = dict(zip(missing, completion_logps(
-            Path(reference.path), [sequences[c] for c in missing], batch_size, kept)))
+            Path(reference.path), [sequences[c] for c in missing], batch_size, kept, dtype)))
         with store.transaction() as tx:
             tables.add_reference_logps(tx, reference.checkpoint_id, computed)
         cached.update(computed)

@@ -676,3 +676,28 @@ def m009_conversations_and_logprob_check(conn: duckdb.DuckDBPyConnection) -> Non
         """
     )
     conn.execute(_round_summary_by_blocks(",\n            r.sampler_logprob_gap"))
+
+
+@migration
+def m010_round_phases(conn: duckdb.DuckDBPyConnection) -> None:
+    conn.execute(
+        """
+        -- How each round ran, in order: its phases (kind 'phase': sample, logprob_check,
+        -- reference_logps, train, evaluate) with their seconds and peak GPU memory (NULL
+        -- without CUDA), and what the sampler's engine did inside them (kind 'sampler':
+        -- start, reload, sleep, wake; `detail` says which checkpoint, or why it could not
+        -- sleep). A phase is recorded when it ends; one that failed runs again on resume
+        -- and is recorded then.
+        CREATE SEQUENCE round_phase_ids START 1;
+        CREATE TABLE round_phases (
+            phase_id       BIGINT PRIMARY KEY DEFAULT nextval('round_phase_ids'),
+            round_id       BIGINT NOT NULL,
+            kind           VARCHAR NOT NULL CHECK (kind IN ('phase', 'sampler')),
+            name           VARCHAR NOT NULL,
+            detail         VARCHAR,
+            started_at     TIMESTAMP NOT NULL,
+            seconds        DOUBLE NOT NULL,
+            peak_gpu_bytes BIGINT
+        );
+        """
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Sequence
 
 # The steps of a round in the order they finish. `rounds.state` holds the last finished
@@ -189,3 +190,18 @@ class Evaluation:
     mean_length: float
     # Mean of log pi(y|x) - log ref(y|x) over the candidate's held-out samples.
     kl_to_reference: float | None = None
+
+
+@dataclass(frozen=True)
+class RoundPhase:
+    """A row of `round_phases`: a phase of a round (kind 'phase': sample, logprob_check,
+    reference_logps, train, evaluate) or what the sampler's engine did (kind 'sampler':
+    start, reload, sleep, wake), with when it started and how long it took."""
+
+    round_id: int
+    kind: str
+    name: str
+    detail: str | None
+    started_at: datetime
+    seconds: float
+    peak_gpu_bytes: int | None

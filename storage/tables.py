@@ -33,6 +33,7 @@ from storage.records import (
     PreferenceTriple,
     Prompt,
     Round,
+    RoundPhase,
     StepMetrics,
     TrainStep,
 )
@@ -529,6 +530,21 @@ def add_train_steps(tx: Transaction, steps: Sequence[TrainStep]) -> None:
             "step": pa.array(step_numbers, pa.int32()),
             "pair_id": pa.array(pair_ids, pa.int64()),
         })
+
+
+def add_round_phases(tx: Transaction, phases: Sequence[RoundPhase]) -> None:
+    for phase in phases:
+        tx.execute("INSERT INTO round_phases (round_id, kind, name, detail, started_at, seconds, peak_gpu_bytes) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                   [phase.round_id, phase.kind, phase.name, phase.detail, phase.started_at, phase.seconds,
+                    phase.peak_gpu_bytes])
+
+
+def round_phases(tx: Transaction, round_id: int) -> list[RoundPhase]:
+    """A round's phases and engine events in the order they started."""
+    rows = tx.execute("SELECT round_id, kind, name, detail, started_at, seconds, peak_gpu_bytes FROM round_phases "
+                      "WHERE round_id = ? ORDER BY started_at, phase_id", [round_id]).fetchall()
+    return [RoundPhase(*row) for row in rows]
 
 
 def add_evaluation(tx: Transaction, evaluation: Evaluation) -> int:

@@ -110,7 +110,8 @@ def test_a_label_budget_below_one_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("flag, key", [("--beta", "train.beta"), ("--max-tokens", "sample.max_tokens"),
-                                       ("--loss-type", "train.loss_type"), ("--bf16", "train.bf16")])
+                                       ("--loss-type", "train.loss_type"),
+                                       ("--gradient-checkpointing", "train.gradient_checkpointing")])
 def test_removed_training_flags_name_their_key(tmp_path, flag, key):
     result = flywheel("run", "--config", str(tmp_path / "unused.yaml"), flag, "1")
     assert_one_line_error(result, f"unrecognized arguments: {flag} (set {key}=VALUE instead")

@@ -34,7 +34,7 @@ train:
   batch_size: 16
   gradient_accumulation_steps: 2
   lora_rank: 8
-  bf16: true
+  dtype: bfloat16
 eval:
   samples_per_prompt: 2
   promotion_margin: 0.01
@@ -76,7 +76,7 @@ def test_full_file_loads_with_paths_from_its_directory(tmp_path, monkeypatch):
                                          max_model_len=256, enforce_eager=True)
     assert config.pair == PairConfig("all", max_pairs_per_round=300)
     assert config.train == TrainConfig(beta=1.0, learning_rate=3e-5, batch_size=16, gradient_accumulation_steps=2,
-                                       lora_rank=8, bf16=True, steps_per_round=40)
+                                       lora_rank=8, dtype="bfloat16", steps_per_round=40)
     assert isinstance(config.train.beta, float)
     assert config.eval == EvalConfig(samples_per_prompt=2, promotion_margin=0.01,
                                      accuracy_score="flywheel.examples.addition:addition_score",
@@ -101,7 +101,11 @@ def test_judge_shorthand_and_defaults(tmp_path):
     (REQUIRED + "pair: {max_pairs_per_round: 0}\n", "pair.max_pairs_per_round must be >= 1"),
     (REQUIRED + "train: {batch_size: big}\n", "train.batch_size must be an integer, got 'big'"),
     (REQUIRED + "train: {batch_size: true}\n", "train.batch_size must be an integer, got true"),
-    (REQUIRED + "train: {bf16: 1}\n", "train.bf16 must be true or false, got 1"),
+    (REQUIRED + "train: {gradient_checkpointing: 1}\n", "train.gradient_checkpointing must be true or false, got 1"),
+    (REQUIRED + "train: {bf16: true}\n", "'train.bf16' is gone: use train.dtype: bfloat16"),
+    (REQUIRED + "train: {dtype: float16}\n",
+     "train.dtype must be one of ('auto', 'bfloat16', 'float32'), got 'float16'"),
+    (REQUIRED + "sample: {tensor_parallel_size: 0}\n", "sample.tensor_parallel_size must be >= 1, got 0"),
     (REQUIRED + "train: [1, 2]\n", "train must be a mapping, got a list"),
     (REQUIRED + "seed: null\n", "seed must be an integer, got null"),
     (REQUIRED + "eval: {accuracy_score: 5}\n", "eval.accuracy_score must be a string, got 5"),

@@ -269,7 +269,7 @@ def test_gradient_checkpointing_takes_the_same_steps_and_bf16_nearly(tiny_policy
 
     triples = [PreferenceTriple(i, [1, 4 + i % 10, 14, 5, 15], [6 + i % 5, 2], [7 + i % 3, 4, 2]) for i in range(8)]
     runs = {}
-    for name, options in {"plain": {}, "checkpointed": {"gradient_checkpointing": True}, "bf16": {"bf16": True}}.items():
+    for name, options in {"plain": {}, "checkpointed": {"gradient_checkpointing": True}, "bf16": {"dtype": "bfloat16"}}.items():
         config = TrainConfig(batch_size=4, epochs=2, learning_rate=1e-3, **options)
         runs[name] = train_dpo(tiny_policy, tiny_policy, triples, config, tmp_path / name, seed=0)
     for plain, checkpointed, bf16 in zip(runs["plain"], runs["checkpointed"], runs["bf16"]):

@@ -284,3 +284,21 @@ def test_plot_to_a_path_that_cannot_be_written(tmp_path):
     (tmp_path / "a-file").write_text("not a directory")
     with pytest.raises(UserError, match="cannot write"):
         plot_rounds(store, tmp_path / "a-file" / "rounds.png")
+
+
+def test_status_shows_the_latest_rounds_phases_with_their_gpu_memory(tmp_path):
+    from storage import tables
+    from storage.records import RoundPhase
+
+    store, _, _ = build_store(tmp_path / "fw.duckdb")
+    start = utc_now()
+    rows = [RoundPhase(1, "phase", "sample", None, start, 3.0, None),
+            RoundPhase(2, "phase", "sample", None, start, 2.04, 30 * 2**30),
+            RoundPhase(2, "sampler", "sleep", "level 1: weights offloaded to host memory, KV cache freed",
+                       start + timedelta(seconds=2), 0.5, None),
+            RoundPhase(2, "phase", "train", None, start + timedelta(seconds=3), 10.0, 52.5 * 2**30)]
+    with store.transaction() as tx:
+        tables.add_round_phases(tx, rows)
+    lines = status_lines(store)
+    assert "round 2 phases (seconds, peak GPU memory): sample 2.0 s 30.0 GiB, train 10.0 s 52.5 GiB" in lines
+    assert "round 2 sampler sleep: level 1: weights offloaded to host memory, KV cache freed" in lines

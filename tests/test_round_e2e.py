@@ -101,6 +101,23 @@ def test_flow_runs_rounds_and_records_everything(flywheel, prefect_harness):
     path = store.read(tables.checkpoint, summary[0]["candidate_checkpoint_id"]).path
     AutoModelForCausalLM.from_pretrained(path)
     assert AutoTokenizer.from_pretrained(path).eos_token == "<eos>"
+    # Each round recorded its phases in order, and the sampler's engine events among them:
+    # it was told to sleep after sampling, before the trainer's passes, and again after the
+    # held-out samples; the candidate's weights were reloaded before its held-out samples.
+    for summary_row in summary:
+        timeline = store.read(tables.round_phases, summary_row["round_id"])
+        steps = [(p.kind, p.name) for p in timeline]
+        phases = [name for kind, name in steps if kind == "phase"]
+        assert phases == ["sample", "logprob_check", "reference_logps", "train", "evaluate"]
+        sleeps = [i for i, step in enumerate(steps) if step == ("sampler", "sleep")]
+        train_at, evaluate_at = steps.index(("phase", "train")), steps.index(("phase", "evaluate"))
+        assert len(sleeps) == 2 and steps.index(("phase", "sample")) < sleeps[0] < train_at < evaluate_at < sleeps[1]
+        candidate = store.read(tables.checkpoint, summary_row["candidate_checkpoint_id"]).path
+        reloads = [i for i, p in enumerate(timeline) if p.name == "reload" and p.detail == str(Path(candidate).resolve())]
+        assert len(reloads) == 1 and evaluate_at < reloads[0] < sleeps[1]
+        # vLLM's CPU build has no sleep mode: the round says so instead of pretending.
+        assert all(timeline[i].detail.startswith("skipped: this vLLM build has no sleep mode") for i in sleeps)
+        assert all(p.peak_gpu_bytes is None and p.seconds >= 0 for p in timeline)
 
 
 def test_round_resumes_after_stopping_between_steps(flywheel):
@@ -180,7 +197,7 @@ def test_a_kept_reference_is_loaded_once_across_rounds(flywheel, tmp_path, monke
     loads = []  # every checkpoint a log-prob pass loads (a spy: the real loader still runs)
     load = training._load_for_logps
     monkeypatch.setattr(training, "_load_for_logps",
-                        lambda path: loads.append(Path(path).resolve()) or load(path))
+                        lambda path, dtype: loads.append(Path(path).resolve()) or load(path, dtype))
     try:
         for _ in range(2):
             kept.run_round()
