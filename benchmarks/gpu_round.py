@@ -9,7 +9,8 @@ so about 0.36B parameters outside the embedding. It runs 2 rounds of the real fl
 (vLLM sampling, sleep, DPO in bfloat16 with float32 weights, evaluation) with a rule
 judge that prefers completions with more digits (random weights give varied ones), and
 prints from the store:
-- sampling tokens/s: completion tokens of round 2 over its sample phase;
+- sampling tokens/s: completion tokens of round 2 over its sample phase, less the
+  engine's wake, reload and sleep in it;
 - DPO tokens/s and MFU: training's tokens/s of round 2, and 6 N tokens/s over the GPU's
   dense bf16 peak (forward and backward of the N non-embedding parameters; the
   reference's log-probs are a separate, cached pass, not counted);
@@ -93,13 +94,16 @@ def flywheel_config(workdir: Path, policy: Path, dry_run: bool):
 def report(store, non_embedding: int, peak_tflops: float | None) -> dict:
     """The figures of round 2 (round 1 also pays the engine start), from the store."""
     _, rows = store.query(
-        "SELECT round_id, kind, name, detail, seconds, peak_gpu_bytes FROM round_phases "
+        "SELECT round_id, kind, name, detail, seconds, peak_gpu_bytes, started_at FROM round_phases "
         "ORDER BY round_id, started_at, phase_id")
     last = max(r[0] for r in rows)
-    phases = {name: (seconds, peak) for round_id, kind, name, _, seconds, peak in rows
-              if round_id == last and kind == "phase"}
-    starts = sum(seconds for round_id, kind, name, _, seconds, _ in rows
-                 if round_id == last and kind == "sampler" and name == "start")
+    rows = [r[:6] + (r[6].timestamp(),) for r in rows if r[0] == last]
+    phases = {name: (seconds, peak) for _, kind, name, _, seconds, peak, _ in rows if kind == "phase"}
+    sample_start, sample_seconds = next((at, s) for _, kind, name, _, s, _, at in rows
+                                        if (kind, name) == ("phase", "sample"))
+    # The engine's start, wake, reload and sleep inside the sample phase are not sampling.
+    engine = sum(s for _, kind, _, _, s, _, at in rows
+                 if kind == "sampler" and sample_start <= at <= sample_start + sample_seconds)
     _, (tokens,) = store.query("SELECT sum(num_tokens) FROM completions WHERE round_id = ? AND purpose = 'train'",
                                [last])
     _, (train_tps,) = store.query("SELECT avg(tokens_per_second) FROM train_steps WHERE round_id = ?", [last])
@@ -108,13 +112,12 @@ def report(store, non_embedding: int, peak_tflops: float | None) -> dict:
     figures = {
         "round": last,
         "non_embedding_parameters": non_embedding,
-        "sampling_tokens_per_s": tokens[0] / (phases["sample"][0] - starts),
+        "sampling_tokens_per_s": tokens[0] / (sample_seconds - engine),
         "dpo_tokens_per_s": dpo_tps,
         "mfu": None if peak_tflops is None or dpo_tps is None else 6 * non_embedding * dpo_tps / (peak_tflops * 1e12),
         "phases": {name: {"seconds": round(s, 2), "peak_gib": None if p is None else round(p / 2**30, 2)}
                    for name, (s, p) in phases.items()},
-        "sampler_events": [(name, detail) for round_id, kind, name, detail, _, _ in rows
-                           if round_id == last and kind == "sampler"],
+        "sampler_events": [(name, detail) for _, kind, name, detail, _, _, _ in rows if kind == "sampler"],
         "logprob_gap": {round_id: gap for round_id, gap in gaps},
     }
     return figures

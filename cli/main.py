@@ -141,7 +141,21 @@ def command_annotators_list(args: argparse.Namespace) -> None:
     from storage import queue
     from storage.store import Store
 
-    _print_table(["annotator", "labels"], Store.open(args.db).read(queue.annotators))
+    _print_table(["annotator", "status", "labels"], Store.open(args.db).read(queue.annotators))
+
+
+def command_annotators_revoke(args: argparse.Namespace) -> None:
+    from storage import queue
+    from storage.store import Store
+
+    store = Store.open(args.db)
+    try:
+        with store.transaction() as tx:
+            queue.revoke_annotator(tx, args.name, queue.utc_now())
+    except queue.QueueError as error:
+        raise UserError(str(error)) from None
+    _log(f"annotator {args.name} revoked: their token stops working at once, also on a running "
+         "`flywheel label serve`; their labels stay")
 
 
 def command_label_serve(args: argparse.Namespace) -> None:
@@ -151,13 +165,26 @@ def command_label_serve(args: argparse.Namespace) -> None:
 
     from judges.labelling_app import create_app
 
+    if (args.ssl_keyfile is None) != (args.ssl_certfile is None):
+        raise UserError("give --ssl-keyfile and --ssl-certfile together")
+    for path in (args.ssl_keyfile, args.ssl_certfile):
+        if path is not None and not path.is_file():
+            raise UserError(f"{path} does not exist or is not a file")
     app = create_app(args.db)
     try:  # uvicorn would log a bind failure and exit 3; say it in one line instead
         socket.create_server((args.host, args.port)).close()
     except OSError as error:
         raise UserError(f"cannot listen on {args.host}:{args.port}: {error.strerror or error}") from error
-    _log(f"labelling page: http://{args.host}:{args.port}/  (database {args.db}; Ctrl-C stops)")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+    scheme = "https" if args.ssl_certfile else "http"
+    _log(f"labelling page: {scheme}://{args.host}:{args.port}/  (database {args.db}; Ctrl-C stops)")
+    if scheme == "http" and args.host not in ("127.0.0.1", "localhost", "::1"):
+        _log("WARNING: tokens travel in clear over plain HTTP: give --ssl-keyfile/--ssl-certfile, or serve "
+             "behind an HTTPS proxy")
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning",
+                    ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile)
+    except OSError as error:  # a key or certificate that does not load (ssl.SSLError is an OSError)
+        raise UserError(f"cannot serve HTTPS with {args.ssl_certfile} and {args.ssl_keyfile}: {error}") from error
 
 
 def command_label_enqueue(args: argparse.Namespace) -> None:
@@ -195,7 +222,7 @@ def command_label_import(args: argparse.Namespace) -> None:
     from flywheel.label_admin import import_labels_file
     from storage.store import Store
 
-    added, present = import_labels_file(Store.open(args.db), args.file, args.annotator)
+    added, present = import_labels_file(Store.open(args.db), args.file, args.annotator, args.add_annotators)
     _log(f"imported {added} labels from {args.file} ({present} were already there)")
 
 
@@ -460,19 +487,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     annotators = commands.add_parser(
         "annotators", help="people who label through the labelling page",
-        description="Add an annotator (prints their token once) or list annotators.")
+        description="Add an annotator (prints their token once), list annotators, or revoke one.")
     annotator_commands = annotators.add_subparsers(dest="annotators_command", required=True, metavar="ACTION",
-                                                   help="add or list")
+                                                   help="add, list or revoke")
     add = annotator_commands.add_parser("add", help="add an annotator and print their token",
                                         description="Add an annotator and print a token for the labelling "
                                         "page and API. Only a hash of it is stored: keep it.")
     add.add_argument("name", help="annotator name: letters, digits, _.@- (e.g. alice)")
     _add_db_argument(add)
     add.set_defaults(handler=command_annotators_add)
-    listing = annotator_commands.add_parser("list", help="list annotators and their label counts",
-                                            description="List annotators and how many labels each gave.")
+    listing = annotator_commands.add_parser("list", help="list annotators, active or revoked, and their labels",
+                                            description="List annotators, whether each is active or "
+                                            "revoked, and how many labels each gave.")
     _add_db_argument(listing)
     listing.set_defaults(handler=command_annotators_list)
+    revoke = annotator_commands.add_parser(
+        "revoke", help="stop an annotator's token at once (their labels stay)",
+        description="Revoke an annotator: their token stops working at once, also on a labelling server "
+        "that is running; their live leases end and their labels stay.")
+    revoke.add_argument("name", help="the annotator's name")
+    _add_db_argument(revoke)
+    revoke.set_defaults(handler=command_annotators_revoke)
 
     label = commands.add_parser(
         "label", help="the human labelling queue: serve the page, enqueue, export, import",
@@ -487,6 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to listen on (default: %(default)s; 0.0.0.0 for your whole network)")
     serve.add_argument("--port", type=port_number, default=8000, help="port (default: %(default)s)")
+    serve.add_argument("--ssl-keyfile", type=Path, help="TLS private key: serve HTTPS (with --ssl-certfile)")
+    serve.add_argument("--ssl-certfile", type=Path, help="TLS certificate chain: serve HTTPS (with --ssl-keyfile)")
     serve.set_defaults(handler=command_label_serve)
     enqueue = label_commands.add_parser(
         "enqueue", help="queue a round's pairs for people (to compare with its judge)",
@@ -513,10 +550,13 @@ def build_parser() -> argparse.ArgumentParser:
         "import", help="read people's labels from JSONL",
         description='Add labels made in another tool: one JSON object per line with "pair_id", "winner" '
         '(a, b, tie or both_bad: a and b as in the export), "annotator" and optionally "rationale". '
-        "A label a person already gave is skipped; any bad line refuses the whole file.")
+        "A label a person already gave is skipped. Any bad line (bad JSON, an unknown pair id, someone who "
+        "is not an annotator) refuses the whole file, and every bad line is named.")
     import_.add_argument("file", type=Path, help="JSONL file")
     _add_db_argument(import_)
     import_.add_argument("--annotator", help="annotator for lines that name none")
+    import_.add_argument("--add-annotators", action="store_true",
+                         help="add people the file names who are not annotators yet (else the file is refused)")
     import_.set_defaults(handler=command_label_import)
 
     scheduled = commands.add_parser(

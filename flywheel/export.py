@@ -93,7 +93,7 @@ def preference_record(row: LabelWithTexts, conversational: bool, include_all: bo
         prompt = row.prompt
     record = {"prompt": prompt, "chosen": chosen, "rejected": rejected, "round_id": row.round_id,
               "pair_id": row.pair_id, "judge": row.judge, "annotator": row.annotator,
-              "confidence": row.confidence}
+              "confidence": row.confidence, "annotator_gold_accuracy": row.annotator_gold_accuracy}
     return {**record, "winner": row.winner} if include_all else record
 
 
@@ -106,7 +106,8 @@ def _features(conversational: bool, include_all: bool) -> "datasets.Features":
     turns = List({"role": text, "content": text})
     features = {"prompt": turns if conversational else text, "chosen": turns if conversational else text,
                 "rejected": turns if conversational else text, "round_id": Value("int64"),
-                "pair_id": Value("int64"), "judge": text, "annotator": text, "confidence": Value("float64")}
+                "pair_id": Value("int64"), "judge": text, "annotator": text, "confidence": Value("float64"),
+                "annotator_gold_accuracy": Value("float64")}
     return Features({**features, "winner": text} if include_all else features)
 
 

@@ -104,17 +104,22 @@ def export_rows(store: Store, round_id: int | None = None, labels: bool = False)
     return store.read(queue.people_labels if labels else queue.pending_pairs, round_id)
 
 
-def read_label_lines(path: Path, default_annotator: str | None = None) -> list:
-    """People's labels from a JSONL file: one object a line with "pair_id", "winner",
-    "annotator" (or `default_annotator`) and optionally "rationale"; other keys (the texts
-    an export wrote) are ignored. Any bad line refuses the file, naming the line."""
+# How many bad lines an import refusal lists (all are counted).
+BAD_LINES_SHOWN = 20
+
+
+def read_label_lines(path: Path, default_annotator: str | None = None) -> list[tuple[int, Any]]:
+    """People's labels from a JSONL file, with their line numbers: one object a line with
+    "pair_id", "winner", "annotator" (or `default_annotator`) and optionally "rationale";
+    other keys (the texts an export wrote) are ignored. Any bad line refuses the file,
+    and every bad line is named."""
     from judges.human import HumanLabel
 
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as error:
         raise UserError(f"cannot read {path}: {getattr(error, 'strerror', None) or error}") from error
-    labels = []
+    labels, bad = [], []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -124,21 +129,49 @@ def read_label_lines(path: Path, default_annotator: str | None = None) -> list:
                 raise ValueError("each line must be a JSON object")
             if "pair_id" not in row or "winner" not in row or ("annotator" not in row and not default_annotator):
                 raise ValueError("needs a pair_id, a winner and an annotator (or --annotator)")
-            labels.append(HumanLabel(row["pair_id"], row["winner"], row.get("annotator", default_annotator),
-                                     row.get("rationale")))
+            labels.append((number, HumanLabel(row["pair_id"], row["winner"], row.get("annotator", default_annotator),
+                                              row.get("rationale"))))
         except (ValueError, queue.QueueError) as error:
-            raise UserError(f"{path}:{number}: {error}; nothing imported") from error
+            bad.append((number, str(error)))
+    _refuse_bad_lines(path, bad)
     return labels
 
 
-def import_labels_file(store: Store, path: Path, default_annotator: str | None = None) -> tuple[int, int]:
-    """Add the people's labels of a JSONL file (`read_label_lines`) in one transaction;
-    returns (added, already there). Any problem refuses the whole file."""
-    from judges.human import HUMAN_JUDGE_NAME
+def _refuse_bad_lines(path: Path, bad: list[tuple[int, str]]) -> None:
+    if not bad:
+        return
+    bad.sort()
+    listed = "; ".join(f"line {number}: {problem}" for number, problem in bad[:BAD_LINES_SHOWN])
+    more = f"; and {len(bad) - BAD_LINES_SHOWN} more" if len(bad) > BAD_LINES_SHOWN else ""
+    raise UserError(f"{path}: {len(bad)} bad line{'s' if len(bad) > 1 else ''}, nothing imported: {listed}{more}")
 
-    labels = read_label_lines(path, default_annotator)
+
+def import_labels_file(store: Store, path: Path, default_annotator: str | None = None,
+                       add_annotators: bool = False) -> tuple[int, int]:
+    """Add the people's labels of a JSONL file (`read_label_lines`) in one transaction;
+    returns (added, already there). A label by someone who is not an annotator refuses
+    the file unless `add_annotators` (they are then added, with no page token: they label
+    elsewhere), and so does one for a pair that does not exist; every such line is named."""
+    import secrets
+
+    from judges.human import HUMAN_JUDGE_NAME, token_sha256
+
+    numbered = read_label_lines(path, default_annotator)
+    labels = [label for _, label in numbered]
     try:
         with store.transaction() as tx:
+            missing_pairs = set(queue.unknown_pairs(tx, [label.pair_id for label in labels]))
+            known = queue.annotator_names(tx)
+            strangers = sorted({label.annotator for label in labels} - known)
+            bad = [(number, f"no pair with id {label.pair_id}") for number, label in numbered
+                   if label.pair_id in missing_pairs]
+            if not add_annotators:
+                bad += [(number, f"{label.annotator!r} is not an annotator (add them with `flywheel annotators "
+                         "add`, or import with --add-annotators)") for number, label in numbered
+                        if label.annotator not in known]
+            _refuse_bad_lines(path, bad)
+            for name in strangers:
+                queue.add_annotator(tx, name, token_sha256(secrets.token_urlsafe(24)))
             return queue.import_labels(tx, labels, queue.utc_now(), judge_name=HUMAN_JUDGE_NAME)
     except queue.QueueError as error:
         raise UserError(f"{path}: {error}; nothing imported") from error

@@ -23,8 +23,9 @@ class GpuPeak:
 
     The peak of this process's allocator (`torch.cuda.max_memory_reserved`) plus what
     other processes hold (the vLLM engine's process above all), read from the device at
-    the start and at the end: vLLM reserves its memory when it starts or wakes and holds
-    it until it sleeps, so those two readings bound it. Training processes started by
+    the start and at the end. vLLM holds its memory from waking until it sleeps, and a
+    phase that samples wakes and sleeps it inside the phase, so `PhaseLog` also takes the
+    reading the sampler makes just before each sleep. Training processes started by
     `accelerate launch` (`train.num_processes > 1`) are not seen. None without CUDA."""
 
     def __init__(self) -> None:
@@ -66,9 +67,10 @@ class PhaseLog:
         started_at, started = _now(), time.perf_counter()
         peak = GpuPeak()
         yield
+        events = self.sampler.take_events()
+        readings = [b for b in (peak.peak_bytes(), *(e.device_bytes for e in events)) if b is not None]
         rows = [RoundPhase(round_id, "phase", name, None, started_at, time.perf_counter() - started,
-                           peak.peak_bytes())]
-        rows += [RoundPhase(round_id, "sampler", e.name, e.detail, e.at, e.seconds, None)
-                 for e in self.sampler.take_events()]
+                           max(readings) if readings else None)]
+        rows += [RoundPhase(round_id, "sampler", e.name, e.detail, e.at, e.seconds, e.device_bytes) for e in events]
         with self.store.transaction() as tx:
             tables.add_round_phases(tx, rows)

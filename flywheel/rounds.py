@@ -30,11 +30,11 @@ from flywheel.training import (
     completion_logps,
     reference_logps_for,
     sampler_logprob_gap,
+    logps_precision,
     train_dpo,
-    train_dtype,
 )
 from judges import HumanJudge, Judge, ScalarJudge, close_judge, import_object, load_judge
-from judges.human import ready_to_train, waiting_message
+from judges.human import people_warnings, ready_to_train, waiting_message
 from storage.queue import close_request, utc_now
 from storage.queue import progress as queue_progress
 from storage.records import Evaluation, TrainStep
@@ -90,9 +90,9 @@ class Flywheel:
         self.sampler = sampler if sampler is not None else VLLMSampler(config.sample, seed=config.seed)
         # The flywheel's own log-prob passes (reference, KL, sampler check) run in the
         # trainer's precision, on its device.
-        self.logps_dtype = train_dtype(config.train)
+        self.logps_precision = logps_precision(config.train)
         # None: the reference is loaded for each log-prob pass and freed after it.
-        self.kept_reference = KeptModel(self.logps_dtype) if config.train.keep_reference_loaded else None
+        self.kept_reference = KeptModel(self.logps_precision) if config.train.keep_reference_loaded else None
         self.phases = PhaseLog(self.store, self.sampler)
 
     def _build_eval_judge(self) -> Judge:
@@ -229,7 +229,7 @@ class Flywheel:
         reference = self.store.read(tables.reference_checkpoint)
         # Until a candidate is promoted the policy is the reference, which may be kept loaded.
         kept = self.kept_reference if policy.checkpoint_id == reference.checkpoint_id else None
-        gap = sampler_logprob_gap(Path(policy.path), checked, self.config.train.batch_size, kept, self.logps_dtype)
+        gap = sampler_logprob_gap(Path(policy.path), checked, self.config.train.batch_size, kept, self.logps_precision)
         if gap is not None and gap > STALE_WEIGHTS_GAP:
             self.log(f"round {round_id}: WARNING the sampler's log-probs differ from the trainer's by {gap:.3g} "
                      f"nats per token (> {STALE_WEIGHTS_GAP}) under checkpoint {policy.checkpoint_id}: "
@@ -300,6 +300,8 @@ class Flywheel:
             self.log(f"round {round_id} keeps the settings it was queued with "
                      f"({request.labels_per_pair} label(s) per pair, quota {request.quota_pairs} pairs); "
                      "new judge options apply from the next round")
+        for warning in people_warnings(request, progress):
+            self.log(f"round {round_id}: WARNING {warning}")
         because = ready_to_train(request, progress, now)
         if because is None:
             self.log(f"round {round_id} waits for people: {waiting_message(request, progress)}. Label with "
@@ -331,7 +333,7 @@ class Flywheel:
         with self.phases.phase(round_id, "reference_logps"):
             self.sampler.sleep()  # asleep already, unless this run resumed after sampling
             reference_logps = reference_logps_for(self.store, triples, reference, self.config.train.batch_size,
-                                                  self.kept_reference, self.logps_dtype)
+                                                  self.kept_reference, self.logps_precision)
         with self.phases.phase(round_id, "train"):
             if self.config.train.num_processes > 1:
                 job = write_job(self.config.workdir / "jobs" / f"round-{round_id:04d}", Path(policy.path),
@@ -419,9 +421,9 @@ class Flywheel:
         (the unbiased k1 estimator), both log-probs from the same transformers forward."""
         sequences = [(c.prompt_token_ids, c.token_ids) for c in samples]
         batch_size = self.config.train.batch_size
-        policy_logps = completion_logps(Path(candidate.path), sequences, batch_size, dtype=self.logps_dtype)
+        policy_logps = completion_logps(Path(candidate.path), sequences, batch_size, precision=self.logps_precision)
         reference_logps = completion_logps(Path(reference.path), sequences, batch_size, self.kept_reference,
-                                           self.logps_dtype)
+                                           self.logps_precision)
         return sum(p - r for p, r in zip(policy_logps, reference_logps)) / len(sequences)
 
     def _sample_heldout(self, checkpoint, heldout, round_id):

@@ -16,6 +16,7 @@ from typing import Iterator, Sequence
 from flywheel.config import SampleConfig
 from flywheel.errors import EngineDiedError, UserError
 from flywheel.prompts import PromptRenderer, load_renderer
+from flywheel.training import free_accelerator_memory
 from storage.records import Completion, Prompt
 
 
@@ -62,6 +63,20 @@ class EngineEvent:
     detail: str
     at: datetime  # naive UTC, when it began
     seconds: float
+    # GPU memory in use on the device (every process) as it began, where measured: read
+    # before a sleep, it is what the awake engine held, which the phase's own start and
+    # end readings miss (`flywheel.phases.PhaseLog`).
+    device_bytes: int | None = None
+
+
+def device_bytes_in_use() -> int | None:
+    """Bytes in use on the current CUDA device by every process; None without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    free, total = torch.cuda.mem_get_info()
+    return total - free
 
 
 def sleep_mode_available() -> bool:
@@ -101,10 +116,10 @@ class VLLMSampler:
         return events
 
     @contextmanager
-    def _event(self, name: str, detail: str) -> Iterator[None]:
+    def _event(self, name: str, detail: str, device_bytes: int | None = None) -> Iterator[None]:
         at, started = datetime.now(timezone.utc).replace(tzinfo=None), time.perf_counter()
         yield
-        self._events.append(EngineEvent(name, detail, at, time.perf_counter() - started))
+        self._events.append(EngineEvent(name, detail, at, time.perf_counter() - started, device_bytes))
 
     def sleep(self) -> None:
         """Free the engine's GPU memory until the next `sample` (a no-op when no engine
@@ -118,8 +133,9 @@ class VLLMSampler:
             self._events.append(EngineEvent("sleep", f"skipped: {reason}; the engine keeps its memory",
                                             datetime.now(timezone.utc).replace(tzinfo=None), 0.0))
             return
-        with self._event("sleep", "level 1: weights offloaded to host memory, KV cache freed"):
-            self._llm.sleep(level=1)
+        with self._event("sleep", "level 1: weights offloaded to host memory, KV cache freed",
+                         device_bytes_in_use()):
+            self._watched(lambda: self._llm.sleep(level=1), "going to sleep", "rerun to resume the round")
         self._asleep = True
 
     def _sleeps(self) -> bool:
@@ -142,17 +158,23 @@ class VLLMSampler:
             self._renderer = load_renderer(checkpoint_path)
             self._stop_token_ids = stop_token_ids(checkpoint_path, self._renderer.tokenizer)
         else:
+            resume = "rerun to resume the round"
             if self._asleep:
+                # Whatever happens next, the engine may hold GPU memory again: a later
+                # `sleep` must not skip it.
+                self._sampled_since_sleep = True
+                free_accelerator_memory()  # the trainer's cached blocks, for the engine
                 # The weights' memory first, the KV cache after the reload (TRL's order): the
                 # reload's buffers and the cache are never held at once.
                 with self._event("wake", "weights"):
-                    self._llm.wake_up(tags=["weights"])
+                    self._watched(lambda: self._llm.wake_up(tags=["weights"]), "waking", resume)
             with self._event("reload", str(checkpoint_path)):
-                self._llm.collective_rpc("flywheel_reload_checkpoint",
-                                         kwargs={"weights_path": str(checkpoint_path)})
+                self._watched(lambda: self._llm.collective_rpc(
+                    "flywheel_reload_checkpoint", kwargs={"weights_path": str(checkpoint_path)}),
+                    f"loading {checkpoint_path}", resume)
             if self._asleep:
                 with self._event("wake", "kv_cache"):
-                    self._llm.wake_up(tags=["kv_cache"])
+                    self._watched(lambda: self._llm.wake_up(tags=["kv_cache"]), "waking", resume)
                 self._asleep = False
             # Cached prefixes hold keys and values of the old weights.
             self._llm.reset_prefix_cache()
@@ -227,23 +249,28 @@ class VLLMSampler:
         return records
 
     def _generate(self, token_prompts: list[dict], sampling: list, progress: bool) -> list:
-        """`LLM.generate`, or EngineDiedError when the engine process dies meanwhile.
+        """`LLM.generate`, or EngineDiedError when the engine process dies meanwhile."""
+        return self._watched(lambda: self._llm.generate(token_prompts, sampling, use_tqdm=progress), "sampling",
+                             "the batch it was sampling was not stored: rerun to resume the round")
 
-        vLLM 0.32 waits for outputs for ever when its engine process dies in the middle of
-        a call (its monitor marks the engine dead but wakes no waiting caller: an engine
-        killed by the out-of-memory killer would hang the round). So the call runs on a
-        thread while this one watches the engine processes."""
+    def _watched(self, call, doing: str, consequence: str):
+        """`call()`'s result, or EngineDiedError when the engine process dies meanwhile.
+
+        vLLM 0.32 waits for ever when its engine process dies in the middle of a call (its
+        monitor marks the engine dead but wakes no waiting caller: an engine killed by the
+        out-of-memory killer would hang the round), for sampling as for a sleep, a wake or
+        a reload. So the call runs on a thread while this one watches the engine processes."""
         from vllm.v1.engine.exceptions import EngineDeadError
 
         outcome: dict = {}
 
-        def generate() -> None:
+        def run() -> None:
             try:
-                outcome["outputs"] = self._llm.generate(token_prompts, sampling, use_tqdm=progress)
+                outcome["value"] = call()
             except BaseException as error:  # handed to the calling thread
                 outcome["error"] = error
 
-        caller = threading.Thread(target=generate, name="flywheel-vllm-generate", daemon=True)
+        caller = threading.Thread(target=run, name="flywheel-vllm-call", daemon=True)
         caller.start()
         while caller.is_alive():
             caller.join(timeout=ENGINE_CHECK_SECONDS)
@@ -257,13 +284,10 @@ class VLLMSampler:
             cause = self._engine_exit_cause()
             # A dead engine cannot be used again: the next call starts a new one.
             self._llm, self._loaded, self._asleep = None, None, False
-            raise EngineDiedError(
-                f"the vLLM engine stopped while sampling: {cause}; the batch it was sampling "
-                "was not stored: rerun to resume the round"
-            ) from error
+            raise EngineDiedError(f"the vLLM engine stopped while {doing}: {cause}; {consequence}") from error
         if error is not None:
             raise error
-        return outcome["outputs"]
+        return outcome.get("value")
 
     def _engine_processes(self) -> list:
         """The engine's processes (none where vLLM runs the engine in this process)."""

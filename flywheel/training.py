@@ -6,7 +6,7 @@ The reference's log-probs are computed once per completion and cached in the sto
 (`reference_logps_for`), so training holds only the policy in memory (and, with
 `train.keep_reference_loaded`, the flywheel keeps the reference loaded between rounds).
 Every pass runs on the trainer's device (`trainer_device`: the first GPU, else the CPU)
-in `train.dtype` (`train_dtype`), and hands its cached memory back when it ends.
+in the policy's precision (`logps_precision`), and hands its cached memory back when it ends.
 """
 
 from __future__ import annotations
@@ -65,7 +65,6 @@ class TrainingSetup:
     optimizer: torch.optim.Optimizer
     batches: list[list[int]]  # the triples' indices of each optimiser step (`batch_schedule`)
     compute_dtype: torch.dtype  # autocast's, when not float32 (`train_dtype`)
-    saved_dtype: torch.dtype  # the policy checkpoint's own: the trained policy is saved in it
 
 
 def train_dpo(
@@ -117,15 +116,13 @@ def free_accelerator_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _stored_dtype(checkpoint_path: Path) -> torch.dtype:
-    """The dtype a checkpoint's weights are stored in (its config's), float32 if unsaid."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(checkpoint_path)
-    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(stored, str):
-        stored = getattr(torch, stored, None)
-    return stored if isinstance(stored, torch.dtype) and stored.is_floating_point else torch.float32
+def logps_precision(config: TrainConfig) -> tuple[torch.dtype, torch.dtype]:
+    """(weights, autocast) dtypes for the log-prob passes (reference, KL, sampler check):
+    those the policy trains with, so that at step 0 the policy's log-probs and the cached
+    reference's are computed alike. Float32 weights for full fine-tuning (the policy's
+    are float32), `train.dtype` for LoRA (its base is); autocast in `train.dtype`."""
+    compute = train_dtype(config)
+    return (compute if config.lora_rank > 0 else torch.float32), compute
 
 
 def setup_training(
@@ -174,8 +171,7 @@ def setup_training(
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
     # Its own generator, seeded alike in every process: the same shuffles in all of them.
     batches = batch_schedule(num_triples, config, random.Random(seed))
-    return TrainingSetup(accelerator, tokenizer, policy, reference, trainable, optimizer, batches,
-                         compute_dtype, _stored_dtype(policy_path))
+    return TrainingSetup(accelerator, tokenizer, policy, reference, trainable, optimizer, batches, compute_dtype)
 
 
 def training_loop(setup: TrainingSetup, triples: Sequence[PreferenceTriple], config: TrainConfig) -> list[StepMetrics]:
@@ -272,10 +268,11 @@ def training_loop(setup: TrainingSetup, triples: Sequence[PreferenceTriple], con
 def save_trained_policy(setup: TrainingSetup, config: TrainConfig, output_dir: Path) -> None:
     """Save the trained policy and its tokenizer to `output_dir` (from the main process),
     with any LoRA adapters merged in: a plain checkpoint, no adapter files to serve. It is
-    stored in the dtype its parent checkpoint was stored in: a bfloat16 model trained with
-    float32 weights is saved in bfloat16, so vLLM's `dtype: auto` keeps sampling it in
-    bfloat16 (and its files keep their size) round after round."""
-    policy = setup.policy.to(setup.saved_dtype)  # before merging, so LoRA merges in that dtype
+    saved in float32 whatever its parent's dtype: a bfloat16 copy would round away most
+    of a round's updates, the reason the trained weights are float32 (`setup_training`).
+    vLLM's `sample.dtype: auto` still samples a float32 checkpoint in bfloat16 on a GPU."""
+    # LoRA merges its float32 adapters into a float32 copy of the base: exact.
+    policy = setup.policy.to(torch.float32)
     policy = policy.merge_and_unload() if config.lora_rank > 0 else policy
     if setup.accelerator.is_main_process:
         save_checkpoint(policy, setup.tokenizer, output_dir)
@@ -321,8 +318,8 @@ class KeptModel:
     A checkpoint whose files changed since (another save at the same path) is loaded
     again. Holds the model's memory until `release()` or a call for another checkpoint."""
 
-    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
-        self.dtype = dtype
+    def __init__(self, precision: tuple[torch.dtype, torch.dtype] = (torch.float32, torch.float32)) -> None:
+        self.precision = precision  # (weights, autocast): `logps_precision`
         self._files: tuple | None = None
         self._loaded: tuple[torch.nn.Module, int | None] | None = None
 
@@ -331,7 +328,7 @@ class KeptModel:
         files = _checkpoint_files(checkpoint_path)
         if self._loaded is None or files != self._files:
             self.release()
-            self._loaded, self._files = _load_for_logps(checkpoint_path, self.dtype), files
+            self._loaded, self._files = _load_for_logps(checkpoint_path, self.precision[0]), files
         return self._loaded
 
     def release(self) -> None:
@@ -364,31 +361,38 @@ def _load_for_logps(checkpoint_path: Path, dtype: torch.dtype) -> tuple[torch.nn
 @torch.no_grad()
 def completion_logps(
     checkpoint_path: Path, sequences: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int,
-    kept: KeptModel | None = None, dtype: torch.dtype = torch.float32,
+    kept: KeptModel | None = None, precision: tuple[torch.dtype, torch.dtype] = (torch.float32, torch.float32),
 ) -> list[float]:
     """A checkpoint's log-prob (sum over completion tokens) of each (prompt ids,
     completion ids), in micro-batches of `batch_size` on the trainer's device. For DPO's
-    reference, and for the KL of a candidate to it. The model is loaded in `dtype` for this
-    call and freed on return, or taken from (and left in) `kept`, which has its own dtype."""
-    model, pad_token_id = kept.get(checkpoint_path) if kept is not None else _load_for_logps(checkpoint_path, dtype)
+    reference, and for the KL of a candidate to it. The model is loaded with `precision`'s
+    weights dtype for this call and freed on return, or taken from (and left in) `kept`,
+    which has its own; the forward runs under autocast in `precision`'s second dtype."""
+    if kept is not None:
+        precision = kept.precision
+    model, pad_token_id = kept.get(checkpoint_path) if kept is not None else _load_for_logps(checkpoint_path,
+                                                                                             precision[0])
     device = next(model.parameters()).device
+    autocast = torch.autocast(device.type, dtype=precision[1], enabled=precision[1] != torch.float32)
     logps: list[float] = []
     with tqdm(total=len(sequences), desc=f"log-probs under {Path(checkpoint_path).name}", unit="completion", leave=False,
               disable=not sequences) as bar:
         for start in range(0, len(sequences), batch_size):
             batch = {k: v.to(device) for k, v in
                      collate_sequences(sequences[start : start + batch_size], pad_token_id).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            with autocast:
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             logps.extend(sequence_logps(logits.float(), batch["input_ids"], batch["completion_mask"]).tolist())
             bar.update(len(batch["input_ids"]))
-    if kept is None:
-        del model
-        free_accelerator_memory()
+            del logits, batch  # before the next micro-batch's, and before the cache is emptied
+    del model
+    free_accelerator_memory()  # a kept model stays; the last micro-batch's blocks go back
     return logps
 
 
 def sampler_logprob_gap(checkpoint_path: Path, completions: Sequence[Completion], batch_size: int,
-                        kept: KeptModel | None = None, dtype: torch.dtype = torch.float32) -> float | None:
+                        kept: KeptModel | None = None,
+                        precision: tuple[torch.dtype, torch.dtype] = (torch.float32, torch.float32)) -> float | None:
     """How far the sampler's log-probs of `completions` are from the trainer's under
     `checkpoint_path`: the mean of |log p_vLLM(y|x) - log p_trainer(y|x)| / len(y), in nats
     per token; None when no completion carries vLLM's log-prob. Both read the raw logits
@@ -398,13 +402,13 @@ def sampler_logprob_gap(checkpoint_path: Path, completions: Sequence[Completion]
     if not checked:
         return None
     trainer = completion_logps(checkpoint_path, [(c.prompt_token_ids, c.token_ids) for c in checked], batch_size,
-                               kept, dtype)
+                               kept, precision)
     return sum(abs(c.cumulative_logprob - t) / len(c.token_ids) for c, t in zip(checked, trainer)) / len(checked)
 
 
 def reference_logps_for(
     store: Store, triples: Sequence[PreferenceTriple], reference: Checkpoint, batch_size: int,
-    kept: KeptModel | None = None, dtype: torch.dtype = torch.float32,
+    kept: KeptModel | None = None, precision: tuple[torch.dtype, torch.dtype] = (torch.float32, torch.float32),
 ) -> ReferenceLogps:
     """The reference's log-probs of the triples' completions, from the store's cache; those
     not cached for this reference yet are computed (loading it, or from `kept`) and stored first."""
@@ -416,7 +420,7 @@ def reference_logps_for(
     missing = [completion_id for completion_id in sequences if completion_id not in cached]
     if missing:
         computed = dict(zip(missing, completion_logps(
-            Path(reference.path), [sequences[c] for c in missing], batch_size, kept, dtype)))
+            Path(reference.path), [sequences[c] for c in missing], batch_size, kept, precision)))
         with store.transaction() as tx:
             tables.add_reference_logps(tx, reference.checkpoint_id, computed)
         cached.update(computed)

@@ -701,3 +701,235 @@ def m010_round_phases(conn: duckdb.DuckDBPyConnection) -> None:
         );
         """
     )
+
+
+@migration
+def m011_people_quality(conn: duckdb.DuckDBPyConnection) -> None:
+    conn.execute(
+        """
+        -- A revoked annotator's token stops working; their labels stay.
+        ALTER TABLE annotators ADD COLUMN revoked_at TIMESTAMP;
+
+        -- What a request shows people (markdown), how often a person is handed a gold pair,
+        -- and the gold accuracy below which a person's labels are kept but not trained on.
+        -- `left_out` freezes, when the request closes, whose labels its round leaves out.
+        ALTER TABLE label_requests ADD COLUMN guidelines VARCHAR;
+        ALTER TABLE label_requests ADD COLUMN gold_rate DOUBLE DEFAULT 0;
+        ALTER TABLE label_requests ADD COLUMN min_gold_accuracy DOUBLE;
+        ALTER TABLE label_requests ADD COLUMN left_out VARCHAR[];
+
+        -- Pairs with a known answer (a rule judge settled them when the round was queued),
+        -- mixed into people's queue unmarked: each person's answers on them measure them.
+        CREATE TABLE gold_answers (
+            pair_id     BIGINT PRIMARY KEY,
+            winner      VARCHAR NOT NULL CHECK (winner IN ('a', 'b', 'tie', 'both_bad')),
+            source      VARCHAR NOT NULL,
+            created_at  TIMESTAMP NOT NULL DEFAULT current_timestamp
+        );
+
+        -- Each person's answers on gold pairs.
+        CREATE VIEW annotator_gold AS
+        SELECT l.annotator, count(*) AS gold_labels,
+               count(*) FILTER (WHERE l.winner = g.winner) AS gold_correct,
+               avg(CASE WHEN l.winner = g.winner THEN 1.0 ELSE 0.0 END) AS gold_accuracy
+        FROM labels l JOIN gold_answers g ON g.pair_id = l.pair_id
+        WHERE l.annotator IS NOT NULL
+        GROUP BY l.annotator;
+
+        -- Per queued round, as m004's view, and: a pair is also done when every active
+        -- annotator has labelled or skipped it (`pairs_exhausted`: it can get no more
+        -- labels), so a pair skipped by everyone, or labels_per_pair above the number of
+        -- active annotators, no longer holds the quota for ever; with no active annotator
+        -- at all nothing is exhausted (the round waits for people to be added).
+        -- `left_out_annotators`: people below the request's min_gold_accuracy, whose
+        -- labels stay but are not trained on (frozen when the request closes).
+        CREATE OR REPLACE VIEW labelling_progress AS
+        WITH people AS (
+            SELECT pair_id, count(DISTINCT annotator) AS labels FROM labels
+            WHERE annotator IS NOT NULL GROUP BY pair_id
+        ),
+        active AS (SELECT count(*) AS n FROM annotators WHERE revoked_at IS NULL),
+        touched AS (
+            SELECT t.pair_id, count(DISTINCT t.annotator) AS n
+            FROM (SELECT pair_id, annotator FROM labels WHERE annotator IS NOT NULL
+                  UNION ALL
+                  SELECT pair_id, annotator FROM label_leases WHERE outcome = 'skipped') t
+            JOIN annotators a ON a.name = t.annotator AND a.revoked_at IS NULL
+            GROUP BY t.pair_id
+        ),
+        queued AS (
+            SELECT q.round_id, coalesce(h.labels, 0) AS labels,
+                   coalesce(h.labels, 0) < r.labels_per_pair AND active.n > 0
+                       AND coalesce(t.n, 0) >= active.n AS exhausted
+            FROM label_queue q
+            JOIN label_requests r ON r.round_id = q.round_id
+            CROSS JOIN active
+            LEFT JOIN people h ON h.pair_id = q.pair_id
+            LEFT JOIN touched t ON t.pair_id = q.pair_id
+        )
+        SELECT
+            r.round_id,
+            r.labels_per_pair,
+            count(*) AS pairs,
+            count(*) FILTER (WHERE g.labels >= r.labels_per_pair OR g.exhausted) AS pairs_done,
+            count(*) FILTER (WHERE g.exhausted) AS pairs_exhausted,
+            coalesce(sum(least(g.labels, r.labels_per_pair)), 0)::BIGINT AS labels,
+            count(*) * r.labels_per_pair AS labels_needed,
+            r.quota_pairs,
+            r.deadline,
+            r.closed_at,
+            r.closed_because,
+            (SELECT n FROM active) AS active_annotators,
+            coalesce(r.left_out, (SELECT list(ag.annotator ORDER BY ag.annotator) FROM annotator_gold ag
+                                  WHERE ag.gold_accuracy < r.min_gold_accuracy)) AS left_out_annotators
+        FROM label_requests r
+        JOIN queued g ON g.round_id = r.round_id
+        GROUP BY r.round_id, r.labels_per_pair, r.quota_pairs, r.deadline, r.closed_at, r.closed_because,
+                 r.left_out, r.min_gold_accuracy
+        ORDER BY r.round_id;
+
+        -- m003's judge_agreement, plus Cohen's kappa: (p_o - p_e) / (1 - p_e) over the four
+        -- labels a, b, tie, both_bad, p_e from each labeller's own label shares on the
+        -- pairs both labelled (NULL when p_e = 1: both always gave one same label).
+        CREATE OR REPLACE VIEW judge_agreement AS
+        WITH labelled AS (
+            SELECT pair_id, winner,
+                   judge_name || '@' || judge_version || coalesce(' (' || annotator || ')', '') AS labeller,
+                   label_id
+            FROM labels
+        ),
+        latest AS (
+            SELECT pair_id, labeller, arg_max(winner, label_id) AS winner
+            FROM labelled GROUP BY pair_id, labeller
+        ),
+        joined AS (
+            SELECT x.labeller AS judge_a, y.labeller AS judge_b, x.winner AS winner_a, y.winner AS winner_b
+            FROM latest x JOIN latest y ON x.pair_id = y.pair_id AND x.labeller < y.labeller
+        ),
+        shares AS (
+            SELECT judge_a, judge_b, label, sum(from_a) AS n_a, sum(from_b) AS n_b
+            FROM (SELECT judge_a, judge_b, winner_a AS label, 1 AS from_a, 0 AS from_b FROM joined
+                  UNION ALL
+                  SELECT judge_a, judge_b, winner_b, 0, 1 FROM joined)
+            GROUP BY judge_a, judge_b, label
+        ),
+        chance AS (
+            SELECT judge_a, judge_b, sum(n_a * n_b) / (sum(n_a) * sum(n_b)) AS p_e
+            FROM shares GROUP BY judge_a, judge_b
+        )
+        SELECT
+            j.judge_a,
+            j.judge_b,
+            count(*) AS pairs,
+            count(*) FILTER (WHERE j.winner_a = j.winner_b) AS agreements,
+            avg(CASE WHEN j.winner_a = j.winner_b THEN 1.0 ELSE 0.0 END) AS agreement_rate,
+            count(*) FILTER (WHERE j.winner_a IN ('a', 'b') AND j.winner_b IN ('a', 'b')) AS decisive_pairs,
+            avg(CASE WHEN j.winner_a = j.winner_b THEN 1.0 ELSE 0.0 END)
+                FILTER (WHERE j.winner_a IN ('a', 'b') AND j.winner_b IN ('a', 'b')) AS decisive_agreement_rate,
+            CASE WHEN any_value(c.p_e) < 1 THEN
+                (avg(CASE WHEN j.winner_a = j.winner_b THEN 1.0 ELSE 0.0 END) - any_value(c.p_e))
+                / (1 - any_value(c.p_e)) END AS cohen_kappa
+        FROM joined j JOIN chance c ON c.judge_a = j.judge_a AND c.judge_b = j.judge_b
+        GROUP BY j.judge_a, j.judge_b
+        ORDER BY pairs DESC, judge_a, judge_b;
+
+        -- Krippendorff's alpha (nominal: a, b, tie, both_bad) of people's labels per round,
+        -- over the pairs two or more people labelled: 1 - (n - 1) * sum_{c != k} o_ck /
+        -- sum_{c != k} n_c n_k, where o_ck counts ordered (c, k) label pairs from different
+        -- people on one pair, each weighted 1 / (m_u - 1) for a pair with m_u labels, and
+        -- n_c = sum_k o_ck (Krippendorff 2011, "Computing Krippendorff's alpha-reliability").
+        -- NULL when every label is the same (no expected disagreement).
+        CREATE VIEW people_alpha AS
+        WITH person_labels AS (
+            SELECT p.round_id, l.pair_id, l.annotator, arg_max(l.winner, l.label_id) AS winner
+            FROM labels l JOIN pairs p ON p.pair_id = l.pair_id
+            WHERE l.annotator IS NOT NULL
+            GROUP BY p.round_id, l.pair_id, l.annotator
+        ),
+        units AS (
+            SELECT round_id, pair_id, count(*) AS m FROM person_labels
+            GROUP BY round_id, pair_id HAVING count(*) >= 2
+        ),
+        coincidences AS (
+            SELECT u.round_id, x.winner AS c, y.winner AS k, sum(1.0 / (u.m - 1)) AS o
+            FROM units u
+            JOIN person_labels x ON x.pair_id = u.pair_id
+            JOIN person_labels y ON y.pair_id = u.pair_id AND y.annotator <> x.annotator
+            GROUP BY u.round_id, x.winner, y.winner
+        ),
+        marginals AS (SELECT round_id, c, sum(o) AS n_c FROM coincidences GROUP BY round_id, c),
+        totals AS (SELECT round_id, sum(n_c) AS n FROM marginals GROUP BY round_id),
+        observed AS (
+            SELECT round_id, coalesce(sum(o) FILTER (WHERE c <> k), 0) AS d FROM coincidences GROUP BY round_id
+        ),
+        expected AS (
+            SELECT x.round_id, coalesce(sum(x.n_c * y.n_c) FILTER (WHERE x.c <> y.c), 0) AS e
+            FROM marginals x JOIN marginals y ON y.round_id = x.round_id GROUP BY x.round_id
+        )
+        SELECT
+            t.round_id,
+            (SELECT count(DISTINCT annotator) FROM person_labels pl WHERE pl.round_id = t.round_id) AS people,
+            (SELECT count(*) FROM units un WHERE un.round_id = t.round_id) AS pairs,
+            CASE WHEN e.e > 0 THEN 1 - (t.n - 1) * o.d / e.e END AS krippendorff_alpha
+        FROM totals t JOIN observed o ON o.round_id = t.round_id JOIN expected e ON e.round_id = t.round_id
+        ORDER BY t.round_id;
+
+        -- One row per person: labels and skips, the median seconds from lease to label,
+        -- labels per hour of labelling, gold accuracy, agreement with the majority of the
+        -- other people on the pairs they labelled (pairs whose other labels have one most
+        -- common answer), and agreement with each AI judge that labelled the same pairs.
+        CREATE VIEW annotator_stats AS
+        WITH person_labels AS (
+            SELECT pair_id, annotator, arg_max(winner, label_id) AS winner FROM labels
+            WHERE annotator IS NOT NULL GROUP BY pair_id, annotator
+        ),
+        timed AS (
+            SELECT annotator, count(*) AS n, median(epoch(finished_at - leased_at)) AS median_seconds,
+                   sum(epoch(finished_at - leased_at)) AS seconds
+            FROM label_leases WHERE outcome = 'labelled' GROUP BY annotator
+        ),
+        skips AS (SELECT annotator, count(*) AS skips FROM label_leases WHERE outcome = 'skipped' GROUP BY annotator),
+        votes AS (
+            SELECT x.annotator, x.pair_id, any_value(x.winner) AS own, y.winner AS other, count(*) AS n
+            FROM person_labels x JOIN person_labels y ON y.pair_id = x.pair_id AND y.annotator <> x.annotator
+            GROUP BY x.annotator, x.pair_id, y.winner
+        ),
+        ranked AS (
+            SELECT annotator, pair_id, own, other, n,
+                   max(n) OVER (PARTITION BY annotator, pair_id) AS top,
+                   count(*) OVER (PARTITION BY annotator, pair_id, n) AS at_n
+            FROM votes
+        ),
+        majority AS (
+            SELECT annotator, count(*) AS pairs, avg(CASE WHEN own = other THEN 1.0 ELSE 0.0 END) AS rate
+            FROM ranked WHERE n = top AND at_n = 1 GROUP BY annotator
+        ),
+        ai AS (
+            SELECT p.annotator, j.judge_name || '@' || j.judge_version AS judge, count(*) AS pairs,
+                   avg(CASE WHEN p.winner = j.winner THEN 1.0 ELSE 0.0 END) AS agreement_rate
+            FROM person_labels p
+            JOIN (SELECT pair_id, judge_name, judge_version, arg_max(winner, label_id) AS winner FROM labels
+                  WHERE annotator IS NULL GROUP BY pair_id, judge_name, judge_version) j ON j.pair_id = p.pair_id
+            GROUP BY p.annotator, j.judge_name, j.judge_version
+        )
+        SELECT
+            a.name AS annotator,
+            a.revoked_at IS NULL AS active,
+            (SELECT count(*) FROM labels l WHERE l.annotator = a.name) AS labels,
+            coalesce(s.skips, 0) AS skips,
+            t.median_seconds AS median_seconds_per_label,
+            CASE WHEN t.seconds > 0 THEN 3600 * t.n / t.seconds END AS labels_per_hour,
+            g.gold_labels,
+            g.gold_accuracy,
+            m.pairs AS majority_pairs,
+            m.rate AS majority_agreement,
+            (SELECT list({'judge': ai.judge, 'pairs': ai.pairs, 'agreement_rate': ai.agreement_rate}
+                         ORDER BY ai.judge) FROM ai WHERE ai.annotator = a.name) AS ai_judge_agreement
+        FROM annotators a
+        LEFT JOIN timed t ON t.annotator = a.name
+        LEFT JOIN skips s ON s.annotator = a.name
+        LEFT JOIN annotator_gold g ON g.annotator = a.name
+        LEFT JOIN majority m ON m.annotator = a.name
+        ORDER BY a.annotator_id;
+        """
+    )

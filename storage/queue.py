@@ -41,14 +41,22 @@ class LabelRequest:
     created_at: datetime
     closed_at: datetime | None
     closed_because: str | None
+    guidelines: str | None = None  # markdown shown on the labelling page
+    gold_rate: float = 0.0
+    min_gold_accuracy: float | None = None
 
 
 @dataclass(frozen=True)
 class Progress:
     pairs: int  # queued pairs
-    pairs_done: int  # pairs with all the labels they need
+    pairs_done: int  # pairs with all the labels they need, or all they can get (exhausted)
     labels: int  # labels given towards what is needed (a pair's extra labels not counted)
     labels_needed: int
+    # Pairs that every active annotator has labelled or skipped short of labels_per_pair:
+    # they count as done, or a round would wait for labels nobody can give.
+    pairs_exhausted: int = 0
+    active_annotators: int = 0
+    left_out: tuple[str, ...] = ()  # people below the gold threshold, not trained on
 
     @property
     def labels_remaining(self) -> int:
@@ -77,17 +85,37 @@ def add_annotator(tx: Transaction, name: str, token_sha256: str) -> None:
     tx.execute("INSERT INTO annotators (name, token_sha256) VALUES (?, ?)", [name, token_sha256])
 
 
-def annotator_tokens(tx: Transaction) -> dict[str, str]:
-    """Token hash -> annotator name, for every annotator."""
-    return dict(tx.execute("SELECT token_sha256, name FROM annotators").fetchall())
+def active_annotator(tx: Transaction, token_sha256: str) -> str | None:
+    """The name of the active (not revoked) annotator with this token hash."""
+    row = tx.execute("SELECT name FROM annotators WHERE token_sha256 = ? AND revoked_at IS NULL",
+                     [token_sha256]).fetchone()
+    return row[0] if row else None
 
 
-def annotators(tx: Transaction) -> list[tuple[str, int]]:
-    """(name, labels given) of every annotator."""
+def annotators(tx: Transaction) -> list[tuple[str, str, int]]:
+    """(name, 'active' or 'revoked', labels given) of every annotator."""
     return tx.execute(
-        "SELECT a.name, count(l.label_id) FROM annotators a LEFT JOIN labels l ON l.annotator = a.name "
-        "GROUP BY a.name, a.annotator_id ORDER BY a.annotator_id"
+        "SELECT a.name, CASE WHEN a.revoked_at IS NULL THEN 'active' ELSE 'revoked' END, count(l.label_id) "
+        "FROM annotators a LEFT JOIN labels l ON l.annotator = a.name "
+        "GROUP BY a.name, a.annotator_id, a.revoked_at ORDER BY a.annotator_id"
     ).fetchall()
+
+
+def annotator_names(tx: Transaction) -> set[str]:
+    return {row[0] for row in tx.execute("SELECT name FROM annotators").fetchall()}
+
+
+def revoke_annotator(tx: Transaction, name: str, now: datetime) -> None:
+    """Stop the annotator's token at once; their labels stay, their live leases end (the
+    pairs go back to the queue)."""
+    row = tx.execute("SELECT revoked_at FROM annotators WHERE name = ?", [name]).fetchone()
+    if row is None:
+        raise QueueError(f"no annotator named {name!r}", 404)
+    if row[0] is not None:
+        raise QueueError(f"annotator {name!r} was revoked already, at {row[0]:%Y-%m-%d %H:%M} UTC", 409)
+    tx.execute("UPDATE annotators SET revoked_at = ? WHERE name = ?", [now, name])
+    tx.execute("UPDATE label_leases SET expires_at = ? WHERE annotator = ? AND outcome IS NULL AND expires_at > ?",
+               [now, name, now])
 
 
 # -- requests ------------------------------------------------------------------------------
@@ -103,6 +131,9 @@ def request_labels(
     now: datetime,
     quota_pairs: int | None = None,
     deadline: datetime | None = None,
+    guidelines: str | None = None,
+    gold_rate: float = 0.0,
+    min_gold_accuracy: float | None = None,
 ) -> LabelRequest:
     """Queue every pair of the round for people, once; a second call returns the request as it is."""
     existing = label_request(tx, round_id)
@@ -110,8 +141,9 @@ def request_labels(
         return existing
     tx.execute(
         "INSERT INTO label_requests (round_id, judge_version, labels_per_pair, lease_seconds, quota_pairs, "
-        "deadline, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        [round_id, judge_version, labels_per_pair, lease_seconds, quota_pairs, deadline, now],
+        "deadline, created_at, guidelines, gold_rate, min_gold_accuracy) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [round_id, judge_version, labels_per_pair, lease_seconds, quota_pairs, deadline, now, guidelines,
+         gold_rate, min_gold_accuracy],
     )
     tx.execute(
         "INSERT INTO label_queue (pair_id, round_id) SELECT pair_id, round_id FROM pairs "
@@ -129,23 +161,30 @@ def label_request(tx: Transaction, round_id: int) -> LabelRequest | None:
 
 
 def close_request(tx: Transaction, round_id: int, because: str, now: datetime) -> None:
-    """Let the round go on with the labels given so far (`last_label_id` marks them, so a
-    resumed round trains on the same set); its unlabelled pairs stay in the queue."""
+    """Let the round go on with the labels given so far (`last_label_id` marks them, and
+    `left_out` the people below its gold threshold, so a resumed round trains on the same
+    set); its unlabelled pairs stay in the queue."""
     tx.execute(
         "UPDATE label_requests SET closed_at = ?, closed_because = ?, "
-        "last_label_id = (SELECT coalesce(max(label_id), 0) FROM labels) WHERE round_id = ? AND closed_at IS NULL",
+        "last_label_id = (SELECT coalesce(max(label_id), 0) FROM labels), "
+        "left_out = CASE WHEN min_gold_accuracy IS NOT NULL THEN coalesce((SELECT list(annotator ORDER BY "
+        "annotator) FROM annotator_gold WHERE gold_accuracy < min_gold_accuracy), []) END "
+        "WHERE round_id = ? AND closed_at IS NULL",
         [now, because, round_id],
     )
 
 
 def progress(tx: Transaction, round_id: int | None = None) -> Progress:
-    """Progress of one round's queue, or of the whole queue."""
+    """Progress of one round's queue, or of the whole queue (`labelling_progress`)."""
     row = tx.execute(
         "SELECT coalesce(sum(pairs), 0), coalesce(sum(pairs_done), 0), coalesce(sum(labels), 0), "
-        "coalesce(sum(labels_needed), 0) FROM labelling_progress WHERE ? IS NULL OR round_id = ?",
+        "coalesce(sum(labels_needed), 0), coalesce(sum(pairs_exhausted), 0), "
+        "(SELECT count(*) FROM annotators WHERE revoked_at IS NULL), "
+        "coalesce(list_sort(list_distinct(flatten(list(left_out_annotators)))), []) "
+        "FROM labelling_progress WHERE ? IS NULL OR round_id = ?",
         [round_id, round_id],
     ).fetchone()
-    return Progress(*(int(v) for v in row))
+    return Progress(*(int(v) for v in row[:6]), tuple(row[6]))
 
 
 # -- leases ----------------------------------------------------------------------------------
@@ -182,6 +221,17 @@ def claim_next_pair(tx: Transaction, annotator: str, now: datetime, left_slot: s
     if held is None:
         held = tx.execute(_CLAIM, {"annotator": annotator, "left_slot": left_slot, "now": now}).fetchone()
     return _lease(tx, held[0]) if held else None
+
+
+def guidelines_for(tx: Transaction, annotator: str, lease: Lease) -> tuple[str | None, bool]:
+    """The guidelines of the request that queued the lease's pair, and whether this is the
+    annotator's first pair of that request (the page then shows them in full)."""
+    row = tx.execute(
+        "SELECT r.guidelines, NOT EXISTS (SELECT 1 FROM label_leases e JOIN label_queue o ON o.pair_id = e.pair_id "
+        "WHERE o.round_id = q.round_id AND e.annotator = ? AND e.lease_id <> ?) "
+        "FROM label_queue q JOIN label_requests r ON r.round_id = q.round_id WHERE q.pair_id = ?",
+        [annotator, lease.lease_id, lease.pair_id]).fetchone()
+    return (row[0], bool(row[1])) if row else (None, False)
 
 
 def _lease(tx: Transaction, lease_id: int) -> Lease:
@@ -256,14 +306,24 @@ def skip_pair(tx: Transaction, annotator: str, pair_id: int, lease_id: int, now:
     _finish_lease(tx, annotator, pair_id, lease_id, "skipped", now)
 
 
-def labels_of(tx: Transaction, annotator: str, limit: int = 50) -> list[dict]:
-    """An annotator's own latest labels (nobody sees anyone else's)."""
+def labels_of(tx: Transaction, annotator: str, limit: int = 50, before: int | None = None) -> list[dict]:
+    """An annotator's own labels, newest first (nobody sees anyone else's): `limit` of them
+    with ids below `before` (a cursor: the last id of the previous page)."""
     return _dicts(tx.execute(
         "SELECT l.label_id, l.pair_id, t.prompt, l.winner, strftime(l.created_at, '%Y-%m-%dT%H:%M:%S') AS created_at "
         "FROM labels l JOIN pair_texts t ON t.pair_id = l.pair_id "
-        "WHERE l.annotator = ? ORDER BY l.label_id DESC LIMIT ?",
-        [annotator, limit],
+        "WHERE l.annotator = ? AND (? IS NULL OR l.label_id < ?) ORDER BY l.label_id DESC LIMIT ?",
+        [annotator, before, before, limit],
     ))
+
+
+def own_quality(tx: Transaction, annotator: str) -> dict:
+    """What the page shows a person of their own work: gold accuracy (None before any gold
+    answer), and labels per hour of labelling."""
+    row = tx.execute("SELECT gold_labels, gold_accuracy, labels_per_hour FROM annotator_stats WHERE annotator = ?",
+                     [annotator]).fetchone()
+    gold_labels, gold_accuracy, per_hour = row if row else (None, None, None)
+    return {"gold_labels": gold_labels or 0, "gold_accuracy": gold_accuracy, "labels_per_hour": per_hour}
 
 
 def count_labels_of(tx: Transaction, annotator: str) -> int:
@@ -305,12 +365,10 @@ def import_labels(tx: Transaction, labels: Sequence[Any], now: datetime, *, judg
     annotator, rationale); returns (added, already there). A label for a
     pair that does not exist refuses the whole import (nothing is added). A person's live
     lease on a pair they bring a label for ends with it."""
-    pair_ids = sorted({label.pair_id for label in labels})
-    known = {r[0] for r in tx.execute(
-        "SELECT pair_id FROM pairs WHERE pair_id IN (SELECT unnest(?::BIGINT[]))", [pair_ids]).fetchall()}
-    missing = [p for p in pair_ids if p not in known]
+    missing = unknown_pairs(tx, [label.pair_id for label in labels])
     if missing:
         raise QueueError(f"no pairs with ids {missing[:10]}{' ...' if len(missing) > 10 else ''}", 404)
+    pair_ids = sorted({label.pair_id for label in labels})
     present = set(tx.execute(
         "SELECT pair_id, annotator FROM labels WHERE annotator IS NOT NULL AND pair_id IN "
         "(SELECT unnest(?::BIGINT[]))", [pair_ids]).fetchall())
@@ -328,6 +386,20 @@ def import_labels(tx: Transaction, labels: Sequence[Any], now: datetime, *, judg
         )
         added += 1
     return added, len(labels) - added
+
+
+def unknown_pairs(tx: Transaction, pair_ids: Sequence[int]) -> list[int]:
+    """Those of `pair_ids` that are no pair's id, sorted."""
+    wanted = sorted(set(pair_ids))
+    known = {r[0] for r in tx.execute(
+        "SELECT pair_id FROM pairs WHERE pair_id IN (SELECT unnest(?::BIGINT[]))", [wanted]).fetchall()}
+    return [p for p in wanted if p not in known]
+
+
+def add_gold_answers(tx: Transaction, answers: dict[int, str], source: str) -> None:
+    for pair_id, winner in answers.items():
+        tx.execute("INSERT OR IGNORE INTO gold_answers (pair_id, winner, source) VALUES (?, ?, ?)",
+                   [pair_id, winner, source])
 
 
 def utc_now() -> datetime:

@@ -52,6 +52,7 @@ class LabelWithTexts:
     judge: str  # name@version
     annotator: str | None
     confidence: float | None
+    annotator_gold_accuracy: float | None = None  # the person's, over all gold pairs (annotator_gold)
 
 
 @dataclass(frozen=True)

@@ -44,11 +44,13 @@ from storage.store import StoreError, Transaction
 # labels given after the round stopped waiting for them (`label_requests.last_label_id`).
 # `{rounds}` picks the rounds: `pf.round_id = ?` (one round) or `pf.round_id < ?` (replay).
 # The labels a round trains on: its own judge's, and of people's only those given before
-# the round stopped waiting for them. `{label}` is the label row's alias, `{judge}` its
-# judge-name column; `rd` is the round and `rq` its label request (LEFT JOIN).
+# the round stopped waiting for them, by people its request did not leave out for their
+# gold accuracy (`label_requests.left_out`). `{label}` is the label row's alias, `{judge}`
+# its judge-name column; `rd` is the round and `rq` its label request (LEFT JOIN).
 _ROUND_OWN_LABEL = (
     "{label}.{judge} = rd.judge_name AND {label}.judge_version = rd.judge_version "
-    "AND (rq.last_label_id IS NULL OR {label}.label_id <= rq.last_label_id)"
+    "AND (rq.last_label_id IS NULL OR {label}.label_id <= rq.last_label_id) "
+    "AND NOT coalesce(list_contains(rq.left_out, {label}.annotator), false)"
 )
 _ROUND_PREFERENCES = (
     "SELECT pf.* FROM preferences pf JOIN rounds rd ON rd.round_id = pf.round_id "
@@ -464,8 +466,9 @@ def labels_with_texts(tx: Transaction, rounds: Sequence[int] | None, judge_name:
         params.append(list(rounds))
     rows = tx.execute(
         "SELECT p.pair_id, p.round_id, pr.text, pr.messages, ca.text, cb.text, l.winner, "
-        "l.judge_name || '@' || l.judge_version, l.annotator, l.confidence "
+        "l.judge_name || '@' || l.judge_version, l.annotator, l.confidence, ag.gold_accuracy "
         "FROM labels l JOIN pairs p ON p.pair_id = l.pair_id JOIN rounds rd ON rd.round_id = p.round_id "
+        "LEFT JOIN annotator_gold ag ON ag.annotator = l.annotator "
         "JOIN prompts pr ON pr.prompt_id = p.prompt_id "
         "JOIN completions ca ON ca.completion_id = p.completion_a_id "
         "JOIN completions cb ON cb.completion_id = p.completion_b_id "

@@ -81,23 +81,24 @@ def run_flow(flywheel, rounds: int) -> list[int]:
 
 
 @contextmanager
-def labelling_server(database: Path):
-    """`flywheel label serve` in its own process, as people would run it; yields its URL."""
+def labelling_server(database: Path, *args: str):
+    """`flywheel label serve` in its own process, as people would run it, with any extra
+    arguments; yields its URL (https:// when given --ssl-certfile)."""
     import httpx
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     server = subprocess.Popen(
-        [sys.executable, "-m", "cli", "label", "serve", "--db", str(database), "--port", str(port)],
+        [sys.executable, "-m", "cli", "label", "serve", "--db", str(database), "--port", str(port), *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
-    url = f"http://127.0.0.1:{port}"
+    url = f"{'https' if '--ssl-certfile' in args else 'http'}://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
         while True:
             try:
-                if httpx.get(url + "/", timeout=2).status_code == 200:
+                if httpx.get(url + "/", timeout=2, verify=False).status_code == 200:
                     break
             except httpx.TransportError:
                 pass

@@ -278,18 +278,20 @@ def test_label_files(tmp_path):
     lines = tmp_path / "labels.jsonl"
     lines.write_text(json.dumps({"pair_id": rows[0][0], "winner": "a", "prompt": "ignored"}) + "\n\n"
                      + json.dumps({"pair_id": rows[1][0], "winner": "b", "annotator": "bob"}) + "\n")
-    with pytest.raises(UserError, match=r"labels.jsonl:1: needs a pair_id, a winner and an annotator"):
+    with pytest.raises(UserError, match=r"labels.jsonl: 1 bad line, nothing imported: line 1: needs a pair_id"):
         read_label_lines(lines)
-    assert [label.annotator for label in read_label_lines(lines, "alice")] == ["alice", "bob"]
-    assert import_labels_file(store, lines, "alice") == (2, 0)
+    assert [(n, label.annotator) for n, label in read_label_lines(lines, "alice")] == [(1, "alice"), (3, "bob")]
+    with pytest.raises(UserError, match=r"line 1: 'alice' is not an annotator"):
+        import_labels_file(store, lines, "alice")
+    assert import_labels_file(store, lines, "alice", add_annotators=True) == (2, 0)
     assert import_labels_file(store, lines, "alice") == (0, 2)
     assert [(row["winner"], row["annotator"]) for row in export_rows(store, round_id, labels=True)] == [
         ("a", "alice"), ("b", "bob")]
     columns, _ = agreement_with(store, "human@1 (alice)")
     assert columns[:2] == ["judge_a", "judge_b"]
     lines.write_text('{"pair_id": 999999, "winner": "a", "annotator": "x"}\n')
-    with pytest.raises(UserError, match="no pairs with ids"):
+    with pytest.raises(UserError, match="line 1: no pair with id 999999"):
         import_labels_file(store, lines)
     lines.write_text("[1]\n")
-    with pytest.raises(UserError, match="labels.jsonl:1: each line must be a JSON object; nothing imported"):
+    with pytest.raises(UserError, match="nothing imported: line 1: each line must be a JSON object"):
         import_labels_file(store, lines)

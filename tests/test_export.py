@@ -25,7 +25,8 @@ from storage.store import Store
 
 VERIFIER = "addition-verifier"
 SYSTEM_TURN = {"role": "system", "content": "you add numbers."}
-COLUMNS = ["prompt", "chosen", "rejected", "round_id", "pair_id", "judge", "annotator", "confidence"]
+COLUMNS = ["prompt", "chosen", "rejected", "round_id", "pair_id", "judge", "annotator", "confidence",
+           "annotator_gold_accuracy"]
 
 
 def user_turns(text: str) -> list[dict[str, str]]:

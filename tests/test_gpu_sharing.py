@@ -16,6 +16,7 @@ from flywheel.sampling import VLLMSampler
 from flywheel.training import (
     KeptModel,
     completion_logps,
+    logps_precision,
     setup_training,
     train_dpo,
     train_dtype,
@@ -32,6 +33,11 @@ def test_auto_dtype_is_bfloat16_on_cuda_and_float32_elsewhere():
     assert train_dtype(TrainConfig(dtype="bfloat16")) == torch.bfloat16
     assert train_dtype(TrainConfig(dtype="float32")) == torch.float32
     assert trainer_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+    # Log-prob passes hold weights as the policy trains them: float32 for full
+    # fine-tuning, the train dtype for LoRA's base; both run under autocast in it.
+    assert logps_precision(TrainConfig(dtype="bfloat16")) == (torch.float32, torch.bfloat16)
+    assert logps_precision(TrainConfig(dtype="bfloat16", lora_rank=8)) == (torch.bfloat16, torch.bfloat16)
+    assert logps_precision(TrainConfig(dtype="float32")) == (torch.float32, torch.float32)
 
 
 @pytest.mark.parametrize("lora_rank", [0, 4])
@@ -51,28 +57,31 @@ def test_bfloat16_training_keeps_the_trained_weights_and_adam_states_in_float32(
     assert states and {t.dtype for t in states} == {torch.float32}
 
 
-def test_a_trained_policy_is_saved_in_its_parents_dtype(tiny_policy, tmp_path):
+def test_a_trained_policy_is_saved_in_float32_with_every_update_kept(tiny_policy, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    # A bfloat16 parent, as most published checkpoints are, trained with float32 weights.
+    # A bfloat16 parent, as most published checkpoints are, trained in bfloat16 with a
+    # learning rate whose updates are far below bfloat16's resolution of the weights.
     parent = tmp_path / "bf16-parent"
     AutoModelForCausalLM.from_pretrained(tiny_policy, dtype=torch.bfloat16).save_pretrained(parent)
     AutoTokenizer.from_pretrained(tiny_policy).save_pretrained(parent)
-    for name, config in {"full": TrainConfig(dtype="float32", batch_size=4),
-                         "lora": TrainConfig(dtype="float32", batch_size=4, lora_rank=4)}.items():
+    before = load_file(parent / "model.safetensors")
+    for name, options in {"full": {}, "lora": {"lora_rank": 4}}.items():
+        config = TrainConfig(dtype="bfloat16", batch_size=4, learning_rate=1e-6, **options)
         train_dpo(parent, parent, TRIPLES, config, tmp_path / name, seed=0)
         saved = load_file(tmp_path / name / "model.safetensors")
-        assert {t.dtype for t in saved.values()} == {torch.bfloat16}, name
-    # A float32 parent (the tiny policy) stays float32 when trained in bfloat16.
-    train_dpo(tiny_policy, tiny_policy, TRIPLES, TrainConfig(dtype="bfloat16", batch_size=4), tmp_path / "fp32", seed=0)
-    assert {t.dtype for t in load_file(tmp_path / "fp32" / "model.safetensors").values()} == {torch.float32}
+        assert {t.dtype for t in saved.values()} == {torch.float32}, name
+        changed = sum(int((saved[n] != before[n].float()).sum()) for n in saved)
+        # Cast back to bfloat16, most of those 1e-6 steps would round to the parent's weights.
+        survive = sum(int((saved[n].to(torch.bfloat16) != before[n]).sum()) for n in saved)
+        assert changed > 0 and survive < changed / 2, (name, changed, survive)
 
 
 def test_log_prob_passes_run_on_the_trainers_device_in_its_dtype(tiny_policy):
     sequences = [([1, 4 + i, 14, 5, 15], [6 + i % 5, 7, 2]) for i in range(6)]
     exact = completion_logps(tiny_policy, sequences, batch_size=4)
-    halved = completion_logps(tiny_policy, sequences, batch_size=4, dtype=torch.bfloat16)
-    kept = KeptModel(torch.bfloat16)
+    halved = completion_logps(tiny_policy, sequences, batch_size=4, precision=(torch.bfloat16, torch.bfloat16))
+    kept = KeptModel((torch.bfloat16, torch.bfloat16))
     model, _ = kept.get(tiny_policy)
     assert {(p.device.type, p.dtype) for p in model.parameters()} == {(trainer_device().type, torch.bfloat16)}
     assert completion_logps(tiny_policy, sequences, batch_size=4, kept=kept) == halved

@@ -254,7 +254,11 @@ def test_export_pending_pairs_then_import_their_labels(store, tmp_path, capsys):
         row.update(winner="a" if row["completion_a"] == str(eval(row["prompt"][:-1])) else "b")
     labelled = tmp_path / "labelled.jsonl"
     labelled.write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
-    assert main(["label", "import", str(labelled), "--db", str(store.path), "--annotator", "vendor-1"]) == 0
+    # vendor-1 labels in the other tool, not on our page: added by the import itself.
+    assert main(["label", "import", str(labelled), "--db", str(store.path), "--annotator", "vendor-1"]) == 2
+    assert "'vendor-1' is not an annotator" in capsys.readouterr().err
+    assert main(["label", "import", str(labelled), "--db", str(store.path), "--annotator", "vendor-1",
+                 "--add-annotators"]) == 0
     assert "imported 3 labels" in capsys.readouterr().err
     assert main(["label", "import", str(labelled), "--db", str(store.path), "--annotator", "vendor-1"]) == 0
     assert "imported 0 labels" in capsys.readouterr().err  # a re-import adds nothing
@@ -271,15 +275,15 @@ def test_export_pending_pairs_then_import_their_labels(store, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("lines, message", [
-    (['{"pair_id": 1, "winner": "a", "annotator": "bo"}', "{not json"], "labels.jsonl:2:"),
-    (['{"pair_id": 1, "winner": "left", "annotator": "bo"}'], "labels.jsonl:1: winner must be one of"),
-    (['{"pair_id": 1, "winner": "a"}'], "labels.jsonl:1: needs a pair_id, a winner and an annotator"),
+    (['{"pair_id": 1, "winner": "a", "annotator": "bo"}', "{not json"], "labels.jsonl: 1 bad line.*line 2:"),
+    (['{"pair_id": 1, "winner": "left", "annotator": "bo"}'], "line 1: winner must be one of"),
+    (['{"pair_id": 1, "winner": "a"}'], "line 1: needs a pair_id, a winner and an annotator"),
     (['{"pair_id": true, "winner": "a", "annotator": "bo"}'], "pair_id must be a positive integer"),
     (['{"pair_id": 1000000000000000000000000000000, "winner": "a", "annotator": "bo"}'], "pair_id must be"),
     (['{"pair_id": 1, "winner": "a", "annotator": "x\'); DROP TABLE labels; --"}'], "annotator must be a name"),
     (['[1, 2]'], "must be a JSON object"),
     (['{"pair_id": 1, "winner": "a", "annotator": "bo"}', '{"pair_id": 99, "winner": "a", "annotator": "bo"}'],
-     r"no pairs with ids \[99\]"),
+     r"line 2: no pair with id 99"),
 ])
 def test_a_bad_import_line_refuses_the_whole_file(store, tmp_path, capsys, lines, message):
     queued_round(store, 2)
@@ -312,7 +316,8 @@ def test_requests_without_a_valid_token_get_401(served):
             response = httpx.request(method, url + path, headers=headers, json={"lease_id": 1, "choice": "tie"})
             assert response.status_code == 401, (method, path, headers, response.text)
             assert response.headers["www-authenticate"] == "Bearer"
-    assert httpx.get(url + "/api/me", headers=bearer(tokens["alice"])).json() == {"annotator": "alice", "labels": 0}
+    assert httpx.get(url + "/api/me", headers=bearer(tokens["alice"])).json() == {
+        "annotator": "alice", "labels": 0, "gold_labels": 0, "gold_accuracy": None, "labels_per_hour": None}
 
 
 def test_malformed_bodies_get_422_with_a_message_and_unknown_pairs_404(served, store):
