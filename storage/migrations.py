@@ -18,6 +18,23 @@ MIGRATIONS: list[Migration] = []
 MIGRATIONS_TABLE = "_flywheel_migrations"
 
 
+# Each labeller's latest label of each pair, as the CTEs `labelled` and `latest` (a
+# labeller is a judge name@version, or one person): m003's judge_agreement and m011's.
+_LATEST_LABEL_BY_LABELLER = (
+    """
+        WITH labelled AS (
+            SELECT pair_id, winner,
+                   judge_name || '@' || judge_version || coalesce(' (' || annotator || ')', '') AS labeller,
+                   label_id
+            FROM labels
+        ),
+        latest AS (
+            SELECT pair_id, labeller, arg_max(winner, label_id) AS winner
+            FROM labelled GROUP BY pair_id, labeller
+        )"""
+)
+
+
 def migration(fn: Migration) -> Migration:
     MIGRATIONS.append(fn)
     return fn
@@ -239,16 +256,9 @@ def m003_judges(conn: duckdb.DuckDBPyConnection) -> None:
         -- same pairs: how many pairs, and how often they agree. A labeller's latest label
         -- of a pair counts. "Decisive" pairs are those where both picked a winner.
         CREATE VIEW judge_agreement AS
-        WITH labelled AS (
-            SELECT pair_id, winner,
-                   judge_name || '@' || judge_version || coalesce(' (' || annotator || ')', '') AS labeller,
-                   label_id
-            FROM labels
-        ),
-        latest AS (
-            SELECT pair_id, labeller, arg_max(winner, label_id) AS winner
-            FROM labelled GROUP BY pair_id, labeller
-        )
+"""
+        + _LATEST_LABEL_BY_LABELLER
+        + """
         SELECT
             x.labeller AS judge_a,
             y.labeller AS judge_b,
@@ -792,16 +802,9 @@ def m011_people_quality(conn: duckdb.DuckDBPyConnection) -> None:
         -- labels a, b, tie, both_bad, p_e from each labeller's own label shares on the
         -- pairs both labelled (NULL when p_e = 1: both always gave one same label).
         CREATE OR REPLACE VIEW judge_agreement AS
-        WITH labelled AS (
-            SELECT pair_id, winner,
-                   judge_name || '@' || judge_version || coalesce(' (' || annotator || ')', '') AS labeller,
-                   label_id
-            FROM labels
-        ),
-        latest AS (
-            SELECT pair_id, labeller, arg_max(winner, label_id) AS winner
-            FROM labelled GROUP BY pair_id, labeller
-        ),
+"""
+        + _LATEST_LABEL_BY_LABELLER
+        + """,
         joined AS (
             SELECT x.labeller AS judge_a, y.labeller AS judge_b, x.winner AS winner_a, y.winner AS winner_b
             FROM latest x JOIN latest y ON x.pair_id = y.pair_id AND x.labeller < y.labeller
