@@ -43,6 +43,10 @@ class SampleConfig:
     # crash mid-sampling loses at most this many prompts' work.
     batch_prompts: int = 256
     source: str = "current"
+    # With source current: rounds sample from the policy promoted when the latest of every
+    # refresh_every-th round began (1: each round its own, online DPO; k > 1: semi-online,
+    # the sampler's policy refreshed every k rounds while training goes on every round).
+    refresh_every: int = 1
     n: int = 4
     temperature: float = 1.0
     top_p: float = 1.0
@@ -64,6 +68,9 @@ class SampleConfig:
     def __post_init__(self) -> None:
         _require(self.prompts_per_round >= 1, f"sample.prompts_per_round must be >= 1, got {self.prompts_per_round}")
         _require(self.source in SAMPLE_SOURCES, f"sample.source must be one of {SAMPLE_SOURCES}, got {self.source!r}")
+        _require(self.refresh_every >= 1, f"sample.refresh_every must be >= 1, got {self.refresh_every}")
+        _require(self.refresh_every == 1 or self.source == "current",
+                 "sample.refresh_every applies to sample.source current only (initial never refreshes)")
         _require(self.batch_prompts >= 1, f"sample.batch_prompts must be >= 1, got {self.batch_prompts}")
         _require(self.n >= 2, f"sample.n must be >= 2 to form pairs, got {self.n}")
         _require(self.temperature > 0, f"sample.temperature must be > 0, got {self.temperature}")

@@ -15,7 +15,7 @@ from typing import Callable
 from tqdm.auto import tqdm
 
 from flywheel.checkpoints import require_checkpoint
-from flywheel.config import FlywheelConfig
+from flywheel.config import FlywheelConfig, SampleConfig
 from flywheel.errors import UserError
 from flywheel.evaluation import gate_reason, heldout_accuracy, promote_if_better, win_rate
 from flywheel.labelling import label_pairs, score_completions
@@ -47,6 +47,17 @@ Log = Callable[[str], None]
 LOGPROB_CHECK_COMPLETIONS = 32
 # Nats per token above which that gap is reported as stale weights (see docs/operations.md).
 STALE_WEIGHTS_GAP = 0.02
+
+
+def sampling_policy(tx: Transaction, round_, sample: SampleConfig):
+    """The checkpoint a round samples its training pairs from: the initial model (offline),
+    or the policy the latest refresh round began with, a refresh every `refresh_every`
+    rounds counted from the first (online with 1, semi-online above 1)."""
+    if sample.source == "initial":
+        return tables.reference_checkpoint(tx)
+    began_with = tables.round_policy_ids(tx, up_to=round_.round_id)
+    latest_refresh = (len(began_with) - 1) // sample.refresh_every * sample.refresh_every
+    return tables.checkpoint(tx, began_with[latest_refresh])
 
 
 class Flywheel:
@@ -186,10 +197,7 @@ class Flywheel:
             round_ = tables.get_round(tx, round_id)
             if round_.has_finished("sampled"):
                 return tables.count(tx, "completions", "round_id = ? AND purpose = 'train'", [round_id])
-            if self.config.sample.source == "current":
-                policy = tables.checkpoint(tx, round_.policy_checkpoint_id)
-            else:  # offline: every round's pairs come from the initial model
-                policy = tables.reference_checkpoint(tx)
+            policy = sampling_policy(tx, round_, self.config.sample)
             prompts = tables.prompts(tx, "train")
             done = tables.sampled_prompt_ids(tx, round_id)
         count = min(self.config.sample.prompts_per_round, len(prompts))

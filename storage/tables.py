@@ -306,6 +306,12 @@ def claim_round_judge(tx: Transaction, round_id: int, judge_name: str, judge_ver
     return round_.judge_name, round_.judge_version
 
 
+def round_policy_ids(tx: Transaction, up_to: int) -> list[int]:
+    """The policy each round up to `up_to` began with, in round order."""
+    return [row[0] for row in tx.execute(
+        "SELECT policy_checkpoint_id FROM rounds WHERE round_id <= ? ORDER BY round_id", [up_to]).fetchall()]
+
+
 def unfinished_round(tx: Transaction) -> Round | None:
     row = tx.execute(
         "SELECT round_id FROM rounds WHERE state <> 'done' ORDER BY round_id LIMIT 1"

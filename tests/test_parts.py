@@ -141,3 +141,67 @@ def test_promotion_gate():
     assert not promote_if_better(0.60, 0.55, 0.9, margin=0.1)
     assert promote_if_better(None, None, 0.6, margin=0.05)
     assert not promote_if_better(None, None, 0.5, margin=0.0)
+
+
+def test_sloppy_carry_answers_and_their_kinds():
+    from flywheel.examples.addition import answer_kind, sloppy_carry_answer
+
+    rng = random.Random(0)
+    carrying = [sloppy_carry_answer(27, 15, 0.7, 0.85, rng) for _ in range(4000)]
+    assert set(carrying) == {"42", "422", "32", "322"}
+    # Right needs no carry slip and no doubling: 0.15 * 0.3 = 0.045.
+    assert 0.035 < carrying.count("42") / len(carrying) < 0.055
+    assert 0.80 < sum(a in ("32", "322") for a in carrying) / len(carrying) < 0.90
+    plain = [sloppy_carry_answer(21, 15, 0.7, 0.85, rng) for _ in range(4000)]
+    assert set(plain) == {"36", "366"} and 0.27 < plain.count("36") / len(plain) < 0.33
+    assert [answer_kind("27+15=", a) for a in ("42", "422", "32", "322", "41", "4")] == [
+        "right", "doubled", "dropped carry", "dropped carry", "other", "other"]
+    assert answer_kind("21+15=", "26") == "other"  # no carry to drop
+
+
+def test_error_kinds_sql_agrees_with_answer_kind(tmp_path):
+    import duckdb
+
+    from flywheel.examples.addition import ERROR_KINDS_SQL, answer_kind
+
+    cases = [("27+15=", a) for a in ("42", "422", "32", "322", "41", " 42 ")] + [
+        ("21+15=", "26"), ("21+15=", "366"), ("9+1=", "0"), ("9+1=", "00"), ("95+5=", "1000"), ("0+0=", "0")]
+    with duckdb.connect(str(tmp_path / "kinds.duckdb")) as conn:
+        conn.execute("CREATE TABLE prompts (prompt_id INTEGER, text VARCHAR)")
+        conn.execute("CREATE TABLE completions (completion_id INTEGER, round_id INTEGER, checkpoint_id INTEGER, "
+                     "purpose VARCHAR, prompt_id INTEGER, text VARCHAR)")
+        for i, (prompt, answer) in enumerate(cases):
+            conn.execute("INSERT INTO prompts VALUES (?, ?)", [i, prompt])
+            conn.execute("INSERT INTO completions VALUES (?, 1, 1, 'eval', ?, ?)", [i, i, answer])
+        kinds = dict(conn.execute(f"SELECT completion_id, kind FROM ({ERROR_KINDS_SQL})").fetchall())
+    assert [kinds[i] for i in range(len(cases))] == [answer_kind(p, a) for p, a in cases]
+    assert set(kinds.values()) == {"right", "doubled", "dropped carry", "other"}
+
+
+def test_rounds_sample_from_the_current_initial_or_last_refreshed_policy(tmp_path):
+    from flywheel.rounds import sampling_policy
+    from storage import tables
+    from storage.store import Store
+
+    store = Store.create(tmp_path / "flywheel.duckdb")
+    with store.transaction() as tx:
+        initial = tables.add_checkpoint(tx, "/models/initial", role="reference", status="promoted")
+        began_with, round_ids, policy = [], [], initial
+        for number in range(1, 7):  # round n begins with the policy promoted in round n - 1
+            round_ids.append(tables.start_round(tx, policy, initial, seed=number, config={}))
+            began_with.append(policy)
+            tables.finish_step(tx, round_ids[-1], "done")
+            policy = tables.add_checkpoint(tx, f"/models/round-{number}", role="candidate", status="promoted")
+
+        def sampled(**sample):
+            return [sampling_policy(tx, tables.get_round(tx, r), SampleConfig(**sample)).checkpoint_id
+                    for r in round_ids]
+
+        assert sampled() == began_with  # online
+        assert sampled(source="initial") == [initial] * 6  # offline
+        assert sampled(refresh_every=2) == [began_with[i] for i in (0, 0, 2, 2, 4, 4)]  # semi-online
+        assert sampled(refresh_every=3) == [began_with[i] for i in (0, 0, 0, 3, 3, 3)]
+    with pytest.raises(UserError, match="sample.refresh_every applies to sample.source current only"):
+        SampleConfig(source="initial", refresh_every=2)
+    with pytest.raises(UserError, match="sample.refresh_every must be >= 1"):
+        SampleConfig(refresh_every=0)

@@ -90,6 +90,37 @@ class DemoPolicyConfig:
         keyed = {**asdict(self), "recipe_version": RECIPE_VERSION}
         return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
 
+    def sft_answer(self, a: int, b: int, rng: random.Random) -> str:
+        """One SFT target for `a+b=`: the errors this policy is built to make."""
+        return noisy_answer(a, b, self.noise, rng)
+
+
+@dataclass(frozen=True)
+class SloppyCarryPolicyConfig(DemoPolicyConfig):
+    """The initial policy of the task where online DPO must beat offline (issue 23;
+    docs/online_vs_offline_carry.md says why): two errors, to be unlearned in sequence.
+
+    - `sloppiness`: on every prompt, the share of SFT answers that write the last digit
+      twice (`577` for 57). One habit, the same on every prompt.
+    - `carry_slip`: on prompts whose units digits carry (`27+15=`), the share of SFT
+      answers that drop the carry (32 for 42), whether or not they are also doubled.
+
+    `noise` (the demo's near misses) is 0 here.
+    """
+
+    noise: float = 0.0
+    sloppiness: float = 0.7
+    carry_slip: float = 0.85
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("sloppiness", "carry_slip"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise UserError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+
+    def sft_answer(self, a: int, b: int, rng: random.Random) -> str:
+        return sloppy_carry_answer(a, b, self.sloppiness, self.carry_slip, rng)
+
 
 def split_operands(config: DemoPolicyConfig) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """All (a, b) operand pairs, split into train and held-out; held-out is never trained on."""
@@ -105,6 +136,59 @@ def noisy_answer(a: int, b: int, noise: float, rng: random.Random) -> str:
         return str(total)
     wrong = total + rng.choice([-10, -2, -1, 1, 2, 10])
     return str(wrong if wrong >= 0 else total + 1)
+
+
+def carries(a: int, b: int) -> bool:
+    """Whether the units digits of a + b carry into the tens."""
+    return a % 10 + b % 10 >= 10
+
+
+def sloppy_carry_answer(a: int, b: int, sloppiness: float, carry_slip: float, rng: random.Random) -> str:
+    """The right sum; on a carrying prompt, with probability `carry_slip`, the sum without
+    the carry (a + b - 10); then, with probability `sloppiness`, its last digit written twice."""
+    total = a + b - (10 if carries(a, b) and rng.random() < carry_slip else 0)
+    answer = str(total)
+    return answer + answer[-1] if rng.random() < sloppiness else answer
+
+
+def answer_kind(prompt: str, completion: str) -> str:
+    """What a completion of an addition prompt is, in the sloppy-carry task's terms:
+    `right`, `doubled` (the right sum with its last digit twice), `dropped carry` (a + b - 10
+    on a carrying prompt, doubled or not) or `other`. `ERROR_KINDS_SQL` is the same in SQL."""
+    match = _PROMPT.match(prompt)
+    if match is None:
+        raise ValueError(f"not an addition prompt: {prompt!r}")
+    a, b = int(match[1]), int(match[2])
+    answer, total = completion.strip(), str(int(match[1]) + int(match[2]))
+    if answer == total:
+        return "right"
+    if answer == total + total[-1]:
+        return "doubled"
+    dropped = str(a + b - 10)
+    if carries(a, b) and answer in (dropped, dropped + dropped[-1]):
+        return "dropped carry"
+    return "other"
+
+
+# `answer_kind` over every stored completion: one row per completion with its round,
+# checkpoint, purpose and kind.
+ERROR_KINDS_SQL = r"""
+WITH operands AS (
+    SELECT c.completion_id, c.round_id, c.checkpoint_id, c.purpose, trim(c.text) AS answer,
+           CAST(regexp_extract(p.text, '^\s*(\d+)\s*\+\s*(\d+)\s*=\s*$', 1) AS INTEGER) AS a,
+           CAST(regexp_extract(p.text, '^\s*(\d+)\s*\+\s*(\d+)\s*=\s*$', 2) AS INTEGER) AS b
+    FROM completions c JOIN prompts p USING (prompt_id)),
+sums AS (
+    SELECT *, CAST(a + b AS VARCHAR) AS total, CAST(a + b - 10 AS VARCHAR) AS dropped,
+           a % 10 + b % 10 >= 10 AS carries
+    FROM operands)
+SELECT completion_id, round_id, checkpoint_id, purpose,
+       CASE WHEN answer = total THEN 'right'
+            WHEN answer = total || right(total, 1) THEN 'doubled'
+            WHEN carries AND answer IN (dropped, dropped || right(dropped, 1)) THEN 'dropped carry'
+            ELSE 'other' END AS kind
+FROM sums
+"""
 
 
 def build_demo_policy(
@@ -149,7 +233,7 @@ def build_demo_policy(
             group["lr"] = lr
         batch = rng.sample(train_operands, config.sft_batch_size)
         prompts = [addition_prompt(a, b) for a, b in batch]
-        answers = [noisy_answer(a, b, config.noise, rng) for a, b in batch]
+        answers = [config.sft_answer(a, b, rng) for a, b in batch]
         input_ids, labels = sft_batch(
             vocab, prompts, answers, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
         )
