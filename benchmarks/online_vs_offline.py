@@ -30,7 +30,7 @@ The tasks share the demo's prompts and rule judge; they differ in the initial po
 - sloppy-carry: `SloppyCarryPolicyConfig(seed=0)`, whose errors are unlearned in sequence
   (docs/online_vs_offline.md says why, written before the run). Arms online, semi-online
   (k = 2) and offline, 8 rounds, seeds 0-4. Reports the kinds of error by round, from the
-  store with SQL (`ERROR_KINDS_SQL`).
+  store with SQL (`ERROR_KINDS_SQL`). 2048 prompts a round.
 
 Accuracy is that of the policy the flywheel holds after each round (the promoted
 checkpoint), at temperature 1, on the demo's 256 held-out sums x 4 samples; round 0 is
@@ -71,8 +71,10 @@ ARMS = ("online", "semi-online", "offline")
 DEFAULT_NOISE = 0.8
 # Per task: arms, rounds and seeds by default (issue 7's addition run; issue 23's design).
 TASK_DEFAULTS = {
-    "addition": {"arms": ["online", "offline"], "rounds": 6, "seeds": [0, 1, 2]},
-    "sloppy-carry": {"arms": list(ARMS), "rounds": 8, "seeds": [0, 1, 2, 3, 4]},
+    "addition": {"arms": ["online", "offline"], "rounds": 6, "seeds": [0, 1, 2], "prompts_per_round": 768},
+    # 2048 prompts: a policy that gets most sums right forms few pairs of distinct answers,
+    # and every round must still have more than the label budget to choose from.
+    "sloppy-carry": {"arms": list(ARMS), "rounds": 8, "seeds": [0, 1, 2, 3, 4], "prompts_per_round": 2048},
 }
 KINDS = ("right", "doubled", "dropped carry", "other")
 
@@ -356,7 +358,7 @@ def main(argv=None) -> int:
                         "(default: 0 1 2 for addition, 0 1 2 3 4 for sloppy-carry; 0 with --quick)")
     parser.add_argument("--prompts-per-round", type=int, default=None,
                         help="train prompts sampled per round, 4 completions each; enough that every round forms "
-                        "more pairs than the label budget (default: 768; 192 with --quick)")
+                        "more pairs than the label budget (default: 768 for addition, 2048 for sloppy-carry; 192 with --quick)")
     parser.add_argument("--label-budget", type=int, default=None,
                         help="pairs labelled per round, in every arm (default: 400; 96 with --quick)")
     parser.add_argument("--steps-per-round", type=int, default=None,
@@ -381,7 +383,7 @@ def main(argv=None) -> int:
     arms = [arm for arm in ARMS if arm in (args.arms or defaults["arms"])]
     rounds = args.rounds or (2 if args.quick else defaults["rounds"])
     seeds = args.seeds or ([0] if args.quick else defaults["seeds"])
-    prompts_per_round = args.prompts_per_round or (192 if args.quick else 768)
+    prompts_per_round = args.prompts_per_round or (192 if args.quick else defaults["prompts_per_round"])
     label_budget = args.label_budget or (96 if args.quick else 400)
     steps_per_round = args.steps_per_round or (6 if args.quick else 16)
     if not 0 <= args.noise < 1:
