@@ -493,7 +493,7 @@ def render_markdown(parts, settings: Settings, command, elapsed, unequal, png_na
                   "  (`sample.source: current`);",
         "semi-online": f"- **semi-online**: the sampler's policy is refreshed every {s.refresh_every} rounds\n"
                        f"  (`sample.refresh_every: {s.refresh_every}`): rounds 1, {1 + s.refresh_every}, ... "
-                       "sample from the policy they begin with, the others from that same one;",
+                       "sample from the policy they begin with, each round between from the same policy as the round before it;",
         "offline": "- **offline**: each round samples its pairs from the initial policy\n"
                    "  (`sample.source: initial`), so every pair it trains on comes from the policy it started with.",
     }
