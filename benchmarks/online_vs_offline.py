@@ -62,14 +62,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# Each arm's (sample.source, sample.refresh_every); semi-online's k is --refresh-every.
+# The arms, in the order they run and print (`make_config` sets each one's sample source).
 ARMS = ("online", "semi-online", "offline")
 # The initial policy's share of near-miss SFT answers on the addition task. The demo's policy
 # has 0.5 (right about 44 % of the time at temperature 1); by default this experiment starts
 # from a weaker one (right about 22 %), where labels spent on the initial policy's samples
 # are mostly ties.
 DEFAULT_NOISE = 0.8
-# Per task: arms, rounds and seeds by default (issue 7's addition run; issue 23's design).
+# Per task, by default: arms, rounds, seeds and prompts a round (issue 7's addition run;
+# issue 23's design).
 TASK_DEFAULTS = {
     "addition": {"arms": ["online", "offline"], "rounds": 6, "seeds": [0, 1, 2], "prompts_per_round": 768},
     # 2048 prompts: a policy that gets most sums right forms few pairs of distinct answers,
@@ -92,7 +93,9 @@ class Run:
     # round 0..R, and the samples each round 1..R drew its pairs from.
     held_kinds: list[dict[str, float]] = field(default_factory=list)
     sampled_kinds: list[dict[str, float]] = field(default_factory=list)
-    kl: float = 0.0  # the final held policy's KL to the initial policy, on held-out prompts
+    # Share of right answers among those sampled for pairs on carrying prompts, round 1..R:
+    # how often a round's samples hold what teaches the carry.
+    sampled_carry_right: list[float] = field(default_factory=list)
     labels: int = 0
     preferences: int = 0
     steps: int = 0
@@ -155,7 +158,7 @@ def read_run(database: Path, variant: str, seed: int, rounds: int) -> Run:
     with duckdb.connect(str(database), read_only=True) as conn:
         rows = conn.execute(
             "SELECT s.labels, s.preferences, s.train_steps, s.incumbent_accuracy, s.candidate_accuracy, s.promoted, "
-            "s.kl_to_reference, r.policy_checkpoint_id, r.candidate_checkpoint_id "
+            "s.kl_to_reference, r.policy_checkpoint_id, r.candidate_checkpoint_id, r.round_id "
             "FROM round_summary s JOIN rounds r USING (round_id) WHERE s.state = 'done' ORDER BY round_id LIMIT ?",
             [rounds]).fetchall()
         if len(rows) < rounds:
@@ -165,10 +168,10 @@ def read_run(database: Path, variant: str, seed: int, rounds: int) -> Run:
         held_after = [held_checkpoint]
         run.accuracy.append(held)
         run.kl_per_round.append(held_kl)
-        for round_id, (labels, preferences, steps, incumbent, candidate, promoted, kl, _, candidate_id) in \
+        for number, (labels, preferences, steps, incumbent, candidate, promoted, kl, _, candidate_id, _) in \
                 enumerate(rows, start=1):
             if candidate is None:  # no preference to train on: the budgets cannot be equal
-                raise RuntimeError(f"{database}: round {round_id} trained no candidate ({preferences} preferences)")
+                raise RuntimeError(f"{database}: round {number} trained no candidate ({preferences} preferences)")
             run.labels += labels
             run.preferences += preferences
             run.preferences_per_round.append(preferences)
@@ -180,15 +183,15 @@ def read_run(database: Path, variant: str, seed: int, rounds: int) -> Run:
             run.accuracy.append(held)
             run.kl_per_round.append(held_kl)
             held_after.append(held_checkpoint)
-        run.kl = held_kl
         for checkpoint_id in held_after:
             run.length_per_round.append(conn.execute(
                 "SELECT avg(num_tokens) FROM completions WHERE purpose = 'eval' AND checkpoint_id = ?",
                 [checkpoint_id]).fetchone()[0])
             run.held_kinds.append(kind_shares(conn, "purpose = 'eval' AND checkpoint_id = ?", [checkpoint_id]))
-        round_ids = [row[0] for row in conn.execute(
-            "SELECT round_id FROM rounds WHERE state = 'done' ORDER BY round_id LIMIT ?", [rounds]).fetchall()]
+        round_ids = [row[-1] for row in rows]
         run.sampled_kinds = [kind_shares(conn, "purpose = 'train' AND round_id = ?", [r]) for r in round_ids]
+        run.sampled_carry_right = [
+            kind_shares(conn, "purpose = 'train' AND carries AND round_id = ?", [r])["right"] for r in round_ids]
     return run
 
 
@@ -218,14 +221,14 @@ def tables(runs: list[Run], rounds: int, with_kinds: bool) -> dict[str, tuple[li
     heads = [f"r{r}" for r in range(rounds + 1)]
     per_run = (["variant", "seed", *heads, "labels", "preferences", "DPO steps", "promoted", "KL"],
                [[run.variant, str(run.seed), *(f"{a:.3f}" for a in run.accuracy), str(run.labels),
-                 str(run.preferences), str(run.steps), f"{run.promoted}/{rounds}", f"{run.kl:.3f}"]
+                 str(run.preferences), str(run.steps), f"{run.promoted}/{rounds}", f"{run.kl_per_round[-1]:.3f}"]
                 for run in runs])
     by_variant = {v: [run for run in runs if run.variant == v] for v in ARMS if any(r.variant == v for r in runs)}
     means_rows = []
     for variant, group in by_variant.items():
         means_rows.append([variant, *(f"{mean(r.accuracy[i] for r in group):.3f}" for i in range(rounds + 1)),
                            f"{mean(r.labels for r in group):.0f}", f"{mean(r.preferences for r in group):.0f}",
-                           f"{mean(r.steps for r in group):.0f}", f"{mean(r.kl for r in group):.3f}"])
+                           f"{mean(r.steps for r in group):.0f}", f"{mean(r.kl_per_round[-1] for r in group):.3f}"])
     for variant, group in by_variant.items():
         if variant == "offline" or "offline" not in by_variant:
             continue
@@ -235,7 +238,7 @@ def tables(runs: list[Run], rounds: int, with_kinds: bool) -> dict[str, tuple[li
                            f"{mean(r.labels for r in group) - mean(r.labels for r in offline):+.0f}",
                            f"{mean(r.preferences for r in group) - mean(r.preferences for r in offline):+.0f}",
                            f"{mean(r.steps for r in group) - mean(r.steps for r in offline):+.0f}",
-                           f"{mean(r.kl for r in group) - mean(r.kl for r in offline):+.3f}"])
+                           f"{mean(r.kl_per_round[-1] for r in group) - mean(r.kl_per_round[-1] for r in offline):+.3f}"])
         means_rows.append(["standard error of that", *(f"{e:.3f}" if e is not None else "-" for e in errors),
                            "", "", "", ""])
     means = (["mean of seeds", *heads, "labels", "preferences", "DPO steps", "KL"], means_rows)
@@ -258,8 +261,16 @@ def tables(runs: list[Run], rounds: int, with_kinds: bool) -> dict[str, tuple[li
                                                    for i in range(rounds + 1))])
                 sampled_rows.append([variant, kind, *(f"{mean(r.sampled_kinds[i][kind] for r in group):.3f}"
                                                       for i in range(rounds))])
+        for variant, group in by_variant.items():
+            sampled_rows.append([variant, "right, carrying prompts only",
+                                 *(f"{mean(r.sampled_carry_right[i] for r in group):.3f}" for i in range(rounds))])
         parts["held_kinds"] = (["held policy's held-out answers", "kind", *heads], held_rows)
         parts["sampled_kinds"] = (["answers sampled for pairs", "kind", *heads[1:]], sampled_rows)
+    parts["preferences"] = (["decisive pairs (mean of seeds)", *heads[1:]],
+                            [[variant, *(f"{mean(r.preferences_per_round[i] for r in group):.0f}"
+                                         f" ({min(r.preferences_per_round[i] for r in group)}-"
+                                         f"{max(r.preferences_per_round[i] for r in group)})" for i in range(rounds))]
+                             for variant, group in by_variant.items()])
     return parts
 
 
@@ -507,7 +518,9 @@ seeds. The held policy's own held-out answers after each round:
 
 {markdown_table(*parts["held_kinds"])}
 
-The answers each round sampled its pairs from (offline's always come from the initial policy):
+The answers each round sampled its pairs from (offline's always come from the initial
+policy); the last rows are the share of right answers among those on carrying prompts,
+what a pair needs to teach the carry:
 
 {markdown_table(*parts["sampled_kinds"])}
 """
@@ -548,6 +561,10 @@ of the per-seed (paired) differences.
 Candidates' own accuracy, before the promotion gate (mean ± standard deviation over seeds):
 
 {markdown_table(*parts["candidates"])}
+
+Decisive pairs (labels with a winner, out of {s.label_budget}) per round, mean of seeds (lowest-highest):
+
+{markdown_table(*parts["preferences"])}
 
 The held policy's drift, per round: KL to the initial policy and mean answer length in
 tokens (with the closing `<eos>`), on its held-out samples:

@@ -21,7 +21,8 @@ from judges.loading import BUILT_IN, HUMAN
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 # Which model a round samples its training pairs from: the current (promoted) policy,
-# which is online DPO, or always the initial model, which is offline DPO fed in chunks.
+# online or (with refresh_every above 1) semi-online DPO, or always the initial model,
+# which is offline DPO fed in chunks.
 SAMPLE_SOURCES = ("current", "initial")
 REFERENCES = ("initial", "previous")
 # The dtypes vLLM's engine takes (`vllm.config.model._STR_DTYPE_TO_TORCH_DTYPE`, and auto:
@@ -43,9 +44,9 @@ class SampleConfig:
     # crash mid-sampling loses at most this many prompts' work.
     batch_prompts: int = 256
     source: str = "current"
-    # With source current: rounds sample from the policy promoted when the latest of every
-    # refresh_every-th round began (1: each round its own, online DPO; k > 1: semi-online,
-    # the sampler's policy refreshed every k rounds while training goes on every round).
+    # With source current: rounds 1, 1 + k, 1 + 2k, ... sample from the policy they begin
+    # with, and the rounds between reuse it (1: online; k > 1: semi-online). Training goes
+    # on every round. `flywheel.rounds.sampling_policy` has the rule.
     refresh_every: int = 1
     n: int = 4
     temperature: float = 1.0
@@ -197,7 +198,7 @@ class TrainConfig:
     warmup_steps: int = 0
     lr_schedule: str = "constant"
     # The frozen model DPO measures against: the initial (SFT) model every round, or the
-    # previous round's promoted checkpoint (the policy the round samples from).
+    # previous round's promoted checkpoint (the policy the round begins with).
     reference: str = "initial"
     # Share of the training set replayed from earlier rounds' preferences (0: only this
     # round's fresh, on-policy pairs). Replayed pairs are off-policy but guard against forgetting.

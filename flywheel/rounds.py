@@ -37,7 +37,7 @@ from judges import HumanJudge, Judge, ScalarJudge, close_judge, import_object, l
 from judges.human import people_warnings, ready_to_train, waiting_message
 from storage.queue import close_request, utc_now
 from storage.queue import progress as queue_progress
-from storage.records import Evaluation, TrainStep
+from storage.records import Checkpoint, Evaluation, Round, TrainStep
 from storage.store import Store, Transaction
 from storage import tables
 
@@ -49,15 +49,17 @@ LOGPROB_CHECK_COMPLETIONS = 32
 STALE_WEIGHTS_GAP = 0.02
 
 
-def sampling_policy(tx: Transaction, round_, sample: SampleConfig):
+def sampling_policy(tx: Transaction, round_: Round, sample: SampleConfig) -> Checkpoint:
     """The checkpoint a round samples its training pairs from: the initial model (offline),
-    or the policy the latest refresh round began with, a refresh every `refresh_every`
-    rounds counted from the first (online with 1, semi-online above 1)."""
+    or the policy that the latest refresh round began with (online with refresh_every 1,
+    semi-online above). Rounds 1, 1 + k, 1 + 2k, ... refresh, and so does a round begun
+    after a person promoted or rolled back a checkpoint: their choice is sampled at once."""
     if sample.source == "initial":
         return tables.reference_checkpoint(tx)
-    began_with = tables.round_policy_ids(tx, up_to=round_.round_id)
-    latest_refresh = (len(began_with) - 1) // sample.refresh_every * sample.refresh_every
-    return tables.checkpoint(tx, began_with[latest_refresh])
+    starts = tables.round_starts(tx, up_to=round_.round_id)
+    latest_refresh = max(i for i, (_, after_a_person) in enumerate(starts)
+                         if i % sample.refresh_every == 0 or after_a_person)
+    return tables.checkpoint(tx, starts[latest_refresh][0])
 
 
 class Flywheel:

@@ -306,10 +306,19 @@ def claim_round_judge(tx: Transaction, round_id: int, judge_name: str, judge_ver
     return round_.judge_name, round_.judge_version
 
 
-def round_policy_ids(tx: Transaction, up_to: int) -> list[int]:
-    """The policy each round up to `up_to` began with, in round order."""
-    return [row[0] for row in tx.execute(
-        "SELECT policy_checkpoint_id FROM rounds WHERE round_id <= ? ORDER BY round_id", [up_to]).fetchall()]
+def round_starts(tx: Transaction, up_to: int) -> list[tuple[int, bool]]:
+    """For each round up to `up_to`, in round order: the policy it began with, and whether a
+    person promoted or rolled back a checkpoint after the round before it began."""
+    return [(policy, bool(after_a_person)) for policy, after_a_person in tx.execute(
+        """
+        SELECT r.policy_checkpoint_id,
+               EXISTS (SELECT 1 FROM promotions p WHERE p.decided_by <> 'gate'
+                       AND p.decided_at > r.previous_start AND p.decided_at <= r.started_at)
+        FROM (SELECT round_id, policy_checkpoint_id, started_at,
+                     lag(started_at, 1, TIMESTAMP '-infinity') OVER (ORDER BY round_id) AS previous_start
+              FROM rounds WHERE round_id <= ?) r
+        ORDER BY r.round_id
+        """, [up_to]).fetchall()]
 
 
 def unfinished_round(tx: Transaction) -> Round | None:

@@ -160,25 +160,30 @@ def test_sloppy_carry_answers_and_their_kinds():
 
 
 def test_error_kinds_sql_agrees_with_answer_kind(tmp_path):
-    import duckdb
-
     from flywheel.examples.addition import ERROR_KINDS_SQL, answer_kind
+    from storage.store import Store
 
-    cases = [("27+15=", a) for a in ("42", "422", "32", "322", "41", " 42 ")] + [
+    cases = [("27+15=", a) for a in ("42", "422", "32", "322", "41", " 42\n")] + [
         ("21+15=", "26"), ("21+15=", "366"), ("9+1=", "0"), ("9+1=", "00"), ("95+5=", "1000"), ("0+0=", "0")]
-    with duckdb.connect(str(tmp_path / "kinds.duckdb")) as conn:
-        conn.execute("CREATE TABLE prompts (prompt_id INTEGER, text VARCHAR)")
-        conn.execute("CREATE TABLE completions (completion_id INTEGER, round_id INTEGER, checkpoint_id INTEGER, "
-                     "purpose VARCHAR, prompt_id INTEGER, text VARCHAR)")
-        for i, (prompt, answer) in enumerate(cases):
-            conn.execute("INSERT INTO prompts VALUES (?, ?)", [i, prompt])
-            conn.execute("INSERT INTO completions VALUES (?, 1, 1, 'eval', ?, ?)", [i, i, answer])
-        kinds = dict(conn.execute(f"SELECT completion_id, kind FROM ({ERROR_KINDS_SQL})").fetchall())
+    store = Store.create(tmp_path / "flywheel.duckdb")  # the real schema
+    with store.transaction() as tx:
+        for i, (prompt, answer) in enumerate([*cases, ("hello", "42")]):
+            tx.execute("INSERT INTO prompts (prompt_id, text, split) VALUES (?, ?, 'heldout') ON CONFLICT DO NOTHING",
+                       [i, prompt])
+            prompt_id = tx.execute("SELECT prompt_id FROM prompts WHERE text = ?", [prompt]).fetchone()[0]
+            tx.execute("INSERT INTO completions (completion_id, round_id, prompt_id, checkpoint_id, purpose, "
+                       "sample_index, text, prompt_token_ids, token_ids, num_tokens, sampling_params) "
+                       "VALUES (?, 1, ?, 1, 'eval', 0, ?, [], [], 0, '{}')", [i, prompt_id, answer])
+        rows = tx.execute(f"SELECT completion_id, kind, carries FROM ({ERROR_KINDS_SQL})").fetchall()
+    kinds = {completion: kind for completion, kind, _ in rows}
     assert [kinds[i] for i in range(len(cases))] == [answer_kind(p, a) for p, a in cases]
     assert set(kinds.values()) == {"right", "doubled", "dropped carry", "other"}
+    assert {completion for completion, _, carries in rows if carries} == {0, 1, 2, 3, 4, 5, 8, 9, 10}
+    assert kinds[len(cases)] == "other"  # not an addition prompt
 
 
 def test_rounds_sample_from_the_current_initial_or_last_refreshed_policy(tmp_path):
+    from flywheel.promotion import roll_back
     from flywheel.rounds import sampling_policy
     from storage import tables
     from storage.store import Store
@@ -186,21 +191,32 @@ def test_rounds_sample_from_the_current_initial_or_last_refreshed_policy(tmp_pat
     store = Store.create(tmp_path / "flywheel.duckdb")
     with store.transaction() as tx:
         initial = tables.add_checkpoint(tx, "/models/initial", role="reference", status="promoted")
-        began_with, round_ids, policy = [], [], initial
-        for number in range(1, 7):  # round n begins with the policy promoted in round n - 1
+    began_with, round_ids = [], []
+    for number in range(1, 7):  # round n begins with the policy held after round n - 1
+        if number == 4:  # round 3's candidate was rejected; a person rolls round 2's back too
+            rolled_back = store.read(tables.current_policy).checkpoint_id
+            roll_back(store, "alice", "worse on our own prompts")
+        with store.transaction() as tx:
+            policy = tables.current_policy(tx).checkpoint_id
             round_ids.append(tables.start_round(tx, policy, initial, seed=number, config={}))
             began_with.append(policy)
+            tables.add_checkpoint(tx, f"/models/round-{number}", role="candidate",
+                                  status="rejected" if number == 3 else "promoted")
             tables.finish_step(tx, round_ids[-1], "done")
-            policy = tables.add_checkpoint(tx, f"/models/round-{number}", role="candidate", status="promoted")
+    assert rolled_back == began_with[2] and began_with[3] == began_with[1]
 
-        def sampled(**sample):
+    def sampled(**sample):
+        with store.transaction() as tx:
             return [sampling_policy(tx, tables.get_round(tx, r), SampleConfig(**sample)).checkpoint_id
                     for r in round_ids]
 
-        assert sampled() == began_with  # online
-        assert sampled(source="initial") == [initial] * 6  # offline
-        assert sampled(refresh_every=2) == [began_with[i] for i in (0, 0, 2, 2, 4, 4)]  # semi-online
-        assert sampled(refresh_every=3) == [began_with[i] for i in (0, 0, 0, 3, 3, 3)]
+    assert sampled() == began_with  # online
+    assert sampled(source="initial") == [initial] * 6  # offline
+    # Semi-online: rounds 1, 3, 5 refresh, and so does round 4, begun after the rollback:
+    # it does not sample the rolled-back checkpoint that round 3 sampled.
+    assert sampled(refresh_every=2) == [began_with[i] for i in (0, 0, 2, 3, 4, 4)]
+    assert rolled_back not in sampled(refresh_every=2)[3:]
+    assert sampled(refresh_every=3) == [began_with[i] for i in (0, 0, 0, 3, 3, 3)]
     with pytest.raises(UserError, match="sample.refresh_every applies to sample.source current only"):
         SampleConfig(source="initial", refresh_every=2)
     with pytest.raises(UserError, match="sample.refresh_every must be >= 1"):

@@ -114,6 +114,8 @@ class SloppyCarryPolicyConfig(DemoPolicyConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.noise != 0.0:
+            raise UserError("the sloppy-carry policy makes no near misses: leave noise at 0")
         for name in ("sloppiness", "carry_slip"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise UserError(f"{name} must be in [0, 1), got {getattr(self, name)}")
@@ -159,30 +161,30 @@ def answer_kind(prompt: str, completion: str) -> str:
     if match is None:
         raise ValueError(f"not an addition prompt: {prompt!r}")
     a, b = int(match[1]), int(match[2])
-    answer, total = completion.strip(), str(int(match[1]) + int(match[2]))
+    answer, total, dropped = completion.strip(), str(a + b), str(a + b - 10)
     if answer == total:
         return "right"
     if answer == total + total[-1]:
         return "doubled"
-    dropped = str(a + b - 10)
     if carries(a, b) and answer in (dropped, dropped + dropped[-1]):
         return "dropped carry"
     return "other"
 
 
 # `answer_kind` over every stored completion: one row per completion with its round,
-# checkpoint, purpose and kind.
-ERROR_KINDS_SQL = r"""
+# checkpoint, purpose, whether its prompt carries, and its kind (`other` for a prompt that
+# is not an addition). Whitespace is stripped as Python's str.strip() does.
+ERROR_KINDS_SQL = f"""
 WITH operands AS (
-    SELECT c.completion_id, c.round_id, c.checkpoint_id, c.purpose, trim(c.text) AS answer,
-           CAST(regexp_extract(p.text, '^\s*(\d+)\s*\+\s*(\d+)\s*=\s*$', 1) AS INTEGER) AS a,
-           CAST(regexp_extract(p.text, '^\s*(\d+)\s*\+\s*(\d+)\s*=\s*$', 2) AS INTEGER) AS b
+    SELECT c.completion_id, c.round_id, c.checkpoint_id, c.purpose,
+           regexp_replace(c.text, '^\\s+|\\s+$', '', 'g') AS answer,
+           regexp_extract(p.text, '{_PROMPT.pattern}', ['a', 'b']) AS operand
     FROM completions c JOIN prompts p USING (prompt_id)),
 sums AS (
-    SELECT *, CAST(a + b AS VARCHAR) AS total, CAST(a + b - 10 AS VARCHAR) AS dropped,
+    SELECT * EXCLUDE (operand, a, b), CAST(a + b AS VARCHAR) AS total, CAST(a + b - 10 AS VARCHAR) AS dropped,
            a % 10 + b % 10 >= 10 AS carries
-    FROM operands)
-SELECT completion_id, round_id, checkpoint_id, purpose,
+    FROM (SELECT *, TRY_CAST(operand.a AS INTEGER) AS a, TRY_CAST(operand.b AS INTEGER) AS b FROM operands))
+SELECT completion_id, round_id, checkpoint_id, purpose, coalesce(carries, false) AS carries,
        CASE WHEN answer = total THEN 'right'
             WHEN answer = total || right(total, 1) THEN 'doubled'
             WHEN carries AND answer IN (dropped, dropped || right(dropped, 1)) THEN 'dropped carry'
