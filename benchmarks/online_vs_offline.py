@@ -142,14 +142,30 @@ def run_flywheel(config, rounds: int, sampler) -> None:
         flywheel.close()
 
 
-def kind_shares(conn, where: str, params: list) -> dict[str, float]:
-    """Share of each answer kind among the completions `where` selects (ERROR_KINDS_SQL)."""
+def answer_kind_counts(conn) -> dict[tuple[str, int, int, bool], dict[str, int]]:
+    """Every stored completion's kind (ERROR_KINDS_SQL), counted in one pass:
+    (purpose, checkpoint, round, prompt carries) -> kind -> count."""
     from flywheel.examples.addition import ERROR_KINDS_SQL
 
-    counts = dict(conn.execute(f"SELECT kind, count(*) FROM ({ERROR_KINDS_SQL}) WHERE {where} GROUP BY kind",
-                               params).fetchall())
-    total = sum(counts.values()) or 1
-    return {kind: counts.get(kind, 0) / total for kind in KINDS}
+    counts: dict[tuple[str, int, int, bool], dict[str, int]] = {}
+    for purpose, checkpoint_id, round_id, carries, kind, count in conn.execute(
+            f"SELECT purpose, checkpoint_id, round_id, carries, kind, count(*) FROM ({ERROR_KINDS_SQL}) "
+            "GROUP BY ALL").fetchall():
+        counts.setdefault((purpose, checkpoint_id, round_id, carries), {})[kind] = count
+    return counts
+
+
+def kind_shares(counts, purpose: str, checkpoint_id: int | None = None, round_id: int | None = None,
+                carries_only: bool = False) -> dict[str, float]:
+    """Share of each answer kind among the counted completions that match (None: any)."""
+    totals = {kind: 0 for kind in KINDS}
+    for (p, checkpoint, round_, carries), kinds in counts.items():
+        if p == purpose and checkpoint_id in (None, checkpoint) and round_id in (None, round_) \
+                and (carries or not carries_only):
+            for kind, count in kinds.items():
+                totals[kind] += count
+    total = sum(totals.values()) or 1
+    return {kind: count / total for kind, count in totals.items()}
 
 
 def read_run(database: Path, variant: str, seed: int, rounds: int) -> Run:
@@ -187,11 +203,11 @@ def read_run(database: Path, variant: str, seed: int, rounds: int) -> Run:
             run.length_per_round.append(conn.execute(
                 "SELECT avg(num_tokens) FROM completions WHERE purpose = 'eval' AND checkpoint_id = ?",
                 [checkpoint_id]).fetchone()[0])
-            run.held_kinds.append(kind_shares(conn, "purpose = 'eval' AND checkpoint_id = ?", [checkpoint_id]))
-        round_ids = [row[-1] for row in rows]
-        run.sampled_kinds = [kind_shares(conn, "purpose = 'train' AND round_id = ?", [r]) for r in round_ids]
-        run.sampled_carry_right = [
-            kind_shares(conn, "purpose = 'train' AND carries AND round_id = ?", [r])["right"] for r in round_ids]
+        counts = answer_kind_counts(conn)
+    run.held_kinds = [kind_shares(counts, "eval", checkpoint_id=checkpoint_id) for checkpoint_id in held_after]
+    round_ids = [row[-1] for row in rows]
+    run.sampled_kinds = [kind_shares(counts, "train", round_id=r) for r in round_ids]
+    run.sampled_carry_right = [kind_shares(counts, "train", round_id=r, carries_only=True)["right"] for r in round_ids]
     return run
 
 

@@ -38,12 +38,18 @@ def addition_prompt(a: int, b: int) -> str:
     return f"{a}+{b}="
 
 
-def addition_score(prompt: str, completion: str) -> float:
-    """1.0 when the completion is exactly the sum asked for by the prompt, else 0.0."""
+def addition_operands(prompt: str) -> tuple[int, int]:
+    """(a, b) of an `a+b=` prompt; ValueError for any other prompt."""
     match = _PROMPT.match(prompt)
     if match is None:
         raise ValueError(f"not an addition prompt: {prompt!r}")
-    return 1.0 if completion.strip() == str(int(match[1]) + int(match[2])) else 0.0
+    return int(match[1]), int(match[2])
+
+
+def addition_score(prompt: str, completion: str) -> float:
+    """1.0 when the completion is exactly the sum asked for by the prompt, else 0.0."""
+    a, b = addition_operands(prompt)
+    return 1.0 if completion.strip() == str(a + b) else 0.0
 
 
 def build_char_tokenizer(alphabet: str = ALPHABET):
@@ -157,10 +163,7 @@ def answer_kind(prompt: str, completion: str) -> str:
     """What a completion of an addition prompt is, in the sloppy-carry task's terms:
     `right`, `doubled` (the right sum with its last digit twice), `dropped carry` (a + b - 10
     on a carrying prompt, doubled or not) or `other`. `ERROR_KINDS_SQL` is the same in SQL."""
-    match = _PROMPT.match(prompt)
-    if match is None:
-        raise ValueError(f"not an addition prompt: {prompt!r}")
-    a, b = int(match[1]), int(match[2])
+    a, b = addition_operands(prompt)
     answer, total, dropped = completion.strip(), str(a + b), str(a + b - 10)
     if answer == total:
         return "right"
