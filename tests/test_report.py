@@ -258,6 +258,23 @@ def test_status_command(tmp_path, capsys):
     assert _read_png(plot).shape[:2] == PLOT_SIZE
 
 
+def test_status_prints_the_latest_rounds_and_says_how_many_it_left_out(tmp_path, capsys):
+    from cli.main import ROUNDS_SHOWN
+
+    database = tmp_path / "fw.duckdb"
+    store, reference, _ = build_store(database)  # rounds 1-3
+    for _ in range(ROUNDS_SHOWN):
+        _round(store, reference, reference, None)
+    total = ROUNDS_SHOWN + 3
+    assert main(["status", "--db", str(database)]) == 0
+    out, _ = capsys.readouterr()
+    assert _table_rounds(out) == list(range(4, total + 1))
+    assert "(3 earlier rounds not shown: flywheel status" in out and "--all-rounds" in out
+    assert main(["status", "--db", str(database), "--all-rounds"]) == 0
+    out, _ = capsys.readouterr()
+    assert _table_rounds(out) == list(range(1, total + 1)) and "earlier round" not in out
+
+
 def test_status_of_a_new_database(tmp_path, capsys):
     database = tmp_path / "fw.duckdb"
     Store.create(database)
