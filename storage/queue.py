@@ -192,21 +192,22 @@ def progress(tx: Transaction, round_id: int | None = None) -> Progress:
 # A queued pair is open to an annotator while its people's labels plus the other live
 # leases on it are fewer than it needs, and the annotator has not labelled it, skipped
 # it, or leased it before. Open requests first, then the newest round: fresh pairs are
-# the on-policy ones.
-_CLAIM = """
-INSERT INTO label_leases (pair_id, annotator, left_slot, leased_at, expires_at)
-SELECT q.pair_id, $annotator, $left_slot, $now, $now + to_microseconds((r.lease_seconds * 1e6)::BIGINT)
+# the on-policy ones. Labels and leases are counted once per pair by grouping, not in
+# subqueries per queued pair, and the pair is chosen by a SELECT of its own: inside the
+# INSERT, DuckDB took 13 ms with 100k pairs queued, against 7 ms (60 ms before both).
+_NEXT_OPEN_PAIR = """
+SELECT q.pair_id, r.lease_seconds
 FROM label_queue q
 JOIN label_requests r ON r.round_id = q.round_id
-WHERE (SELECT count(DISTINCT l.annotator) FROM labels l WHERE l.pair_id = q.pair_id)
-    + (SELECT count(*) FROM label_leases o WHERE o.pair_id = q.pair_id AND o.outcome IS NULL
-       AND o.expires_at > $now) < r.labels_per_pair
-  AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.pair_id = q.pair_id AND l.annotator = $annotator)
-  AND NOT EXISTS (SELECT 1 FROM label_leases m WHERE m.pair_id = q.pair_id AND m.annotator = $annotator
-                  AND (m.outcome IS NOT NULL OR m.expires_at > $now))
+LEFT JOIN (SELECT pair_id, count(DISTINCT annotator) AS people, bool_or(annotator = $annotator) AS mine
+           FROM labels WHERE annotator IS NOT NULL GROUP BY pair_id) l ON l.pair_id = q.pair_id
+LEFT JOIN (SELECT pair_id, count(*) FILTER (WHERE outcome IS NULL AND expires_at > $now) AS live,
+                  bool_or(annotator = $annotator AND (outcome IS NOT NULL OR expires_at > $now)) AS mine
+           FROM label_leases GROUP BY pair_id) e ON e.pair_id = q.pair_id
+WHERE coalesce(l.people, 0) + coalesce(e.live, 0) < r.labels_per_pair
+  AND NOT coalesce(l.mine, false) AND NOT coalesce(e.mine, false)
 ORDER BY r.closed_at IS NOT NULL, q.round_id DESC, q.pair_id
 LIMIT 1
-RETURNING lease_id
 """
 
 
@@ -219,8 +220,14 @@ def claim_next_pair(tx: Transaction, annotator: str, now: datetime, left_slot: s
         [annotator, now],
     ).fetchone()
     if held is None:
-        held = tx.execute(_CLAIM, {"annotator": annotator, "left_slot": left_slot, "now": now}).fetchone()
-    return _lease(tx, held[0]) if held else None
+        pair = tx.execute(_NEXT_OPEN_PAIR, {"annotator": annotator, "now": now}).fetchone()
+        if pair is None:
+            return None
+        held = tx.execute(
+            "INSERT INTO label_leases (pair_id, annotator, left_slot, leased_at, expires_at) "
+            "VALUES (?, ?, ?, ?, ?) RETURNING lease_id",
+            [pair[0], annotator, left_slot, now, now + timedelta(seconds=pair[1])]).fetchone()
+    return _lease(tx, held[0])
 
 
 def guidelines_for(tx: Transaction, annotator: str, lease: Lease) -> tuple[str | None, bool]:
@@ -235,14 +242,18 @@ def guidelines_for(tx: Transaction, annotator: str, lease: Lease) -> tuple[str |
 
 
 def _lease(tx: Transaction, lease_id: int) -> Lease:
-    row = tx.execute(
-        "SELECT e.lease_id, e.pair_id, t.round_id, t.prompt, "
-        "CASE e.left_slot WHEN 'a' THEN t.completion_a ELSE t.completion_b END, "
-        "CASE e.left_slot WHEN 'a' THEN t.completion_b ELSE t.completion_a END, e.expires_at "
-        "FROM label_leases e JOIN pair_texts t ON t.pair_id = e.pair_id WHERE e.lease_id = ?",
-        [lease_id],
-    ).fetchone()
-    return Lease(*row)
+    # Row by row, each looked up by its id: DuckDB then reads only the row groups holding
+    # it. A join with `pair_texts` read every prompt and completion text (17 ms on a newly
+    # opened file with 100k pairs queued, against 9 ms).
+    lease_id, pair_id, left_slot, expires_at = tx.execute(
+        "SELECT lease_id, pair_id, left_slot, expires_at FROM label_leases WHERE lease_id = ?", [lease_id]).fetchone()
+    round_id, prompt_id, a_id, b_id = tx.execute(
+        "SELECT round_id, prompt_id, completion_a_id, completion_b_id FROM pairs WHERE pair_id = ?", [pair_id]).fetchone()
+    (prompt,) = tx.execute("SELECT text FROM prompts WHERE prompt_id = ?", [prompt_id]).fetchone()
+    texts = dict(tx.execute("SELECT completion_id, text FROM completions WHERE completion_id IN (?, ?)",
+                            [a_id, b_id]).fetchall())
+    left, right = (a_id, b_id) if left_slot == "a" else (b_id, a_id)
+    return Lease(lease_id, pair_id, round_id, prompt, texts[left], texts[right], expires_at)
 
 
 def _finish_lease(tx: Transaction, annotator: str, pair_id: int, lease_id: int, outcome: str,

@@ -90,13 +90,16 @@ class Store:
     def _connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """The file, open while the block runs; closing it checkpoints it and frees the lock."""
         with _ONE_CALL_AT_A_TIME:
-            conn = self._connect()
+            conn = self.connect()
             try:
                 yield conn
             finally:
                 conn.close()
 
-    def _connect(self) -> duckdb.DuckDBPyConnection:
+    def connect(self) -> duckdb.DuckDBPyConnection:
+        """The file, opened (a lock held by another process is retried with back-off); the
+        caller closes it. For a caller that takes turns on it itself (the labelling app);
+        everything else uses `transaction`, `read` or `query`."""
         deadline = time.monotonic() + self.lock_timeout_s
         delay = 0.02
         while True:
@@ -117,10 +120,23 @@ class Store:
                         f"{self.path} is locked by another process for more than "
                         f"{self.lock_timeout_s:.0f} s: {_first_line(error)}"
                     ) from error
-                # Jitter, so that several waiting processes do not retry in lock-step; a short
-                # cap, because a busy writer (the labelling app) frees the file only briefly.
+                self.say_waiting()
+                # Jitter, so that several waiting processes do not retry in lock-step.
                 time.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 0.25)
+
+    @property
+    def waiting_marker(self) -> Path:
+        """A file beside the database whose time says when a process last found the
+        database locked. The labelling app, which keeps the file open while people's
+        requests follow each other, closes it as soon as this is newer than its opening."""
+        return self.path.with_name(self.path.name + ".waiting")
+
+    def say_waiting(self) -> None:
+        try:
+            self.waiting_marker.touch()
+        except OSError:  # a read-only directory: the app still closes the file once idle
+            pass
 
     def _migrate(self, conn: duckdb.DuckDBPyConnection) -> None:
         tables = {row[0] for row in conn.execute(

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from datetime import timedelta
 
 import httpx
 import pytest
 
-from conftest import labelling_server
+from label_server import labelling_server
 from cli.main import main
 from flywheel.labelling import label_pairs
 from judges import HumanJudge, JudgeSpecError, load_judge
@@ -70,6 +71,35 @@ def test_a_pair_needing_k_labels_goes_to_k_different_people(store):
     assert (done.pairs, done.pairs_done, done.labels, done.labels_remaining) == (1, 1, 2, 0)
     _, rows = store.query("SELECT annotator, winner FROM labels ORDER BY label_id")
     assert rows == [("alice", "a"), ("bob", "tie")]
+
+
+def test_the_next_pair_comes_from_an_open_request_then_the_newest_round_then_the_lowest_id(store):
+    older = queued_round(store, 3)
+    newer = queued_round(store, 2, labels_per_pair=2)
+    now = queue.utc_now()
+
+    def next_of(annotator):
+        with store.transaction() as tx:
+            lease = queue.claim_next_pair(tx, annotator, now, "a")
+            queue.submit_label(tx, annotator, lease.pair_id, lease.lease_id, "left", now, judge_name=HUMAN)
+            return lease.round_id, lease.pair_id
+
+    with store.transaction() as tx:
+        newer_pairs = sorted(p.pair_id for p in tables.pairs_to_judge(tx, newer, "nobody", "0"))
+        older_pairs = sorted(p.pair_id for p in tables.pairs_to_judge(tx, older, "nobody", "0"))
+    # The newest round first, lowest pair first; a pair that needs a second person's label
+    # goes to bob before any pair nobody has labelled.
+    assert next_of("alice") == (newer, newer_pairs[0])
+    assert next_of("bob") == (newer, newer_pairs[0])
+    assert next_of("alice") == (newer, newer_pairs[1])
+    with store.transaction() as tx:
+        queue.close_request(tx, newer, "quota", now)
+    # A closed request's pairs stay queued, after every open request's.
+    assert next_of("carol") == (older, older_pairs[0])
+    assert next_of("bob") == (older, older_pairs[1])
+    assert [next_of("dave") for _ in range(2)] == [(older, older_pairs[2]), (newer, newer_pairs[1])]
+    with store.transaction() as tx:
+        assert queue.claim_next_pair(tx, "erin", now, "a") is None
 
 
 def test_the_left_right_order_is_recorded_and_maps_back_to_a_and_b(store):
@@ -305,6 +335,55 @@ def served(store, capsys):
     tokens = {name: add_annotator(store.path, name, capsys) for name in ("alice", "bob")}
     with labelling_server(store.path) as url:
         yield url, tokens
+
+
+def test_while_people_label_a_round_gets_the_file_at_once_and_an_idle_server_lets_go(store, capsys):
+    """The server keeps the file open while people's requests follow each other; a process
+    that finds it locked says so and gets it within a moment, and a server with no
+    requests closes it after IDLE_BEFORE_CLOSING_S, also for a plain DuckDB."""
+    import threading
+
+    import duckdb
+
+    from judges.labelling_app import IDLE_BEFORE_CLOSING_S
+    from storage.store import Store
+
+    queued_round(store, 3000)
+    tokens = [add_annotator(store.path, f"person{i}", capsys) for i in range(4)]
+    stop, labelled, errors = threading.Event(), [], []
+
+    def label_until_stopped(token):
+        with httpx.Client(base_url=url, headers=bearer(token), timeout=60) as client:
+            while not stop.is_set():
+                lease = client.post("/api/next").json()["lease"]
+                response = client.post(f"/api/pairs/{lease['pair_id']}/label",
+                                       json={"lease_id": lease["lease_id"], "choice": "left"})
+                (labelled if response.status_code == 200 else errors).append(response.status_code)
+
+    with labelling_server(store.path) as url:
+        people = [threading.Thread(target=label_until_stopped, args=(token,)) for token in tokens]
+        for person in people:
+            person.start()
+        try:
+            while len(labelled) < 20:
+                time.sleep(0.05)
+            waits = []
+            for _ in range(3):  # a round's transactions, from this process, while people label
+                started = time.monotonic()
+                with Store(store.path, lock_timeout_s=10).transaction() as tx:
+                    tables.count(tx, "labels")
+                waits.append(time.monotonic() - started)
+                before = len(labelled)
+                while len(labelled) < before + 5:  # the server goes on afterwards
+                    time.sleep(0.05)
+        finally:
+            stop.set()
+            for person in people:
+                person.join()
+        assert errors == [] and max(waits) < 1.5, (errors, waits)
+        time.sleep(IDLE_BEFORE_CLOSING_S + 0.5)
+        duckdb.connect(str(store.path)).close()  # no retry, no marker: the idle server let go
+    assert store.read(tables.count, "labels") == len(labelled)
 
 
 def test_requests_without_a_valid_token_get_401(served):

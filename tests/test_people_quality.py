@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from cli.main import main
-from conftest import labelling_server
+from label_server import labelling_server
 from judges import HumanJudge
 from judges.human import HUMAN_JUDGE_NAME, people_warnings, ready_to_train
 from queue_data import new_store, round_with_pairs

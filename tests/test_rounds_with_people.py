@@ -13,7 +13,8 @@ import time
 import httpx
 import pytest
 
-from conftest import E2E_SAMPLE, labelling_server, run_flow
+from conftest import E2E_SAMPLE, run_flow
+from label_server import labelling_server
 from cli.main import main
 from flywheel.config import EvalConfig, FlywheelConfig, JudgeConfig, TrainConfig
 from flywheel.examples.addition import addition_score
