@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/scaling.py [--parts rounds pairing store queue]
         [--sizes 512 2048 8192] [--samples 4 8 16] [--history 10 100 1000]
-        [--queues 1000 10000 100000] [--out-dir DIR] [--docs-dir DIR] [--quick]
+        [--queues 1000 10000 100000] [--labels-per-annotator 100] [--out-dir DIR]
+        [--docs-dir DIR] [--quick]
 
 Four measurements on the demo model (`flywheel demo`'s policy and config), each against
 the smallest size of the same run:
@@ -17,17 +18,17 @@ the smallest size of the same run:
   fresh copy of that database: per completion, and the pairs formed. `all` forms
   n(n-1)/2 pairs a prompt: quadratic in n by definition.
 - store: a database holding 10, 100 and 1,000 rounds, each a copy of one real demo
-  round's rows (the rounds part's 512-prompt round: its completions with their real
-  token ids, pairs, labels, reference log-probs, train steps, evaluation, checkpoint,
-  promotion and phases), renumbered as the store numbers them. Bytes on disk per
+  round's rows (the rounds part's round of the smallest size: its completions with their
+  real token ids, pairs, labels, reference log-probs, train steps, evaluation,
+  checkpoint, promotion and phases), renumbered as the store numbers them. Bytes on disk per
   completion next to its raw token-id bytes (4 bytes an id, prompt and completion ids,
-  as each completion row holds them), the bytes of each column of `completions`
-  (DuckDB's `pragma_storage_info`), and the time of `round_summary`, `flywheel status`
-  (its function, in this process) and one round's `preferences`.
+  as each completion row holds them), the bytes of each column of `completions` (that
+  column alone in a new database, less an empty one), and the time of `round_summary`,
+  `flywheel status` (its function, in this process) and one round's `preferences`.
 - queue: 1k, 10k and 100k pairs queued for people (`flywheel label enqueue`'s write),
-  `flywheel label serve` in its own process, and 4 annotators labelling as fast as they
-  can over HTTP on loopback, each in its own thread: the latency of `POST /api/next`, of
-  the label's `POST`, and of both, p50 and p99.
+  `flywheel label serve` in its own process, and 4 annotators over HTTP on loopback, each
+  in its own thread, labelling as fast as they can, then waiting 0.2-0.8 s between
+  labels: the latency of `POST /api/next`, of the label's `POST`, and of both, p50 and p99.
 
 Prints the tables, writes them as markdown to `OUT_DIR/scaling.md` (for
 docs/benchmarks.md), and draws them log-log in `scaling.png` in `--docs-dir` (default
@@ -576,6 +577,11 @@ def main(argv=None) -> int:
     for name, values in (("--sizes", sizes), ("--samples", samples), ("--history", history), ("--queues", queues)):
         if len(values) < 2 or values[0] < 1:
             parser.error(f"{name} needs at least two sizes, each at least 1")
+    from flywheel.examples.addition import DemoPolicyConfig, split_operands
+
+    available = len(split_operands(DemoPolicyConfig())[0])
+    if max(sizes) > available:
+        parser.error(f"--sizes: the demo has {available} training prompts, fewer than {max(sizes)}")
     if "store" in args.parts and "rounds" not in args.parts:
         parser.error("the store part copies the rounds part's round of the smallest size: measure rounds too")
     out = (args.out_dir or Path(tempfile.mkdtemp(prefix="scaling-"))).resolve()
