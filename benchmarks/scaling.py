@@ -54,7 +54,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))  # label_server: `flywheel label serve` in its own process
+sys.path.insert(0, str(ROOT / "tests"))  # label_server and queue_data, shared with the tests
 
 STEPS = ("sample", "pair", "label", "train", "evaluate", "promote")
 STRATEGIES = ("random", "all", "best_vs_worst")
@@ -255,10 +255,16 @@ COPIED_TABLES = {
                                     "policy_before": "checkpoint", "policy_after": "checkpoint"}),
     "round_phases": ("round_id = 1", {"phase_id": "phase", "round_id": "round"}),
 }
+STORE_QUERIES = ("round_summary", "flywheel status", "one round's preferences")
 ID_OF = {"round": ("rounds", "round_id"), "checkpoint": ("checkpoints", "checkpoint_id"),
          "completion": ("completions", "completion_id"), "pair": ("pairs", "pair_id"), "label": ("labels", "label_id"),
          "failure": ("judge_failures", "failure_id"), "eval": ("evals", "eval_id"),
          "promotion": ("promotions", "promotion_id"), "phase": ("round_phases", "phase_id")}
+
+
+def table_columns(conn, table: str) -> list[str]:
+    return [row[0] for row in conn.execute(
+        "SELECT column_name FROM duckdb_columns() WHERE table_name = ? ORDER BY column_index", [table]).fetchall()]
 
 
 def history_database(source: Path, path: Path, rounds: int) -> None:
@@ -274,8 +280,7 @@ def history_database(source: Path, path: Path, rounds: int) -> None:
         step["checkpoint"] -= 1  # the reference is not copied
         conn.execute("BEGIN")
         for table, (where, id_columns) in COPIED_TABLES.items():
-            columns = [row[0] for row in conn.execute(
-                "SELECT column_name FROM duckdb_columns() WHERE table_name = ? ORDER BY column_index", [table]).fetchall()]
+            columns = table_columns(conn, table)
             values = []
             for column in columns:
                 kind = id_columns.get(column)
@@ -314,8 +319,7 @@ def column_bytes(path: Path, table: str, scratch: Path) -> dict[str, int]:
 
     empty = size_with(None)
     with duckdb.connect(str(path), read_only=True) as conn:
-        columns = [row[0] for row in conn.execute(
-            "SELECT column_name FROM duckdb_columns() WHERE table_name = ? ORDER BY column_index", [table]).fetchall()]
+        columns = table_columns(conn, table)
     return {column: size_with(column) - empty for column in columns}
 
 
@@ -368,8 +372,6 @@ def bench_store(out: Path, source: Path, history: list[int], repeat: int) -> lis
     return results
 
 
-STORE_QUERIES = ("round_summary", "flywheel status", "one round's preferences")
-
 
 def store_tables(results: list[dict]) -> list[tuple[list[str], list[list[str]]]]:
     columns = ["rounds in the file", "completions", "pairs", "MiB on disk", "bytes / completion",
@@ -389,26 +391,16 @@ def store_tables(results: list[dict]) -> list[tuple[list[str], list[list[str]]]]
 
 
 def queued_database(path: Path, pairs: int) -> list[str]:
-    """A store with one round of `pairs` pairs queued for people, one label each, and
-    ANNOTATORS annotators; returns their tokens. Each pair: a sum and two answers to it."""
+    """A store with one round of `pairs` pairs queued for people, one label each
+    (`tests/queue_data.round_with_pairs`), and ANNOTATORS annotators; returns their tokens."""
     from judges.human import new_annotator
-    from storage import queue, tables
-    from storage.records import Completion, Pair
+    from queue_data import round_with_pairs
+    from storage import queue
     from storage.store import Store
 
     store = Store.create(path)
+    round_id = round_with_pairs(store, pairs)
     with store.transaction() as tx:
-        reference = tables.add_checkpoint(tx, "/models/reference", role="reference", status="promoted")
-        round_id = tables.start_round(tx, reference, reference, seed=1, config={})
-        texts = [f"{i}+{i % 97}=" for i in range(pairs)]
-        prompt_ids = tables.add_prompts(tx, texts, "train")
-        completions = [Completion(prompt_id, reference, "train", index, str(sum(map(int, text[:-1].split("+"))) + index),
-                                  [1, 5, 9, 2], [7, 2, 3], -1.0, "stop", {"temperature": 1.0}, round_id=round_id)
-                       for prompt_id, text in zip(prompt_ids, texts) for index in range(2)]
-        ids = tables.add_completions(tx, completions)
-        tables.add_pairs(tx, [Pair(round_id, prompt_id, ids[2 * i], ids[2 * i + 1], "random")
-                              for i, prompt_id in enumerate(prompt_ids)])
-        tables.finish_step(tx, round_id, "paired")
         queue.request_labels(tx, round_id, judge_version="1", labels_per_pair=1, lease_seconds=600,
                              now=queue.utc_now())
     return [new_annotator(store, f"annotator{i}") for i in range(ANNOTATORS)]

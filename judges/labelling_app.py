@@ -37,7 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from judges.human import HUMAN_JUDGE_NAME, Choice, token_sha256
 from storage import queue
-from storage.store import Store, StoreError, Transaction
+from storage.store import Store, StoreError, Transaction, one_transaction
 
 T = TypeVar("T")
 
@@ -150,20 +150,14 @@ class FileTurns:
         with self._turn:
             if self._connection is None:
                 self._open()
-            self._connection.execute("BEGIN")
             try:
-                result = work(self._connection)
-                self._connection.execute("COMMIT")
-            except BaseException as error:
-                try:
-                    self._connection.execute("ROLLBACK")
-                finally:
-                    if isinstance(error, duckdb.Error):  # the next request starts on a newly opened file
-                        self._close(PAUSE_AFTER_CLOSING_S)
+                with one_transaction(self._connection) as tx:
+                    return work(tx)
+            except duckdb.Error:
+                self._close(PAUSE_AFTER_CLOSING_S)  # the next request starts on a newly opened file
                 raise
             finally:
                 self._used_at = time.monotonic()
-            return result
 
     def close(self) -> None:
         with self._turn:

@@ -57,6 +57,19 @@ def _first_line(error: BaseException) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
+@contextmanager
+def one_transaction(conn: duckdb.DuckDBPyConnection) -> Iterator[Transaction]:
+    """One transaction on an open connection: committed when the block ends, rolled back
+    if it raises."""
+    conn.execute("BEGIN")
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
 class Store:
     """The flywheel's database. Open with `Store.create` (new or existing) or `Store.open`."""
 
@@ -120,7 +133,7 @@ class Store:
                         f"{self.path} is locked by another process for more than "
                         f"{self.lock_timeout_s:.0f} s: {_first_line(error)}"
                     ) from error
-                self.say_waiting()
+                self._say_waiting()
                 # Jitter, so that several waiting processes do not retry in lock-step.
                 time.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 0.25)
@@ -132,7 +145,7 @@ class Store:
         requests follow each other, closes it as soon as this is newer than its opening."""
         return self.path.with_name(self.path.name + ".waiting")
 
-    def say_waiting(self) -> None:
+    def _say_waiting(self) -> None:
         try:
             self.waiting_marker.touch()
         except OSError:  # a read-only directory: the app still closes the file once idle
@@ -178,14 +191,8 @@ class Store:
     @contextmanager
     def transaction(self) -> Iterator[Transaction]:
         """One transaction on the file: all of it lands, or none of it."""
-        with self._connection() as conn:
-            conn.execute("BEGIN")
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+        with self._connection() as conn, one_transaction(conn) as tx:
+            yield tx
 
     def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """`fn(tx, *args, **kwargs)` in a transaction of its own, e.g.
