@@ -444,7 +444,19 @@ def add_labels(tx: Transaction, labels: Sequence[Label]) -> list[int]:
     if not ids:
         return []
     insert_arrow(tx, "labels", label_columns(labels, ids))
+    recount_people(tx, [l.pair_id for l in labels if l.annotator is not None])
     return ids
+
+
+def recount_people(tx: Transaction, pair_ids: Sequence[int]) -> None:
+    """Count again the people who labelled these pairs, into `label_queue.people` (for the
+    queued ones): whatever writes a person's label calls this, or adds one in its place
+    where it knows the label is that person's first on the pair (`queue.submit_label`)."""
+    if pair_ids:
+        tx.execute(
+            "UPDATE label_queue SET people = h.n FROM (SELECT pair_id, count(DISTINCT annotator) AS n FROM labels "
+            "WHERE annotator IS NOT NULL AND pair_id IN (SELECT unnest(?::BIGINT[])) GROUP BY pair_id) h "
+            "WHERE label_queue.pair_id = h.pair_id", [sorted(set(pair_ids))])
 
 
 def count_preferences(tx: Transaction, round_id: int) -> int:

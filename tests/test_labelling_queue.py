@@ -11,6 +11,7 @@ import re
 import time
 from datetime import timedelta
 
+import duckdb
 import httpx
 import pytest
 
@@ -23,6 +24,9 @@ from queue_data import new_store, round_with_pairs
 from judges.human import HUMAN_JUDGE_NAME as HUMAN, HumanLabel
 from storage import queue
 from storage import tables
+from storage.migrations import MIGRATIONS_TABLE
+from storage.records import Label
+from storage.store import Store
 
 
 def add_annotator(db, name, capsys) -> str:
@@ -193,6 +197,44 @@ def test_one_person_gives_a_pair_one_label_even_through_import(store):
         assert queue.claim_next_pair(tx, "alice", now, "a") is None
         assert queue.claim_next_pair(tx, "bob", now, "a").pair_id == lease.pair_id
         assert queue.progress(tx).labels == 1
+
+
+def test_every_writer_of_a_persons_label_keeps_the_queues_count_of_people(store):
+    """The next pair is chosen by `label_queue.people`: each way of writing a person's label
+    keeps it equal to the count from `labels`, and so does the migration that added it."""
+    round_id = round_with_pairs(store, 4)
+    now = queue.utc_now()
+    with store.transaction() as tx:
+        first, second, third, fourth = sorted(p.pair_id for p in tables.pairs_to_judge(tx, round_id, "nobody", "0"))
+        # Before the round is queued: a person's label and an AI judge's (not a person).
+        tables.add_labels(tx, [Label(first, "a", HUMAN, "1", annotator="alice"), Label(first, "b", "rules", "1")])
+        queue.request_labels(tx, round_id, judge_version="1", labels_per_pair=2, lease_seconds=600, now=now)
+        tables.add_labels(tx, [Label(first, "b", HUMAN, "1", annotator="alice"),  # alice again: still one person
+                               Label(fourth, "a", HUMAN, "1", annotator="frank")])
+        lease = queue.claim_next_pair(tx, "bob", now, "a")
+        queue.submit_label(tx, "bob", lease.pair_id, lease.lease_id, "left", now, judge_name=HUMAN)
+        assert queue.import_labels(tx, [HumanLabel(second, "a", "carol"), HumanLabel(second, "b", "dave"),
+                                        HumanLabel(second, "b", "dave")], now, judge_name=HUMAN) == (2, 1)
+
+    def counts():
+        _, rows = store.query(
+            "SELECT q.pair_id, q.people, (SELECT count(DISTINCT annotator) FROM labels l "
+            "WHERE l.pair_id = q.pair_id AND l.annotator IS NOT NULL) FROM label_queue q ORDER BY q.pair_id")
+        return rows
+
+    assert counts() == [(first, 2, 2), (second, 2, 2), (third, 0, 0), (fourth, 1, 1)]
+    # The pairs with two people are done: erin gets the third.
+    with store.transaction() as tx:
+        assert queue.claim_next_pair(tx, "erin", now, "a").pair_id == third
+    # A file from before the count existed gets it from its labels when opened.
+    with duckdb.connect(str(store.path)) as conn:
+        conn.execute("ALTER TABLE label_queue DROP COLUMN people")
+        conn.execute("ALTER TABLE label_leases DROP COLUMN round_id")
+        conn.execute(f"DELETE FROM {MIGRATIONS_TABLE} WHERE name = 'm012_queue_counts_and_lease_rounds'")
+    store = Store.open(store.path)
+    assert counts() == [(first, 2, 2), (second, 2, 2), (third, 0, 0), (fourth, 1, 1)]
+    _, leases = store.query("SELECT DISTINCT round_id FROM label_leases")
+    assert leases == [(round_id,)]
 
 
 def test_a_round_trains_on_the_labels_given_before_it_stopped_waiting(store):
