@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/scaling.py [--parts rounds pairing store queue]
         [--sizes 512 2048 8192] [--samples 4 8 16] [--history 10 100 1000]
-        [--queues 1000 10000 100000] [--labels-per-annotator 100] [--out-dir DIR]
+        [--queues 1000 10000 100000] [--labelled-share 0.9] [--labels-per-annotator 100] [--out-dir DIR]
         [--docs-dir DIR] [--quick]
 
 Four measurements on the demo model (`flywheel demo`'s policy and config), each against
@@ -26,9 +26,10 @@ the smallest size of the same run:
   column alone in a new database, less an empty one), and the time of `round_summary`,
   `flywheel status` (its function, in this process) and one round's `preferences`.
 - queue: 1k, 10k and 100k pairs queued for people (`flywheel label enqueue`'s write),
-  `flywheel label serve` in its own process, and 4 annotators over HTTP on loopback, each
-  in its own thread, labelling as fast as they can, then waiting 0.2-0.8 s between
-  labels: the latency of `POST /api/next`, of the label's `POST`, and of both, p50 and p99.
+  and 100k of which 90% are labelled already (`--labelled-share`), `flywheel label serve`
+  in its own process, and 4 annotators over HTTP on loopback, each in its own thread,
+  labelling as fast as they can, then waiting 0.2-0.8 s between labels: the latency of
+  `POST /api/next`, of the label's `POST`, and of both, p50 and p99.
 
 Prints the tables, writes them as markdown to `OUT_DIR/scaling.md` (for
 docs/benchmarks.md), and draws them log-log in `scaling.png` in `--docs-dir` (default
@@ -390,20 +391,28 @@ def store_tables(results: list[dict]) -> list[tuple[list[str], list[list[str]]]]
 # -- the labelling queue ---------------------------------------------------------------------
 
 
-def queued_database(path: Path, pairs: int) -> list[str]:
+def queued_database(path: Path, pairs: int, labelled: int = 0) -> list[str]:
     """A store with one round of `pairs` pairs queued for people, one label each
-    (`tests/queue_data.round_with_pairs`), and ANNOTATORS annotators; returns their tokens."""
-    from judges.human import new_annotator
+    (`tests/queue_data.round_with_pairs`), the first `labelled` of them labelled already
+    (people's labels, as `flywheel label import` brings them), and ANNOTATORS annotators;
+    returns their tokens."""
+    from judges.human import HUMAN_JUDGE_NAME, new_annotator
     from queue_data import round_with_pairs
-    from storage import queue
+    from storage import queue, tables
+    from storage.records import Label
     from storage.store import Store
 
     store = Store.create(path)
     round_id = round_with_pairs(store, pairs)
+    tokens = [new_annotator(store, f"annotator{i}") for i in range(ANNOTATORS)]
     with store.transaction() as tx:
         queue.request_labels(tx, round_id, judge_version="1", labels_per_pair=1, lease_seconds=600,
                              now=queue.utc_now())
-    return [new_annotator(store, f"annotator{i}") for i in range(ANNOTATORS)]
+        first = [row[0] for row in tx.execute("SELECT pair_id FROM label_queue ORDER BY pair_id LIMIT ?",
+                                              [labelled]).fetchall()]
+        tables.add_labels(tx, [Label(pair_id, "a", HUMAN_JUDGE_NAME, "1", annotator=f"annotator{i % ANNOTATORS}")
+                               for i, pair_id in enumerate(first)])
+    return tokens
 
 
 def label(url: str, token: str, labels: int, think_s: tuple[float, float], latencies: dict[str, list[float]],
@@ -436,14 +445,19 @@ PACES = {"as fast as possible": (0.0, 0.0), "0.2-0.8 s between labels": (0.2, 0.
 LATENCIES = ("next", "label", "next + label")
 
 
-def bench_queue(out: Path, queues: list[int], labels_per_client: int) -> list[dict]:
+def bench_queue(out: Path, queues: list[int], labelled_share: float, labels_per_client: int) -> list[dict]:
+    """Each queue length with nothing labelled yet, and the longest with `labelled_share`
+    of its pairs labelled already."""
     results = []
-    for pairs in queues:
-        path = out / f"queue-{pairs}.duckdb"
+    states = [(pairs, 0) for pairs in queues]
+    if labelled_share > 0:
+        states.append((queues[-1], round(labelled_share * queues[-1])))
+    for pairs, labelled in states:
+        path = out / f"queue-{pairs}-{labelled}.duckdb"
         path.unlink(missing_ok=True)
         for suffix in (".wal", ".waiting"):
             path.with_name(path.name + suffix).unlink(missing_ok=True)
-        tokens = queued_database(path, pairs)
+        tokens = queued_database(path, pairs, labelled)
         from label_server import labelling_server
 
         with labelling_server(path) as url:
@@ -461,19 +475,20 @@ def bench_queue(out: Path, queues: list[int], labels_per_client: int) -> list[di
                 expected = ANNOTATORS * labels_per_client
                 if len(latencies["next"]) != expected:
                     raise RuntimeError(f"{expected - len(latencies['next'])} labels failed (see the errors above)")
-                result = {"pairs": pairs, "pace": pace, "labels per second": expected / elapsed,
+                result = {"pairs": pairs, "labelled": labelled, "pace": pace, "labels per second": expected / elapsed,
                           **{f"{what} p{q}": percentile(values, q / 100)
                              for what, values in latencies.items() for q in (50, 99)}}
                 results.append(result)
-                log(f"   {pairs} queued, {pace}: " + ", ".join(f"{k} {1000 * v:.0f} ms" for k, v in result.items()
+                log(f"   {pairs} queued, {labelled} labelled, {pace}: " + ", ".join(f"{k} {1000 * v:.0f} ms" for k, v in result.items()
                                                           if k.endswith(("p50", "p99"))))
     return results
 
 
 def queue_table(results: list[dict]) -> tuple[list[str], list[list[str]]]:
-    columns = ["pairs queued", "4 annotators label", *(f"{k} p{q}, ms" for k in LATENCIES for q in (50, 99)),
-               "labels / s (all 4)", "p99 of each request < 100 ms"]
-    rows = [[f"{r['pairs']:,}", r["pace"], *(f"{1000 * r[f'{k} p{q}']:.0f}" for k in LATENCIES for q in (50, 99)),
+    columns = ["pairs queued", "labelled before", "4 annotators label",
+               *(f"{k} p{q}, ms" for k in LATENCIES for q in (50, 99)), "labels / s (all 4)",
+               "p99 of each request < 100 ms"]
+    rows = [[f"{r['pairs']:,}", f"{r['labelled']:,}", r["pace"], *(f"{1000 * r[f'{k} p{q}']:.0f}" for k in LATENCIES for q in (50, 99)),
              f"{r['labels per second']:.0f}",
              "yes" if max(r["next p99"], r["label p99"]) < QUEUE_P99_LIMIT_S else "NO"]
             for r in results]
@@ -512,12 +527,16 @@ def plot(rounds, pairing, store, queue_results, path: Path) -> None:
             axis.set(xlabel="rounds in the file", ylabel="ms", title="queries against history")
         else:
             for pace in PACES:
-                mine = [r for r in queue_results if r["pace"] == pace]
+                mine = [r for r in queue_results if r["pace"] == pace and not r["labelled"]]
+                labelled = [r for r in queue_results if r["pace"] == pace and r["labelled"]]
                 for q, style in ((50, "o-"), (99, "s--")):
-                    axis.plot([r["pairs"] for r in mine], [1000 * r[f"next + label p{q}"] for r in mine], style,
-                              label=f"p{q}, {pace}")
+                    line, = axis.plot([r["pairs"] for r in mine], [1000 * r[f"next + label p{q}"] for r in mine],
+                                      style, label=f"p{q}, {pace}")
+                    axis.plot([r["pairs"] for r in labelled], [1000 * r[f"next + label p{q}"] for r in labelled],
+                              "x", color=line.get_color(), markersize=9)
             axis.axhline(1000 * QUEUE_P99_LIMIT_S, color="grey", linewidth=0.8)
-            axis.set(xlabel="pairs queued", ylabel="ms, next + label", title="labelling queue, 4 annotators")
+            axis.set(xlabel="pairs queued (x: 90% labelled before)", ylabel="ms, next + label",
+                     title="labelling queue, 4 annotators")
         axis.legend(fontsize=7)
         axis.grid(True, which="both", linewidth=0.3)
     figure.tight_layout()
@@ -551,6 +570,9 @@ def main(argv=None) -> int:
                         help="rounds kept in the file (default: 10 100 1000; 10 100 with --quick)")
     parser.add_argument("--queues", type=int, nargs="+", default=None,
                         help="pairs queued for people (default: 1000 10000 100000; 1000 10000 with --quick)")
+    parser.add_argument("--labelled-share", type=float, default=0.9,
+                        help="also measure the longest queue with this share of its pairs labelled before "
+                        "(default: %(default)s; 0: not)")
     parser.add_argument("--labels-per-annotator", type=int, default=None,
                         help="labels each of the 4 annotators gives per measurement (default: 100; 20 with --quick)")
     parser.add_argument("--repeat", type=int, default=5, help="runs of each store query, median (default: 5)")
@@ -569,6 +591,8 @@ def main(argv=None) -> int:
     for name, values in (("--sizes", sizes), ("--samples", samples), ("--history", history), ("--queues", queues)):
         if len(values) < 2 or values[0] < 1:
             parser.error(f"{name} needs at least two sizes, each at least 1")
+    if not 0 <= args.labelled_share < 1:
+        parser.error(f"--labelled-share must be at least 0 and below 1, got {args.labelled_share}")
     from flywheel.examples.addition import DemoPolicyConfig, split_operands
 
     available = len(split_operands(DemoPolicyConfig())[0])
@@ -602,7 +626,7 @@ def main(argv=None) -> int:
         store = bench_store(out, rounds[0]["database"], history, args.repeat)
     if "queue" in args.parts:
         log("== the labelling queue")
-        queue_results = bench_queue(out, queues, labels_per_annotator)
+        queue_results = bench_queue(out, queues, args.labelled_share, labels_per_annotator)
     elapsed = time.monotonic() - started
 
     sections = []
