@@ -145,12 +145,12 @@ def request_labels(
         [round_id, judge_version, labels_per_pair, lease_seconds, quota_pairs, deadline, now, guidelines,
          gold_rate, min_gold_accuracy],
     )
-    tx.execute(
-        "INSERT INTO label_queue (pair_id, round_id, people) SELECT p.pair_id, p.round_id, count(DISTINCT l.annotator) "
-        "FROM pairs p LEFT JOIN labels l ON l.pair_id = p.pair_id AND l.annotator IS NOT NULL "
-        "WHERE p.round_id = ? AND p.pair_id NOT IN (SELECT pair_id FROM label_queue) GROUP BY p.pair_id, p.round_id",
+    queued = tx.execute(
+        "INSERT INTO label_queue (pair_id, round_id) SELECT pair_id, round_id FROM pairs "
+        "WHERE round_id = ? AND pair_id NOT IN (SELECT pair_id FROM label_queue) RETURNING pair_id",
         [round_id],
-    )
+    ).fetchall()
+    recount_people(tx, [row[0] for row in queued])  # people may have labelled some already
     return label_request(tx, round_id)
 
 
