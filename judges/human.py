@@ -17,11 +17,12 @@ import secrets
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import ClassVar, Literal, get_args
+from typing import ClassVar, Literal
 
 from judges.base import JudgeSpecError
 from storage.queue import (
     BIGINT_MAX,
+    CHOICES,
     LabelRequest,
     Progress,
     QueueError,
@@ -37,9 +38,7 @@ from storage import tables
 
 # The judge name of every person's label (the annotator column says who).
 HUMAN_JUDGE_NAME = "human"
-# What a person answers on the labelling page: the left or the right answer, a tie, or neither.
-Choice = Literal["left", "right", "tie", "both_bad"]
-CHOICES = get_args(Choice)
+Choice = Literal[CHOICES]  # the labelling page's answer, as its request body types it
 ANNOTATOR_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
 
 

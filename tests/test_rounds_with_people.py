@@ -21,7 +21,7 @@ from flywheel.examples.addition import addition_score
 from flywheel.labelling import label_pairs
 from flywheel.rounds import Flywheel
 from queue_data import round_with_pairs
-from judges.human import CHOICES
+from storage.queue import CHOICES
 from storage import queue
 from storage import tables
 
